@@ -1,0 +1,33 @@
+"""Benchmark fixtures: the device (CUDA when present, else CPU) and its dtype (bf16 on GPU, fp32 on CPU).
+
+Benchmarks never switch the Triton interpreter on: interpreted kernels are correctness checks, and
+their timings say nothing about the kernels.
+"""
+import pytest
+import torch
+
+import shapes
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+
+
+def pytest_report_header(config):
+    name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU"
+    return (f"vitkernels bench: device {DEVICE} ({name}), dtype {str(DTYPE).replace('torch.', '')}, "
+            f"shapes {shapes.default_subset(DEVICE)!r} (VITKERNELS_BENCH_SHAPES=quick|standard|all)")
+
+
+@pytest.fixture(scope="session")
+def device() -> str:
+    return DEVICE
+
+
+@pytest.fixture(scope="session")
+def dtype() -> torch.dtype:
+    return DTYPE
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,603 @@
+#!/usr/bin/env python
+"""The one command to run on a GPU machine: build, GPU tests, measured ceilings, benchmarks, report.
+
+    python bench/device_check.py [--out DIR] [--quick] [--cpu] [--no-build] [--budget SECONDS]
+
+Steps (each in a subprocess with a timeout, logged to DIR/logs/<step>.log; a failing step is
+recorded and the next one runs):
+
+  env         GPU name and capability, torch / triton / CUDA / nvcc versions, git commit, date
+  build       VITKERNELS_CUDA_ARCHS=<major>.<minor> python setup.py build_ext --inplace, then a check
+              that vitkernels._C loads with its CUDA kernels (skipped with --cpu or without setup.py)
+  tests_ops   python -m pytest tests/ops -q         (compiled Triton on GPU, no interpreter)
+  tests_cuda  python -m pytest tests -m cuda -q     (the GPU-only tests outside tests/ops)
+  ceilings    device-to-device copy of 1 GiB (GB/s, read + write) and an 8192^3 bf16 matmul
+              (TFLOP/s), medians of CUDA-event timings; --cpu: a large clone and an fp32 matmul
+  bench       pytest bench, one op per run (DIR/logs/bench_<op>.json), merged into DIR/bench.json
+
+Then DIR/device_check.json (facts, ceilings, steps, benchmark medians with GB/s or TFLOP/s and
+their fraction of the measured ceiling) and DIR/device_check.md. The whole run keeps under
+--budget seconds (default 400); the exit status is 1 when a step failed or timed out.
+
+DIR defaults to $OUT, else ./out. --quick benchmarks the "quick" shape subset and skips slow tests.
+--pack-logs replaces DIR/logs by DIR/logs.tar.gz at the end, leaving four files to copy back.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.abspath(__file__)
+OPS = ("window_attention", "attention", "patch_embed", "layernorm_mlp", "layernorm", "add_layernorm")
+
+DEFAULT_BUDGET_S = 400
+# Per-step caps (seconds) and the time each later step is guaranteed before an earlier one may use it.
+CAPS = {"env": 60, "build": 240, "build_check": 60, "tests_ops": 150, "tests_cuda": 120, "ceilings": 90,
+        "bench": 300}
+RESERVE = {"env": 10, "build": 30, "build_check": 10, "tests_ops": 30, "tests_cuda": 20, "ceilings": 30,
+           "bench": 90}
+MIN_STEP_S = 10
+
+
+@dataclass
+class Step:
+    name: str
+    status: str = "pending"  # ok | failed | timeout | skipped
+    seconds: float = 0.0
+    detail: str = ""
+    log: str = ""
+    command: list = field(default_factory=list)
+
+
+# --- pure functions (tested in tests/test_device_check.py) ----------------------------------------
+
+def step_timeout(name: str, remaining: float, later: list[str], caps: dict = CAPS, reserve: dict = RESERVE) -> float:
+    """Seconds step ``name`` may run: its cap, less what the ``later`` steps are guaranteed.
+
+    A step always gets its own reserve while that much of the budget remains.
+    """
+    share = max(reserve[name], remaining - sum(reserve[s] for s in later))
+    return max(0.0, min(caps[name], share, remaining))
+
+
+def op_share(available: float, ops_left: int) -> float:
+    """Timeout of the next of ``ops_left`` benchmark runs: up to twice an even share of ``available``."""
+    if ops_left <= 1:
+        return max(0.0, available)
+    return max(0.0, min(available, 2 * available / ops_left))
+
+
+def parse_nvcc_version(text: str) -> Optional[str]:
+    """'13.0' from ``nvcc --version`` output, or None."""
+    match = re.search(r"release (\d+\.\d+)", text or "")
+    return match.group(1) if match else None
+
+
+def parse_pytest_summary(text: str) -> str:
+    """The last ``N passed, M skipped in 1.2s`` line of pytest output ('' when none)."""
+    lines = [line.strip("= \n") for line in (text or "").splitlines()]
+    found = [line for line in lines if re.search(r"\b(passed|failed|skipped|error|errors|deselected|no tests ran)\b",
+                                                 line) and re.search(r"\bin \d+(\.\d+)?s\b", line)]
+    return found[-1] if found else ""
+
+
+def merge_bench_json(parts: list[dict]) -> dict:
+    """One pytest-benchmark JSON document from several runs (machine info of the first)."""
+    if not parts:
+        return {"benchmarks": []}
+    merged = {k: v for k, v in parts[0].items() if k != "benchmarks"}
+    merged["benchmarks"] = [b for part in parts for b in part.get("benchmarks", [])]
+    return merged
+
+
+def summarize_benchmarks(bench: dict, ceilings: dict) -> list[dict]:
+    """Rows of op, mode, shape, backend, median and the headline metric with its fraction of the ceiling.
+
+    ``ceilings`` holds ``copy_gbps`` and ``matmul_tflops`` (either may be missing); GB/s results
+    are divided by the copy bandwidth, TFLOP/s results by the matmul rate.
+    """
+    rows = []
+    for b in bench.get("benchmarks", []):
+        info = b.get("extra_info", {})
+        median = (b.get("stats") or {}).get("median")
+        metric = info.get("metric")
+        value = None
+        if median and median > 0:
+            if metric == "GB/s" and info.get("bytes") is not None:
+                value = info["bytes"] / median / 1e9
+            elif metric == "TFLOP/s" and info.get("flops") is not None:
+                value = info["flops"] / median / 1e12
+        ceiling = ceilings.get("copy_gbps") if metric == "GB/s" else ceilings.get("matmul_tflops")
+        rows.append({
+            "name": b.get("name"), "op": info.get("op"), "mode": info.get("mode"), "shape": info.get("shape"),
+            "backend": info.get("backend"), "batch": info.get("batch"), "dtype": info.get("dtype"),
+            "median_ms": None if median is None else median * 1e3, "metric": metric, "value": value,
+            "fraction_of_ceiling": value / ceiling if value is not None and ceiling else None,
+        })
+    rows.sort(key=lambda r: (str(r["op"]), str(r["mode"]), str(r["shape"]), str(r["backend"])))
+    return rows
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    def cell(v) -> str:
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return out
+
+
+def render_markdown(result: dict) -> str:
+    """The markdown report of a device_check result (the dict written to device_check.json)."""
+    env = result.get("env", {})
+    ceilings = result.get("ceilings", {})
+    lines = [f"# vitkernels device check — {env.get('device_name', 'unknown device')}", ""]
+    lines += [f"{result.get('date', '')}, mode {result.get('mode', '?')}, total {_fmt(result.get('total_seconds'))} s, "
+              f"status **{result.get('status', '?')}**", ""]
+    lines += ["## Environment", ""]
+    lines += _table(["fact", "value"], [[k, _fmt(v)] for k, v in env.items()])
+    lines += ["", "## Ceilings (measured in this run)", ""]
+    lines += _table(["ceiling", "value"], [[k, _fmt(v, 4)] for k, v in ceilings.items()])
+    lines += ["", "## Steps", ""]
+    lines += _table(["step", "status", "seconds", "detail"],
+                    [[s.get("name"), s.get("status"), _fmt(s.get("seconds")), s.get("detail", "")]
+                     for s in result.get("steps", [])])
+    rows = result.get("benchmarks", [])
+    lines += ["", f"## Benchmarks ({len(rows)})", ""]
+    if rows:
+        lines += _table(
+            ["op", "mode", "shape", "backend", "batch", "dtype", "median ms", "achieved", "of ceiling"],
+            [[r["op"], r["mode"], r["shape"], r["backend"], r["batch"], r["dtype"], _fmt(r["median_ms"]),
+              f"{_fmt(r['value'])} {r['metric'] or ''}".strip(),
+              "-" if r["fraction_of_ceiling"] is None else f"{100 * r['fraction_of_ceiling']:.1f}%"]
+             for r in rows])
+    else:
+        lines.append("No benchmark results.")
+    return "\n".join(lines) + "\n"
+
+
+def overall_status(steps: list[dict]) -> str:
+    return "failed" if any(s.get("status") in ("failed", "timeout") for s in steps) else "ok"
+
+
+# --- probes: run as `device_check.py --probe NAME --probe-out FILE` in a subprocess -------------
+
+def probe_env() -> dict:
+    import platform
+
+    facts: dict = {"python": platform.python_version(), "platform": platform.platform(),
+                   "cpu_count": os.cpu_count()}
+    import torch
+
+    facts["torch"] = torch.__version__
+    facts["torch_cuda"] = torch.version.cuda
+    try:
+        import triton
+
+        facts["triton"] = triton.__version__
+    except ImportError as err:
+        facts["triton"] = f"unavailable ({err})"
+    facts["cuda_available"] = torch.cuda.is_available()
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        facts["device_name"] = props.name
+        facts["capability"] = f"{props.major}.{props.minor}"
+        facts["device_memory_gib"] = round(props.total_memory / 2 ** 30, 1)
+        facts["multiprocessors"] = props.multi_processor_count
+        l2_bytes = getattr(props, "L2_cache_size", None)
+        if l2_bytes:
+            facts["l2_cache_mib"] = round(l2_bytes / 2 ** 20, 1)
+        facts["device_count"] = torch.cuda.device_count()
+    else:
+        facts["device_name"] = f"CPU ({platform.processor() or platform.machine()})"
+    return facts
+
+
+def _cuda_median_ms(fn: Callable[[], None], reps: int, warmup: int = 3) -> float:
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _cpu_median_ms(fn: Callable[[], None], reps: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def probe_ceilings(cpu: bool, quick: bool) -> dict:
+    import torch
+
+    reps = 10 if quick else 20
+    if not cpu and torch.cuda.is_available():
+        nbytes = 2 ** 30
+        src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_(0, 255)
+        dst = torch.empty_like(src)
+        copy_ms = _cuda_median_ms(lambda: dst.copy_(src), reps)
+        del src, dst
+        n = 8192
+        a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+        matmul_ms = _cuda_median_ms(lambda: torch.matmul(a, b), reps)
+        return {"copy_bytes": nbytes, "copy_ms": copy_ms, "copy_gbps": 2 * nbytes / (copy_ms * 1e-3) / 1e9,
+                "matmul_n": n, "matmul_dtype": "bfloat16", "matmul_ms": matmul_ms,
+                "matmul_tflops": 2 * n ** 3 / (matmul_ms * 1e-3) / 1e12, "method": "CUDA events, median"}
+    nbytes = 2 ** 28
+    src = torch.empty(nbytes // 4, dtype=torch.float32).uniform_()
+    copy_ms = _cpu_median_ms(lambda: src.clone(), max(5, reps // 2))
+    n = 1024 if quick else 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    matmul_ms = _cpu_median_ms(lambda: torch.matmul(a, b), 5)
+    tflops = 2 * n ** 3 / (matmul_ms * 1e-3) / 1e12
+    return {"copy_bytes": nbytes, "copy_ms": copy_ms, "copy_gbps": 2 * nbytes / (copy_ms * 1e-3) / 1e9,
+            "matmul_n": n, "matmul_dtype": "float32", "matmul_ms": matmul_ms, "matmul_tflops": tflops,
+            "matmul_gflops": tflops * 1e3, "torch_threads": torch.get_num_threads(),
+            "method": "wall clock (clone of 256 MiB; fp32 matmul), median"}
+
+
+def probe_extension() -> dict:
+    from vitkernels import _ext
+
+    return {"unavailable_reason": _ext.unavailable_reason(), "has_cuda": _ext.has_cuda(),
+            "build_info": {k: str(v) for k, v in _ext.build_info().items()}}
+
+
+PROBES = {"env": lambda args: probe_env(), "ceilings": lambda args: probe_ceilings(args.cpu, args.quick),
+          "extension": lambda args: probe_extension()}
+
+
+# --- the runner -----------------------------------------------------------------------------------
+
+class Runner:
+    def __init__(self, out: str, budget: float, cpu: bool, quick: bool):
+        self.out, self.budget, self.cpu, self.quick = out, budget, cpu, quick
+        self.logs = os.path.join(out, "logs")
+        os.makedirs(self.logs, exist_ok=True)
+        self.start = time.monotonic()
+        self.steps: list[Step] = []
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def remaining(self) -> float:
+        return self.budget - self.elapsed()
+
+    def say(self, message: str) -> None:
+        print(f"[{self.elapsed():7.1f}s] {message}", flush=True)
+
+    def env(self, extra: Optional[dict] = None) -> dict:
+        env = dict(os.environ)
+        env.pop("TRITON_INTERPRET", None)  # tests/conftest.py sets it itself when there is no GPU
+        env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        env["PYTHONUNBUFFERED"] = "1"
+        if self.cpu:
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        env.update(extra or {})
+        return env
+
+    def record(self, step: Step) -> Step:
+        self.steps.append(step)
+        self.say(f"{step.name}: {step.status} ({step.seconds:.1f}s){' - ' + step.detail if step.detail else ''}")
+        return step
+
+    def skip(self, name: str, why: str) -> Step:
+        return self.record(Step(name, "skipped", 0.0, why))
+
+    def timeout_for(self, name: str, later: list[str]) -> float:
+        return step_timeout(name, self.remaining(), later)
+
+    def command(self, name: str, command: list[str], timeout: float, extra_env: Optional[dict] = None,
+                log_name: Optional[str] = None, review: Optional[Callable[[Step, str], None]] = None,
+                ) -> tuple[Step, str]:
+        """Runs ``command`` in the repository for at most ``timeout`` s; returns the step and its output.
+
+        ``review(step, output)`` may adjust the step's status and detail before it is recorded.
+        """
+        log_path = os.path.join(self.logs, f"{log_name or name}.log")
+        step = Step(name, command=command, log=os.path.relpath(log_path, self.out))
+        if timeout < MIN_STEP_S:
+            step.status, step.detail = "skipped", f"no time left in the {self.budget:.0f}s budget"
+            return self.record(step), ""
+        self.say(f"{name}: running (timeout {timeout:.0f}s): {' '.join(command)}")
+        started = time.monotonic()
+        env_note = " ".join(f"{k}={v}" for k, v in (extra_env or {}).items())
+        with open(log_path, "w") as log:
+            log.write(f"$ {env_note + ' ' if env_note else ''}{' '.join(command)}\n"
+                      f"# cwd {ROOT}, timeout {timeout:.0f}s, "
+                      f"started {datetime.datetime.now().isoformat(timespec='seconds')}\n\n")
+            log.flush()
+            offset = log.tell()
+            returncode = run_with_timeout(command, self.env(extra_env), log, timeout)
+            step.seconds = time.monotonic() - started
+            if returncode is None:
+                step.status, step.detail = "timeout", f"killed after {timeout:.0f}s"
+            elif isinstance(returncode, str):
+                step.status, step.detail = "failed", returncode
+            else:
+                step.status = "ok" if returncode == 0 else "failed"
+                step.detail = f"exit {returncode}" if returncode else ""
+        with open(log_path, errors="replace") as log:
+            log.seek(offset)
+            output = log.read()
+        with open(log_path, "a") as log:
+            log.write(f"\n# {step.status}: {step.detail or 'exit 0'}, {step.seconds:.1f}s\n")
+        if review is not None:
+            review(step, output)
+        return self.record(step), output
+
+    def probe(self, name: str, probe: str, later: list[str]) -> tuple[Step, dict]:
+        result_path = os.path.join(self.logs, f"{name}.json")
+        if os.path.exists(result_path):
+            os.remove(result_path)
+        command = [sys.executable, SCRIPT, "--probe", probe, "--probe-out", result_path]
+        command += ["--cpu"] if self.cpu else []
+        command += ["--quick"] if self.quick else []
+        step, _ = self.command(name, command, self.timeout_for(name, later))
+        data = {}
+        if step.status == "ok":
+            try:
+                with open(result_path) as f:
+                    data = json.load(f)
+            except (OSError, ValueError) as err:
+                step.status, step.detail = "failed", f"no probe result: {err}"
+        return step, data
+
+
+def run_with_timeout(command: list[str], env: dict, log, timeout: float):
+    """Runs ``command`` in ROOT with its output appended to ``log``.
+
+    Returns the exit status, None when it ran out of time (its whole process group is then
+    killed, so that no compiler or worker it started lingers), or an error message.
+    """
+    try:
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    except OSError as err:
+        return f"{type(err).__name__}: {err}"
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            proc.kill()
+        proc.wait()
+        return None
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown"
+
+
+def _nvcc_version() -> Optional[str]:
+    nvcc = shutil.which("nvcc") or (os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
+                                    if os.environ.get("CUDA_HOME") else None)
+    if not nvcc:
+        return None
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=30)
+        return parse_nvcc_version(out.stdout)
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _driver_version() -> Optional[str]:
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = out.stdout.strip().splitlines()
+    return lines[0].strip() if out.returncode == 0 and lines else None
+
+
+def _pytest_step(runner: Runner, name: str, args: list[str], later: list[str]) -> Step:
+    command = [sys.executable, "-m", "pytest", *args, "-q", "-p", "no:cacheprovider"]
+    if runner.quick:
+        command += ["-m", "not slow"] if "-m" not in args else []
+    step, _ = runner.command(name, command, runner.timeout_for(name, later), review=review_pytest)
+    return step
+
+
+def review_pytest(step: Step, output: str) -> None:
+    """Puts pytest's summary line in the step's detail; nothing selected (exit 5) is not a failure."""
+    summary = parse_pytest_summary(output)
+    if step.status == "failed" and step.detail == "exit 5" and "no tests ran" in summary:
+        step.status, step.detail = "ok", ""
+    if summary:
+        step.detail = f"{summary}; {step.detail}" if step.detail else summary
+
+
+def run_steps(runner: Runner, no_build: bool) -> dict:
+    result: dict = {"env": {}, "ceilings": {}, "extension": {}}
+    order = ["env", "build", "build_check", "tests_ops", "tests_cuda", "ceilings", "bench"]
+
+    def later(name):
+        return order[order.index(name) + 1:]
+
+    # (a) environment
+    step, facts = runner.probe("env", "env", later("env"))
+    facts.update(nvcc=_nvcc_version(), driver=_driver_version(), git_commit=_git_commit(),
+                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    result["env"] = facts
+
+    # (b) build for this device's arch only
+    capability = facts.get("capability")
+    if runner.cpu:
+        runner.skip("build", "--cpu: no CUDA build")
+    elif no_build:
+        runner.skip("build", "--no-build")
+    elif not os.path.exists(os.path.join(ROOT, "setup.py")):
+        runner.skip("build", "no setup.py in the repository")
+    elif not capability:
+        runner.skip("build", "no CUDA device found by the env step")
+    else:
+        arch_env = {"VITKERNELS_CUDA_ARCHS": capability, "TORCH_CUDA_ARCH_LIST": capability}
+        runner.command("build", [sys.executable, "setup.py", "build_ext", "--inplace"],
+                       runner.timeout_for("build", later("build")), arch_env)
+        # setup.py turns a failed build into a warning: check what actually loads.
+        check, ext = runner.probe("build_check", "extension", later("build_check"))
+        result["extension"] = ext
+        if check.status == "ok":
+            if ext.get("unavailable_reason"):
+                check.status, check.detail = "failed", f"vitkernels._C not loadable: {ext['unavailable_reason']}"
+            elif not ext.get("has_cuda"):
+                check.status = "failed"
+                check.detail = "vitkernels._C was built without CUDA kernels (see logs/build.log)"
+            else:
+                check.detail = "vitkernels._C loads with CUDA kernels"
+
+    # (c) GPU tests, with compiled Triton (no interpreter) on a GPU
+    if os.path.isdir(os.path.join(ROOT, "tests", "ops")):
+        _pytest_step(runner, "tests_ops", ["tests/ops"], later("tests_ops"))
+    else:
+        runner.skip("tests_ops", "no tests/ops folder")
+    _pytest_step(runner, "tests_cuda", ["tests", "-m", "cuda", "--ignore=tests/ops"], later("tests_cuda"))
+
+    # (d) ceilings
+    _, result["ceilings"] = runner.probe("ceilings", "ceilings", later("ceilings"))
+
+    # (e) benchmarks, one op per pytest run so that a timeout keeps the other ops' results
+    result["bench_parts"] = run_bench(runner)
+    return result
+
+
+def run_bench(runner: Runner) -> list[str]:
+    parts, started, failed = [], time.monotonic(), []
+    for i, op in enumerate(OPS):
+        available = min(runner.remaining(), CAPS["bench"] - (time.monotonic() - started))
+        timeout = op_share(available, len(OPS) - i)
+        path = os.path.join(runner.logs, f"bench_{op}.json")
+        command = [sys.executable, "-m", "pytest", "bench/test_bench_ops.py", "-q", "-p", "no:cacheprovider",
+                   f"--benchmark-json={path}", "--benchmark-columns=min,median,max,rounds"]
+        env = {"VITKERNELS_BENCH_OPS": op}
+        if runner.quick:
+            env["VITKERNELS_BENCH_SHAPES"] = "quick"
+        if os.path.exists(path):
+            os.remove(path)
+        step, _ = runner.command(f"bench:{op}", command, timeout, env, log_name=f"bench_{op}", review=review_pytest)
+        if os.path.exists(path):
+            parts.append(path)
+        if step.status != "ok":
+            failed.append(f"{op}: {step.status} {step.detail}".strip())
+    runner.say(f"bench: {len(parts)}/{len(OPS)} ops measured in {time.monotonic() - started:.1f}s"
+               + (f"; {'; '.join(failed)}" if failed else ""))
+    return parts
+
+
+def finish(runner: Runner, result: dict, mode: str) -> dict:
+    parts = []
+    for path in result.pop("bench_parts", []):
+        try:
+            with open(path) as f:
+                parts.append(json.load(f))
+        except (OSError, ValueError) as err:
+            runner.say(f"cannot read {path}: {err}")
+    bench = merge_bench_json(parts)
+    with open(os.path.join(runner.out, "bench.json"), "w") as f:
+        json.dump(bench, f, indent=1)
+    steps = [asdict(s) for s in runner.steps]
+    report = {
+        "date": result["env"].get("date"), "mode": mode, "total_seconds": runner.elapsed(),
+        "budget_seconds": runner.budget, "status": overall_status(steps), "env": result["env"],
+        "extension": result.get("extension", {}), "ceilings": result.get("ceilings", {}), "steps": steps,
+        "benchmarks": summarize_benchmarks(bench, result.get("ceilings", {})),
+    }
+    with open(os.path.join(runner.out, "device_check.json"), "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    with open(os.path.join(runner.out, "device_check.md"), "w") as f:
+        f.write(render_markdown(report))
+    return report
+
+
+def pack_logs(out: str) -> None:
+    """Replaces DIR/logs by DIR/logs.tar.gz."""
+    logs = os.path.join(out, "logs")
+    with tarfile.open(os.path.join(out, "logs.tar.gz"), "w:gz") as tar:
+        tar.add(logs, arcname="logs")
+    shutil.rmtree(logs)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.getcwd(), "out"),
+                        help="output folder (default: $OUT, else ./out)")
+    parser.add_argument("--quick", action="store_true", help="quick shape subset, skip slow tests, fewer reps")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU (hides GPUs; no CUDA build)")
+    parser.add_argument("--no-build", action="store_true", help="skip building the extension")
+    parser.add_argument("--pack-logs", action="store_true", help="replace DIR/logs by DIR/logs.tar.gz at the end")
+    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, help="total seconds for every step")
+    parser.add_argument("--probe", choices=sorted(PROBES), help=argparse.SUPPRESS)
+    parser.add_argument("--probe-out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.probe:
+        data = PROBES[args.probe](args)
+        with open(args.probe_out, "w") as f:
+            json.dump(data, f, indent=1, default=str)
+        print(json.dumps(data, indent=1, default=str))
+        return 0
+
+    out = os.path.abspath(args.out)
+    runner = Runner(out, args.budget, cpu=args.cpu, quick=args.quick)
+    mode = ("cpu" if args.cpu else "gpu") + (" quick" if args.quick else "")
+    runner.say(f"device check ({mode}) in {ROOT}; results in {out}; budget {args.budget:.0f}s")
+    result: dict = {"env": {}}
+    try:
+        result = run_steps(runner, args.no_build)
+    except Exception as err:  # noqa: BLE001 - still write what was gathered
+        runner.record(Step("runner", "failed", 0.0, f"{type(err).__name__}: {err}"))
+    report = finish(runner, result, mode)
+    if args.pack_logs:
+        pack_logs(out)
+    runner.say(f"done: {report['status']}; {len(report['benchmarks'])} benchmark results; "
+               f"see {os.path.join(out, 'device_check.md')}")
+    return 0 if report["status"] == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

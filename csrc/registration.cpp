@@ -1,0 +1,97 @@
+// Every vitkernels op schema, the kernels registered for each device, and the module's Python face.
+//
+// Schemas live here and nowhere else. Fake (meta) kernels are registered in Python next to each
+// op (vitkernels/ops/<op>/op.py); set_python_module names that module for the ops defined after it,
+// so torch can say which import is missing when a fake kernel is needed.
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include <sstream>
+#include <string>
+
+#include "window_attention/window_attention.h"
+
+#ifdef VITKERNELS_WITH_CUDA
+#include <cuda_runtime_api.h>  // CUDART_VERSION
+#endif
+
+TORCH_LIBRARY(vitkernels, m) {
+  m.set_python_module("vitkernels.ops.window_attention.op");
+  m.def("gather_relative_position_bias(Tensor bias_table, int window_h, int window_w) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(vitkernels, CPU, m) {
+  m.impl("gather_relative_position_bias", &vitkernels::gather_relative_position_bias_cpu);
+}
+
+#ifdef VITKERNELS_WITH_CUDA
+TORCH_LIBRARY_IMPL(vitkernels, CUDA, m) {
+  m.impl("gather_relative_position_bias", &vitkernels::gather_relative_position_bias_cuda);
+}
+#endif
+
+namespace {
+
+std::string compiler() {
+#if defined(__clang__)
+  return std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  return std::string("gcc ") + __VERSION__;
+#elif defined(_MSC_VER)
+  return "msvc " + std::to_string(_MSC_VER);
+#else
+  return "unknown";
+#endif
+}
+
+// VITKERNELS_CUDA_ARCHS is the TORCH_CUDA_ARCH_LIST setup.py compiled the CUDA kernels for.
+pybind11::list cuda_archs() {
+  pybind11::list archs;
+#if defined(VITKERNELS_WITH_CUDA) && defined(VITKERNELS_CUDA_ARCHS)
+  std::stringstream list(VITKERNELS_CUDA_ARCHS);
+  std::string arch;
+  while (std::getline(list, arch, ';')) {
+    if (!arch.empty()) {
+      archs.append(arch);
+    }
+  }
+#endif
+  return archs;
+}
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["compiler"] = compiler();
+  info["torch"] = TORCH_VERSION;
+#ifdef VITKERNELS_WITH_CUDA
+  info["cuda"] = std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
+#else
+  info["cuda"] = pybind11::none();
+#endif
+  info["archs"] = cuda_archs();
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "vitkernels' compiled kernels; the ops themselves are reached through torch.ops.vitkernels.";
+  m.def(
+      "has_cuda",
+      [] {
+#ifdef VITKERNELS_WITH_CUDA
+        return true;
+#else
+        return false;
+#endif
+      },
+      "Whether this build carries the CUDA kernels.");
+  m.def("build_info", &build_info,
+        "What the extension was built with: compiler, torch, cuda (None without CUDA), archs, openmp.");
+}

@@ -1,0 +1,44 @@
+// Window attention kernels: declarations shared by cpu.cpp, cuda.cu and registration.cpp, and the
+// relative-position index arithmetic every window kernel derives instead of loading.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
+
+#include <cstdint>
+
+#include "common/checks.h"
+
+namespace vitkernels {
+
+// Bounds each window side so that the table's row count and N = Wh*Ww stay far from int64
+// overflow; real windows (Swin: 7 to 24) are nowhere near it.
+constexpr int64_t kMaxWindowSide = int64_t{1} << 16;
+
+// Row of the [(2Wh-1)(2Ww-1), heads] bias table for query token (ri, ci) and key token (rj, cj)
+// of a Wh x Ww window; the same index timm, torchvision and Hugging Face keep in a buffer.
+C10_HOST_DEVICE inline int64_t relative_position_row(int64_t ri, int64_t ci, int64_t rj, int64_t cj,
+                                                     int64_t window_h, int64_t window_w) {
+  return (ri - rj + window_h - 1) * (2 * window_w - 1) + (ci - cj + window_w - 1);
+}
+
+// Device-independent checks of gather_relative_position_bias's arguments.
+inline void check_gather_relative_position_bias(const at::Tensor& bias_table, int64_t window_h, int64_t window_w) {
+  check_range(window_h, "window_h", 1, kMaxWindowSide);
+  check_range(window_w, "window_w", 1, kMaxWindowSide);
+  check_floating(bias_table, "bias_table");
+  const int64_t rows = (2 * window_h - 1) * (2 * window_w - 1);
+  TORCH_CHECK(bias_table.dim() == 2 && bias_table.size(0) == rows,
+              "bias_table must have shape [(2*window_h-1)*(2*window_w-1), heads] = [", rows, ", heads] for window (",
+              window_h, ", ", window_w, "), got ", bias_table.sizes());
+}
+
+// bias_table [(2Wh-1)(2Ww-1), heads], any strides -> contiguous [heads, N, N], N = Wh*Ww, with
+// out[h, i, j] = bias_table[relative_position_row(token i, token j), h], tokens in row-major order.
+at::Tensor gather_relative_position_bias_cpu(const at::Tensor& bias_table, int64_t window_h, int64_t window_w);
+
+#ifdef VITKERNELS_WITH_CUDA
+at::Tensor gather_relative_position_bias_cuda(const at::Tensor& bias_table, int64_t window_h, int64_t window_w);
+#endif
+
+}  // namespace vitkernels

@@ -1,0 +1,142 @@
+"""The pure functions of bench/device_check.py (the script itself runs on a GPU machine, not here)."""
+import importlib.util
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def dc():
+    name = "_device_check_under_test"
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "bench", "device_check.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve their annotations through sys.modules
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(name, None)
+
+
+def _bench_entry(op, metric, median, *, bytes_=None, flops=None, shape="vit_b_224", backend="torch", mode="fwd"):
+    return {
+        "name": f"test_forward[{op}-{shape}-{backend}]",
+        "stats": {"median": median},
+        "extra_info": {"op": op, "shape": shape, "backend": backend, "mode": mode, "batch": 128,
+                       "dtype": "bfloat16", "metric": metric, "bytes": bytes_, "flops": flops},
+    }
+
+
+FAKE_BENCH = {
+    "machine_info": {"node": "gpu"},
+    "benchmarks": [
+        _bench_entry("layernorm", "GB/s", 1e-3, bytes_=2e9),  # 2000 GB/s
+        _bench_entry("attention", "TFLOP/s", 2e-3, flops=8e11),  # 400 TFLOP/s
+        _bench_entry("window_attention", "GB/s", None, bytes_=1e9),  # no timing (disabled run)
+    ],
+}
+CEILINGS = {"copy_gbps": 3000.0, "matmul_tflops": 800.0}
+
+
+def test_summarize_benchmarks_relates_results_to_ceilings(dc):
+    rows = {r["op"]: r for r in dc.summarize_benchmarks(FAKE_BENCH, CEILINGS)}
+    assert rows["layernorm"]["value"] == pytest.approx(2000.0)
+    assert rows["layernorm"]["fraction_of_ceiling"] == pytest.approx(2 / 3)
+    assert rows["layernorm"]["median_ms"] == pytest.approx(1.0)
+    assert rows["attention"]["value"] == pytest.approx(400.0)
+    assert rows["attention"]["fraction_of_ceiling"] == pytest.approx(0.5)
+    assert rows["window_attention"]["value"] is None and rows["window_attention"]["fraction_of_ceiling"] is None
+    assert dc.summarize_benchmarks(FAKE_BENCH, {})[0]["fraction_of_ceiling"] is None
+
+
+def test_render_markdown_writes_every_section(dc):
+    steps = [{"name": "env", "status": "ok", "seconds": 2.5, "detail": ""},
+             {"name": "tests_ops", "status": "failed", "seconds": 80.0, "detail": "1 failed | 20 passed in 70s"}]
+    result = {
+        "date": "2026-01-01T00:00:00+00:00", "mode": "gpu", "total_seconds": 300.0, "status": dc.overall_status(steps),
+        "env": {"device_name": "NVIDIA H100 80GB HBM3", "capability": "9.0", "torch": "2.11.0"},
+        "ceilings": CEILINGS, "steps": steps, "benchmarks": dc.summarize_benchmarks(FAKE_BENCH, CEILINGS),
+    }
+    text = dc.render_markdown(result)
+    assert text.startswith("# vitkernels device check — NVIDIA H100 80GB HBM3")
+    assert "status **failed**" in text
+    assert "| capability | 9.0 |" in text
+    assert "| copy_gbps | 3000 |" in text
+    assert "1 failed \\| 20 passed" in text  # a "|" in a cell must not split the row
+    assert "| layernorm | fwd | vit_b_224 | torch | 128 | bfloat16 | 1 | 2e+03 GB/s | 66.7% |" in text
+    assert "| attention | fwd | vit_b_224 | torch | 128 | bfloat16 | 2 | 400 TFLOP/s | 50.0% |" in text
+    assert "Benchmarks (3)" in text
+    empty = dc.render_markdown({"env": {}, "steps": [], "benchmarks": []})
+    assert "No benchmark results." in empty
+
+
+def test_overall_status(dc):
+    assert dc.overall_status([{"status": "ok"}, {"status": "skipped"}]) == "ok"
+    assert dc.overall_status([{"status": "ok"}, {"status": "timeout"}]) == "failed"
+
+
+def test_step_timeouts_keep_time_for_later_steps(dc):
+    caps, reserve = {"a": 100, "b": 50, "c": 500}, {"a": 10, "b": 20, "c": 90}
+    assert dc.step_timeout("a", 400, ["b", "c"], caps, reserve) == 100
+    assert dc.step_timeout("a", 150, ["b", "c"], caps, reserve) == 40
+    assert dc.step_timeout("a", 50, ["b", "c"], caps, reserve) == 10  # its own reserve
+    assert dc.step_timeout("a", 5, ["b", "c"], caps, reserve) == 5  # never past the budget
+    assert dc.step_timeout("a", -1, ["b", "c"], caps, reserve) == 0
+    assert dc.step_timeout("c", 300, [], caps, reserve) == 300
+    assert dc.op_share(120, 6) == pytest.approx(40)
+    assert dc.op_share(120, 1) == 120
+    assert dc.op_share(-5, 3) == 0
+
+
+def test_parsers(dc):
+    assert dc.parse_nvcc_version("Cuda compilation tools, release 13.0, V13.0.88") == "13.0"
+    assert dc.parse_nvcc_version("") is None
+    output = "....s.\n=========== 5 passed, 1 skipped, 2 deselected in 3.21s ===========\n"
+    assert dc.parse_pytest_summary(output) == "5 passed, 1 skipped, 2 deselected in 3.21s"
+    assert dc.parse_pytest_summary("4 skipped, 110 deselected in 1.17s\n") == "4 skipped, 110 deselected in 1.17s"
+    assert dc.parse_pytest_summary("no tests ran in 0.01s") == "no tests ran in 0.01s"
+    assert dc.parse_pytest_summary("Traceback ...") == ""
+
+
+def test_review_pytest_accepts_an_empty_selection(dc):
+    step = dc.Step("tests_cuda", "failed", 1.0, "exit 5")
+    dc.review_pytest(step, "\n1 deselected in 0.02s\nno tests ran in 0.02s\n")
+    assert step.status == "ok" and step.detail == "no tests ran in 0.02s"
+    step = dc.Step("tests_ops", "failed", 1.0, "exit 1")
+    dc.review_pytest(step, "1 failed, 3 passed in 1.00s\n")
+    assert step.status == "failed" and step.detail == "1 failed, 3 passed in 1.00s; exit 1"
+
+
+def test_merge_bench_json(dc):
+    merged = dc.merge_bench_json([FAKE_BENCH, {"machine_info": {"node": "other"}, "benchmarks": [{"name": "x"}]}])
+    assert merged["machine_info"] == {"node": "gpu"}
+    assert [b["name"] for b in merged["benchmarks"]][-1] == "x" and len(merged["benchmarks"]) == 4
+    assert dc.merge_bench_json([]) == {"benchmarks": []}
+
+
+def test_run_with_timeout_logs_and_kills(dc, tmp_path):
+    log_path = tmp_path / "step.log"
+    with open(log_path, "w") as log:
+        assert dc.run_with_timeout([sys.executable, "-c", "print('hello')"], dict(os.environ), log, 30) == 0
+        assert dc.run_with_timeout([sys.executable, "-c", "import time; time.sleep(30)"], dict(os.environ), log,
+                                   0.5) is None
+        assert "No such file" in dc.run_with_timeout([str(tmp_path / "missing")], dict(os.environ), log, 5)
+    assert "hello" in log_path.read_text()
+
+
+def test_runner_records_a_step_with_its_log(dc, tmp_path, capsys):
+    runner = dc.Runner(str(tmp_path), budget=60, cpu=True, quick=True)
+    step, output = runner.command("echo", [sys.executable, "-c", "print('3 passed in 0.10s')"], 30,
+                                  review=dc.review_pytest)
+    assert step.status == "ok" and step.detail == "3 passed in 0.10s" and "3 passed" in output
+    log = (tmp_path / "logs" / "echo.log").read_text()
+    assert log.startswith("$ ") and "\n3 passed in 0.10s\n" in log and "# ok: exit 0" in log
+    skipped, _ = runner.command("late", [sys.executable, "-c", "pass"], 1)
+    assert skipped.status == "skipped"
+    assert "echo: ok" in capsys.readouterr().out
+    assert [s.name for s in runner.steps] == ["echo", "late"]
+    text = dc.render_markdown({"env": {}, "steps": [vars(s) for s in runner.steps], "benchmarks": []})
+    assert "| echo | ok |" in text and "| late | skipped |" in text

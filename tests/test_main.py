@@ -1,0 +1,32 @@
+import pytest
+
+from vitkernels import __main__ as cli
+from vitkernels import _demo
+
+
+def test_info_names_every_backend(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    for name in ("torch", "triton", "cuda", "cpu"):
+        assert f"  {name} " in out, out
+    assert "torch   available" in out
+
+
+def test_check_runs_every_op_against_the_reference(capsys):
+    assert cli.main(["check", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    for case in _demo.CASES:
+        assert case.op in out
+    assert "all backends agree with the reference" in out
+
+
+def test_demo_rows_carry_errors_for_torch():
+    rows = _demo.run("cpu", repeats=1)
+    torch_rows = [r for r in rows if r.backend == "torch"]
+    assert len(torch_rows) == len(_demo.CASES)
+    assert all(r.rel_error is not None and r.rel_error < 1e-5 for r in torch_rows)
+
+
+def test_unknown_command_exits():
+    with pytest.raises(SystemExit):
+        cli.main(["fly"])

@@ -1,0 +1,13 @@
+"""vitkernels: fused kernels for vision transformers, checked against plain PyTorch references.
+
+Public face:
+    vitkernels.ops          functional ops (window_attention, attention, patch_embed, layernorm_mlp, ...)
+    vitkernels.use_backend  context manager choosing the backend of the enclosed calls
+    vitkernels.backends     what each backend supports and why one cannot run
+"""
+from . import backends, ops
+from .backends import NotSupportedError, use_backend
+
+__version__ = "0.1.0"
+
+__all__ = ["ops", "backends", "use_backend", "NotSupportedError", "__version__"]

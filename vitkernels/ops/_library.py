@@ -1,0 +1,96 @@
+"""Registers a plain PyTorch function as a ``torch.ops.vitkernels`` op with fake and autograd.
+
+The "torch" backend of every op goes through here: its forward is the reference itself, its fake
+kernel is the same function run on fake tensors, and its backward is a second op that recomputes
+the reference under autograd. Later backends register their own kernels with the same schema, so
+callers, tests (opcheck, torch.compile) and modules treat every backend alike.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import torch
+
+NAMESPACE = "vitkernels"
+_LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
+
+
+def _split_args(schema: str) -> list[tuple[str, str]]:
+    """``"(Tensor x, int[] w, float? s) -> Tensor"`` -> [("Tensor", "x"), ("int[]", "w"), ("float?", "s")]."""
+    inner = re.match(r"\((.*)\)\s*->", schema).group(1)
+    out = []
+    for arg in inner.split(","):
+        kind, name = arg.strip().rsplit(" ", 1)
+        out.append((kind, name.split("=")[0]))
+    return out
+
+
+def define_reference_op(name: str, schema: str, fn: Callable) -> Callable:
+    """Defines ``vitkernels::<name>`` running ``fn`` (positional arguments as in ``schema``).
+
+    Returns the op's overload packet, callable like ``fn``. Gradients flow to every Tensor argument
+    that requires them, computed by recomputing ``fn`` under autograd in ``<name>_backward``.
+    """
+    args = _split_args(schema)
+    tensor_at = [i for i, (kind, _) in enumerate(args) if kind.startswith("Tensor")]
+    single_output = not schema.split("->")[1].strip().startswith("(")
+
+    _LIB.define(name + schema)
+    _LIB.impl(name, fn, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"{NAMESPACE}::{name}", lib=_LIB)(fn)
+
+    backward_name = f"{name}_backward"
+    backward_args = ", ".join(f"{kind} {arg}" for kind, arg in args)
+    _LIB.define(f"{backward_name}(Tensor[] grad_outputs, bool[] needs_grad, {backward_args}) -> Tensor[]")
+
+    def backward_impl(grad_outputs, needs_grad, *inputs):
+        inputs = list(inputs)
+        wrt = [i for i, need in zip(tensor_at, needs_grad) if need and inputs[i] is not None]
+        with torch.enable_grad():
+            for i in wrt:
+                inputs[i] = inputs[i].detach().requires_grad_(True)
+            outputs = fn(*inputs)
+            outputs = (outputs,) if single_output else tuple(outputs)
+            grads = torch.autograd.grad(outputs, [inputs[i] for i in wrt], list(grad_outputs), allow_unused=True)
+        by_index = dict(zip(wrt, grads))
+        empty = grad_outputs[0].new_empty(0)
+        result = []
+        for i in tensor_at:
+            if i not in by_index:
+                result.append(empty)
+            elif by_index[i] is None:
+                result.append(torch.zeros_like(inputs[i]))
+            else:
+                result.append(by_index[i])
+        return result
+
+    def backward_fake(grad_outputs, needs_grad, *inputs):
+        empty = grad_outputs[0].new_empty(0)
+        return [
+            torch.empty_like(inputs[i]) if need and inputs[i] is not None else empty
+            for i, need in zip(tensor_at, needs_grad)
+        ]
+
+    _LIB.impl(backward_name, backward_impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"{NAMESPACE}::{backward_name}", lib=_LIB)(backward_fake)
+    backward_op = getattr(torch.ops.vitkernels, backward_name).default
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*(inputs[i] for i in tensor_at))
+        ctx.inputs = [None if i in tensor_at else value for i, value in enumerate(inputs)]
+
+    def backward(ctx, *grad_outputs):
+        inputs = list(ctx.inputs)
+        for i, saved in zip(tensor_at, ctx.saved_tensors):
+            inputs[i] = saved
+        needs = [bool(ctx.needs_input_grad[i]) for i in tensor_at]
+        grads = backward_op(list(grad_outputs), needs, *inputs)
+        out: list = [None] * len(inputs)
+        for k, i in enumerate(tensor_at):
+            if needs[k] and inputs[i] is not None:
+                out[i] = grads[k]
+        return tuple(out)
+
+    torch.library.register_autograd(f"{NAMESPACE}::{name}", backward, setup_context=setup_context, lib=_LIB)
+    return getattr(torch.ops.vitkernels, name)

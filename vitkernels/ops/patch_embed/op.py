@@ -1,0 +1,151 @@
+"""patch_embed: boundary checks, the backend table and the registered torch ops."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from ... import backends
+from .. import _checks
+from .._library import define_reference_op
+from .reference import patch_embed_reference
+
+SCHEMA = (
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor? prefix_tokens, Tensor? pos_embed, int[]? pos_embed_grid, "
+    "Tensor? norm_weight, Tensor? norm_bias, float norm_eps, bool patch_norm, Tensor? mean, Tensor? std, "
+    "bool dynamic_pad, str output_format) -> Tensor"
+)
+
+
+def _torch_impl(x, weight, bias, prefix_tokens, pos_embed, pos_embed_grid, norm_weight, norm_bias, norm_eps,
+                patch_norm, mean, std, dynamic_pad, output_format):
+    return patch_embed_reference(
+        x, weight, bias, prefix_tokens=prefix_tokens, pos_embed=pos_embed, pos_embed_grid=pos_embed_grid,
+        norm_weight=norm_weight, norm_bias=norm_bias, norm_eps=norm_eps, patch_norm=patch_norm, mean=mean,
+        std=std, dynamic_pad=dynamic_pad, output_format=output_format,
+    )
+
+
+patch_embed_torch = define_reference_op("patch_embed_torch", SCHEMA, _torch_impl)
+
+BACKENDS: dict[str, backends.Capability] = {"torch": backends.reference_capability()}
+IMPLEMENTATIONS = {"torch": patch_embed_torch}
+
+
+def _grid(x: torch.Tensor, patch: tuple[int, int], dynamic_pad: bool) -> tuple[int, int]:
+    height, width = x.shape[-2:]
+    if not dynamic_pad and (height % patch[0] or width % patch[1]):
+        raise ValueError(
+            f"image size {height}x{width} is not a multiple of the patch size {patch[0]}x{patch[1]}; "
+            "pass dynamic_pad=True to pad it as timm's dynamic_img_pad does"
+        )
+    return -(-height // patch[0]), -(-width // patch[1])
+
+
+def _pos_embed_coverage(pos_embed, grid, pos_embed_grid, num_prefix, dim) -> Optional[list[int]]:
+    """Checks pos_embed's length against the grid and prefix count; returns pos_embed_grid as a list."""
+    length = pos_embed.shape[-2]
+    if pos_embed.shape[-1] != dim or (pos_embed.dim() == 3 and pos_embed.shape[0] != 1):
+        raise ValueError(f"pos_embed must be [1, L, {dim}] or [L, {dim}], got {tuple(pos_embed.shape)}")
+    if pos_embed_grid is None:
+        if length not in (grid[0] * grid[1], grid[0] * grid[1] + num_prefix):
+            raise ValueError(
+                f"pos_embed has {length} entries but the {grid[0]}x{grid[1]} grid has {grid[0] * grid[1]} patches "
+                f"and {num_prefix} prefix tokens; pass pos_embed_grid to resample it"
+            )
+        return None
+    old = _checks.pair("pos_embed_grid", pos_embed_grid)
+    if length - old[0] * old[1] not in (0, num_prefix):
+        raise ValueError(
+            f"pos_embed has {length} entries, which is neither the {old[0]}x{old[1]} pos_embed_grid "
+            f"nor that plus {num_prefix} prefix tokens"
+        )
+    return list(old)
+
+
+def patch_embed(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    prefix_tokens: Optional[torch.Tensor] = None,
+    pos_embed: Optional[torch.Tensor] = None,
+    pos_embed_grid: Optional[Sequence[int]] = None,
+    norm_weight: Optional[torch.Tensor] = None,
+    norm_bias: Optional[torch.Tensor] = None,
+    norm_eps: float = 1e-5,
+    patch_norm: bool = False,
+    mean: Optional[torch.Tensor] = None,
+    std: Optional[torch.Tensor] = None,
+    dynamic_pad: bool = False,
+    output_format: str = "tokens",
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Patch embedding: conv with kernel = stride = patch, then norm, prefix tokens and position embedding.
+
+    Args:
+        x: [B, Cin, H, W] image in the weight's dtype, or uint8 (scaled by 1/255; fold the
+            preprocessing in with ``mean`` and ``std``).
+        weight: [E, Cin, ph, pw] conv weight; bias: [E] or None.
+        prefix_tokens: [P, E] or [1, P, E] class / distillation / register tokens in timm's order.
+        pos_embed: [1, L, E] or [L, E]: L = P + N is added after the prefix concat (timm default),
+            L = N to the patches only (timm's no_embed_class).
+        pos_embed_grid: (Gh, Gw) grid of pos_embed; a different input grid resamples it as timm's
+            dynamic_img_size does.
+        patch_norm: LayerNorm(norm_weight, norm_bias, norm_eps) over E after the conv (Swin).
+        mean, std: [Cin] per-channel image normalization, (x - mean) / std.
+        dynamic_pad: pad H and W to patch multiples (timm's dynamic_img_pad); an error otherwise.
+        output_format: "tokens" -> [B, P + N, E]; "map" -> [B, H', W', E] (no prefix tokens).
+        backend: "torch", "triton", "cuda", "cpu" or "auto".
+
+    Returns:
+        [B, P + N, E] or [B, H', W', E] in the weight's dtype.
+    """
+    _checks.tensor("weight", weight, ndim=4)
+    _checks.tensor("x", x, ndim=4, like=weight, dtypes=(weight.dtype, torch.uint8))
+    dim, in_chans, ph, pw = weight.shape
+    if x.shape[1] != in_chans:
+        raise ValueError(f"x has {x.shape[1]} channels but weight expects {in_chans} (weight {tuple(weight.shape)})")
+    like = {"like": weight, "dtypes": (weight.dtype,)}
+    _checks.optional_tensor("bias", bias, ndim=1, shape=(dim,), **like)
+    if prefix_tokens is not None:
+        _checks.tensor("prefix_tokens", prefix_tokens, ndim=(2, 3), **like)
+        if prefix_tokens.shape[-1] != dim or (prefix_tokens.dim() == 3 and prefix_tokens.shape[0] != 1):
+            raise ValueError(f"prefix_tokens must be [P, {dim}] or [1, P, {dim}], got {tuple(prefix_tokens.shape)}")
+    num_prefix = 0 if prefix_tokens is None else prefix_tokens.shape[-2]
+    output_format = _checks.choice("output_format", output_format, ("tokens", "map"))
+    if output_format == "map" and num_prefix:
+        raise ValueError(f"output_format='map' cannot hold {num_prefix} prefix tokens")
+    grid = _grid(x, (ph, pw), bool(dynamic_pad))
+    if pos_embed is not None:
+        _checks.tensor("pos_embed", pos_embed, ndim=(2, 3), **like)
+        pos_embed_grid = _pos_embed_coverage(pos_embed, grid, pos_embed_grid, num_prefix, dim)
+        if output_format == "map" and pos_embed.shape[-2] != grid[0] * grid[1] and pos_embed_grid is None:
+            raise ValueError("output_format='map' takes a pos_embed of the patches only")
+    elif pos_embed_grid is not None:
+        raise ValueError("pos_embed_grid given without pos_embed")
+    _checks.optional_tensor("norm_weight", norm_weight, ndim=1, shape=(dim,), **like)
+    _checks.optional_tensor("norm_bias", norm_bias, ndim=1, shape=(dim,), **like)
+    if (norm_weight is not None or norm_bias is not None) and not patch_norm:
+        raise ValueError("norm_weight / norm_bias given but patch_norm=False")
+    norm_eps = _checks.optional_float("norm_eps", norm_eps)
+    if norm_eps is None or norm_eps <= 0:
+        raise ValueError(f"norm_eps must be a positive float, got {norm_eps!r}")
+    _checks.optional_tensor("mean", mean, ndim=1, like=weight, shape=(in_chans,))
+    _checks.optional_tensor("std", std, ndim=1, like=weight, shape=(in_chans,))
+
+    features = {
+        f for f, on in (
+            ("prefix_tokens", num_prefix > 0), ("pos_embed", pos_embed is not None),
+            ("resample_pos_embed", pos_embed_grid is not None), ("patch_norm", bool(patch_norm)),
+            ("uint8", x.dtype == torch.uint8), ("normalize", mean is not None or std is not None),
+            ("dynamic_pad", bool(dynamic_pad)), ("map", output_format == "map"),
+            ("backward", _checks.needs_grad(x, weight, bias, prefix_tokens, pos_embed, norm_weight, norm_bias)),
+        ) if on
+    }
+    query = backends.Query(device=weight.device.type, dtype=weight.dtype, features=frozenset(features))
+    name = backends.select("patch_embed", BACKENDS, query, backend)
+    return IMPLEMENTATIONS[name](
+        x, weight, bias, prefix_tokens, pos_embed, pos_embed_grid, norm_weight, norm_bias, norm_eps,
+        bool(patch_norm), mean, std, bool(dynamic_pad), output_format,
+    )

@@ -1,0 +1,76 @@
+"""Tolerance policy shared by tests, benchmarks and the demo.
+
+* fp32 / fp64 against the reference computed in fp64: relative error max|a - b| / max|b| below
+  1e-5 for forward values, 1e-4 for gradients.
+* fp16 / bf16 (the flash-attention rule): the kernel's error against the fp64 reference is at most
+  ``factor`` times the error of the same PyTorch computation in that low precision (2 forward,
+  3 gradients), plus a small floor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+FORWARD_RTOL = 1e-5
+GRAD_RTOL = 1e-4
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+# Relative errors divide by max(max|expected|, this): a gradient that is zero up to e^-100 (a key
+# behind the -100 shift mask) is compared in absolute terms instead of amplifying denormal noise.
+REL_SCALE_FLOOR = 1e-12
+
+
+@dataclass(frozen=True)
+class Errors:
+    max_abs: float
+    mean_abs: float
+    rel: float
+
+    def __str__(self) -> str:
+        return f"max abs {self.max_abs:.3e}, mean abs {self.mean_abs:.3e}, rel {self.rel:.3e}"
+
+
+def errors(actual: torch.Tensor, expected: torch.Tensor) -> Errors:
+    """Errors of ``actual`` against ``expected``, both compared in float64."""
+    if actual.shape != expected.shape:
+        raise AssertionError(f"shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    a, e = actual.detach().double(), expected.detach().double()
+    if a.numel() == 0:
+        return Errors(0.0, 0.0, 0.0)
+    diff = (a - e).abs()
+    scale = e.abs().max().item()
+    max_abs = diff.max().item()
+    return Errors(max_abs, diff.mean().item(), max_abs / max(scale, REL_SCALE_FLOOR))
+
+
+def assert_close(
+    actual: torch.Tensor,
+    reference64: torch.Tensor,
+    *,
+    low_precision_reference: Optional[torch.Tensor] = None,
+    grad: bool = False,
+    floor: float = 1e-3,
+    name: str = "output",
+) -> Errors:
+    """Asserts the tolerance policy; ``reference64`` is the reference evaluated in float64.
+
+    For fp16/bf16 ``actual``, pass ``low_precision_reference``: the reference run in the same low
+    precision on the same inputs. Returns the measured errors.
+    """
+    err = errors(actual, reference64)
+    if actual.dtype in LOW_PRECISION:
+        if low_precision_reference is None:
+            raise ValueError("fp16/bf16 results need low_precision_reference for the relative rule")
+        base = errors(low_precision_reference, reference64)
+        factor = 3.0 if grad else 2.0
+        bound = factor * base.max_abs + floor * max(reference64.detach().abs().max().item(), 1.0)
+        ok = err.max_abs <= bound
+        detail = f"{name} ({actual.dtype}): {err}; bound {bound:.3e} = {factor} x low-precision torch ({base}) + floor"
+    else:
+        rtol = GRAD_RTOL if grad else FORWARD_RTOL
+        ok = err.rel <= rtol
+        detail = f"{name} ({actual.dtype}): {err}; relative tolerance {rtol:.0e}"
+    if not ok or torch.isnan(actual).any() != torch.isnan(reference64).any():
+        raise AssertionError(f"{name} differs from the reference: {detail}")
+    return err
