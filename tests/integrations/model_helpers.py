@@ -1,0 +1,48 @@
+"""Patched-against-stock comparison shared by the integration tests."""
+import copy
+
+import torch
+
+import vitkernels
+from vitkernels.testing import errors
+
+
+def perturb(model: torch.nn.Module, scale: float = 0.2) -> torch.nn.Module:
+    """Random, non-trivial weights: no zero bias, no all-ones norm, relative tables that matter."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "logit_scale" in name:
+                p.copy_(torch.log(torch.full_like(p, 10.0)) + 0.3 * torch.randn_like(p))
+            else:
+                p.add_(scale * torch.randn_like(p))
+    return model
+
+
+def _check(name, patched, stock, reference64, factor):
+    """The patched fp32 result is at most ``factor`` times as far from fp64 as stock fp32 is."""
+    ours, theirs = errors(patched, reference64), errors(stock, reference64)
+    bound = factor * theirs.max_abs + 1e-6 * reference64.abs().max().item()
+    assert ours.max_abs <= bound, f"{name}: patched {ours}; stock fp32 {theirs}; bound {bound:.3e}"
+
+
+def _grads(model):
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def check_patched_matches_stock(stock: torch.nn.Module, x: torch.Tensor, backend: str = "torch", label: str = ""):
+    """apply() a copy of ``stock``; logits (2x) and every parameter gradient (3x) obey the error rule.
+
+    Returns the apply report.
+    """
+    patched, reference = copy.deepcopy(stock), copy.deepcopy(stock).double()
+    report = vitkernels.apply(patched, backend=backend)
+    assert len(report) > 0, str(report)
+    outputs = [model(x if model is not reference else x.double()) for model in (patched, stock, reference)]
+    _check(f"{label} logits", *outputs, factor=2.0)
+    for out in outputs:
+        out.square().sum().backward()
+    grads = [_grads(model) for model in (patched, stock, reference)]
+    assert grads[0].keys() == grads[2].keys()
+    for n in grads[0]:
+        _check(f"{label} grad {n}", grads[0][n], grads[1][n], grads[2][n], factor=3.0)
+    return report

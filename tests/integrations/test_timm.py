@@ -1,0 +1,115 @@
+"""vitkernels.apply on timm models: patched against unpatched, both ways."""
+import copy
+
+import pytest
+import torch
+
+import vitkernels
+from model_helpers import check_patched_matches_stock, perturb
+
+timm = pytest.importorskip("timm")
+
+SWIN = dict(window_size=4, embed_dim=24, depths=(2, 2), num_heads=(2, 4))
+MODELS = {
+    # name: (timm model name, constructor overrides, input H, W)
+    "vit-class-token-layerscale": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2, init_values=0.1), 32, 32),
+    "vit-registers-no-embed-class": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2, reg_tokens=2,
+                                                                  no_embed_class=True), 32, 32),
+    "vit-dynamic-size": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=1, dynamic_img_size=True), 40, 24),
+    "deit-distilled": ("deit_tiny_distilled_patch16_224", dict(img_size=32, patch_size=8, depth=2), 32, 32),
+    "swin-padded-non-square": ("swin_tiny_patch4_window7_224", dict(img_size=(36, 44), **SWIN), 36, 44),
+    "swinv2": ("swinv2_tiny_window8_256", dict(img_size=(32, 40), **SWIN), 32, 40),
+    "mobilevit": ("mobilevit_xxs", dict(), 64, 64),
+}
+
+
+def _build(key, batch=2):
+    name, kwargs, h, w = MODELS[key]
+    torch.manual_seed(0)
+    model = perturb(timm.create_model(name, pretrained=False, num_classes=7, **kwargs)).eval()
+    return model, torch.randn(batch, 3, h, w)
+
+
+@pytest.mark.parametrize("key", list(MODELS))
+def test_patched_matches_stock(key):
+    stock, x = _build(key)
+    check_patched_matches_stock(stock, x, label=key)
+
+
+@pytest.mark.parametrize("key", ["vit-class-token-layerscale", "swin-padded-non-square"])
+def test_batch_one_and_channels_last(key):
+    model, x = _build(key, batch=1)
+    expected = model(x)
+    vitkernels.apply(model)
+    torch.testing.assert_close(model(x.contiguous(memory_format=torch.channels_last)), expected)
+
+
+def test_state_dict_round_trip_and_revert():
+    model, x = _build("swin-padded-non-square")
+    stock_state = {k: v.clone() for k, v in model.state_dict().items()}
+    before = model(x)
+    vitkernels.apply(model)
+    patched_state = model.state_dict()
+    assert list(patched_state) == list(stock_state)
+    assert all(torch.equal(patched_state[k], v) for k, v in stock_state.items())
+    fresh, _ = _build("swin-padded-non-square")
+    vitkernels.apply(fresh)
+    fresh.load_state_dict(stock_state, strict=True)
+    torch.testing.assert_close(fresh(x), before)
+    assert vitkernels.revert(model) == 4
+    assert type(model.layers[0].blocks[0]) is timm.models.swin_transformer.SwinTransformerBlock
+    assert "vk_backend" not in model.layers[0].blocks[0].__dict__
+    torch.testing.assert_close(model(x), before)
+
+
+def test_report_and_idempotence():
+    model, _ = _build("vit-class-token-layerscale")
+    first = vitkernels.apply(model)
+    assert len(first) == 2 and "2 modules replaced" in str(first) and "2 x Block" in str(first)
+    second = vitkernels.apply(model)
+    assert len(second) == 0
+    assert [e.action for e in second.entries] == ["already patched"] * 2
+
+
+def test_switches_and_backend_reach_the_ops():
+    model, x = _build("vit-class-token-layerscale")
+    vitkernels.apply(model, backend="cuda", attention=False)
+    with pytest.raises(vitkernels.NotSupportedError, match="layernorm_mlp"):
+        model(x)
+    vitkernels.revert(model)
+    report = vitkernels.apply(model, backend="cuda", attention=False, mlp=False)
+    assert len(report) == 0 and all("switched off" in e.reason for e in report.left)
+    model(x)
+
+
+def test_training_with_drop_path_keeps_timm_semantics():
+    name, kwargs, h, w = MODELS["swin-padded-non-square"]
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, drop_path_rate=0.3, num_classes=7, **kwargs).train()
+    stock = copy.deepcopy(model)
+    report = vitkernels.apply(model)
+    assert "runs timm's forward in training mode" in str(report)
+    x = torch.randn(2, 3, h, w)
+    torch.manual_seed(1)
+    expected = stock(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_no_grad_inference_mode_and_compile():
+    model, x = _build("swin-padded-non-square")
+    expected = model(x)
+    vitkernels.apply(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), expected)
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(x), expected)
+
+
+def test_rejects_non_modules():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        vitkernels.apply("swin")
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        vitkernels.apply(torch.nn.Linear(2, 2), backend="fast")

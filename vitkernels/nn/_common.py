@@ -1,0 +1,62 @@
+"""Pieces shared by the fused module families."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .. import ops
+
+ALL_PARTS = frozenset({"attention", "mlp"})
+
+
+# float attributes holding a drop rate: nn.Dropout.p, timm DropPath.drop_prob, torchvision
+# StochasticDepth.p and ShiftedWindowAttention.attention_dropout / .dropout
+_RATE_ATTRIBUTES = ("p", "drop_prob", "attention_dropout", "dropout")
+
+
+def _rate(module: nn.Module) -> float:
+    return max((v for v in (getattr(module, a, None) for a in _RATE_ATTRIBUTES) if isinstance(v, float)), default=0.0)
+
+
+def active_dropout(module: nn.Module) -> list[str]:
+    """Dropout, drop-path and stochastic-depth rates within ``module`` (itself included) above zero."""
+    return [f"{type(m).__name__}({_rate(m):g})" for m in module.modules() if _rate(m) > 0]
+
+
+def train_note(module: nn.Module, zoo: str) -> Optional[str]:
+    active = sorted(set(active_dropout(module)))
+    return f"runs {zoo}'s forward in training mode ({', '.join(active)} active)" if active else None
+
+
+def gelu_approximate(act: nn.Module) -> Optional[str]:
+    """"none" / "tanh" for an nn.GELU, None for any other activation."""
+    return act.approximate if type(act) is nn.GELU else None
+
+
+def layernorm_unfusable(norm: nn.Module, allowed: tuple = (nn.LayerNorm,)) -> Optional[str]:
+    if type(norm) not in allowed:
+        return f"norm is {type(norm).__name__}, not LayerNorm"
+    if len(norm.normalized_shape) != 1:
+        return f"LayerNorm over {tuple(norm.normalized_shape)} dims"
+    return None
+
+
+def fused_mlp(x: torch.Tensor, norm: nn.LayerNorm, fc1: nn.Linear, act: nn.Module, fc2: nn.Linear,
+              gamma: Optional[torch.Tensor], backend: str) -> torch.Tensor:
+    """x + gamma * fc2(act(fc1(norm(x)))) in one op."""
+    return ops.layernorm_mlp(
+        x, norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias,
+        eps=norm.eps, gamma=gamma, approximate=gelu_approximate(act), backend=backend,
+    )
+
+
+class Fused:
+    """Mixin of every fused module: which parts to fuse and with which backend."""
+
+    vk_parts: frozenset = ALL_PARTS
+    vk_backend: str = "auto"
+
+    def _vk(self, part: str) -> bool:
+        return part in self.vk_parts and not (self.training and active_dropout(self))
