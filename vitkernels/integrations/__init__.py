@@ -3,8 +3,9 @@
 A patch swaps a module's class for a fused subclass of it (vitkernels.nn), so parameters, buffers,
 hooks and ``state_dict()`` stay exactly those of the original; ``revert`` swaps the class back.
 Each zoo's integration module holds one table of :class:`Rule` s; a rule names the class it
-replaces, the fused class, the fusion switch it belongs to, and a check that says why a module
-must be left alone.
+replaces, the fused class, the fusions it can do, and checks that say why a module must be left
+alone. A zoo whose convention is to select functions rather than modules (Hugging Face's
+AttentionInterface) also provides ``apply_functions`` / ``revert_functions``.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch.nn as nn
 from .. import backends
 
 FUSIONS = ("attention", "mlp", "patch_embed")
-ZOOS = ("timm", "torchvision")
+ZOOS = ("timm", "torchvision", "transformers")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class Rule:
     fused: type
     parts: dict[str, Callable[[nn.Module], Optional[str]]]
     train_note: Callable[[nn.Module], Optional[str]] = lambda module: None
+    requires: dict[str, str] = field(default_factory=dict)  # part -> the part it can only run with
 
 
 @dataclass
@@ -74,15 +76,19 @@ class Report:
         return "\n".join(lines)
 
 
-def _rules() -> list[Rule]:
-    rules: list[Rule] = []
+def _zoos() -> list:
+    """The integration modules whose zoo is installed."""
+    found = []
     for zoo in ZOOS:
         try:
-            module = importlib.import_module(f"{__name__}.{zoo}")
+            found.append(importlib.import_module(f"{__name__}.{zoo}"))
         except ImportError:
             continue
-        rules.extend(module.RULES)
-    return rules
+    return found
+
+
+def _rules() -> list[Rule]:
+    return [rule for zoo in _zoos() for rule in zoo.RULES]
 
 
 def apply(model: nn.Module, backend: str = "auto", *, attention: bool = True, mlp: bool = True,
@@ -114,6 +120,9 @@ def apply(model: nn.Module, backend: str = "auto", *, attention: bool = True, ml
         if rule is None:
             continue
         reasons = {part: "switched off" if not enabled[part] else check(module) for part, check in rule.parts.items()}
+        for part, needed in rule.requires.items():
+            if not reasons[part] and reasons[needed]:
+                reasons[part] = f"needs the {needed} fusion"
         fused = frozenset(part for part, reason in reasons.items() if not reason)
         if not fused:
             why = "; ".join(f"{part}: {reason}" for part, reason in reasons.items())
@@ -124,6 +133,9 @@ def apply(model: nn.Module, backend: str = "auto", *, attention: bool = True, ml
         notes = [f"{part} not fused ({reason})" for part, reason in reasons.items() if reason]
         notes += [note for note in (rule.train_note(module),) if note]
         report.entries.append(Entry(name, kind, "replaced", "; ".join(notes)))
+    for zoo in _zoos():
+        if hasattr(zoo, "apply_functions"):
+            report.entries.extend(zoo.apply_functions(model, backend, enabled))
     return report
 
 
@@ -138,4 +150,7 @@ def revert(model: nn.Module) -> int:
             module.__dict__.pop("vk_backend", None)
             module.__dict__.pop("vk_parts", None)
             count += 1
+    for zoo in _zoos():
+        if hasattr(zoo, "revert_functions"):
+            count += zoo.revert_functions(model)
     return count

@@ -30,9 +30,13 @@ def train_note(module: nn.Module, zoo: str) -> Optional[str]:
     return f"runs {zoo}'s forward in training mode ({', '.join(active)} active)" if active else None
 
 
+# activation classes of the zoos that compute GELU, and their flavour ("none": erf, "tanh")
+GELU_FLAVOURS: dict[type, str] = {}
+
+
 def gelu_approximate(act: nn.Module) -> Optional[str]:
-    """"none" / "tanh" for an nn.GELU, None for any other activation."""
-    return act.approximate if type(act) is nn.GELU else None
+    """"none" / "tanh" for a GELU (nn.GELU or a zoo's GELU class), None for any other activation."""
+    return act.approximate if type(act) is nn.GELU else GELU_FLAVOURS.get(type(act))
 
 
 def layernorm_unfusable(norm: nn.Module, allowed: tuple = (nn.LayerNorm,)) -> Optional[str]:
