@@ -65,19 +65,24 @@ def test_state_dict_round_trip_and_revert():
 def test_report_and_idempotence():
     model, _ = _build("vit-class-token-layerscale")
     first = vitkernels.apply(model)
-    assert len(first) == 2 and "2 modules replaced" in str(first) and "2 x Block" in str(first)
+    text = str(first)
+    assert len(first) == 3 and "3 modules replaced" in text and "2 x Block" in text and "1 x VisionTransformer" in text
     second = vitkernels.apply(model)
     assert len(second) == 0
-    assert [e.action for e in second.entries] == ["already patched"] * 2
+    assert [e.action for e in second.entries] == ["already patched"] * 3
 
 
 def test_switches_and_backend_reach_the_ops():
     model, x = _build("vit-class-token-layerscale")
-    vitkernels.apply(model, backend="cuda", attention=False)
+    vitkernels.apply(model, backend="cuda", attention=False, patch_embed=False)
     with pytest.raises(vitkernels.NotSupportedError, match="layernorm_mlp"):
         model(x)
     vitkernels.revert(model)
-    report = vitkernels.apply(model, backend="cuda", attention=False, mlp=False)
+    vitkernels.apply(model, backend="cuda", attention=False, mlp=False)
+    with pytest.raises(vitkernels.NotSupportedError, match="patch_embed"):
+        model(x)
+    vitkernels.revert(model)
+    report = vitkernels.apply(model, backend="cuda", attention=False, mlp=False, patch_embed=False)
     assert len(report) == 0 and all("switched off" in e.reason for e in report.left)
     model(x)
 

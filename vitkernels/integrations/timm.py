@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch.nn as nn
 from timm.layers import LayerScale
-from timm.models import swin_transformer, swin_transformer_v2, vision_transformer
+from timm.models import deit, swin_transformer, swin_transformer_v2, vision_transformer
 
 from ..nn import timm as fused
 from ..nn._common import train_note
@@ -36,7 +36,15 @@ def _swinv2_attention(block: nn.Module) -> Optional[str]:
     return None
 
 
+def _embedding_note(model: nn.Module) -> Optional[str]:
+    return train_note(nn.ModuleList([model.pos_drop, model.patch_embed]), "timm")
+
+
 RULES = [
+    Rule(vision_transformer.VisionTransformer, fused.VisionTransformer,
+         {"patch_embed": fused.patch_embed_unfusable}, _embedding_note),
+    Rule(deit.VisionTransformerDistilled, fused.VisionTransformerDistilled,
+         {"patch_embed": fused.patch_embed_unfusable}, _embedding_note),
     Rule(vision_transformer.Block, fused.Block,
          {"attention": lambda b: fused.attention_unfusable(b.attn), "mlp": _block_mlp}, _train_note),
     Rule(swin_transformer.SwinTransformerBlock, fused.SwinTransformerBlock,

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from .. import ops
 
-ALL_PARTS = frozenset({"attention", "mlp"})
+ALL_PARTS = frozenset({"attention", "mlp", "patch_embed"})
 
 
 # float attributes holding a drop rate: nn.Dropout.p, timm DropPath.drop_prob, torchvision
@@ -62,5 +62,11 @@ class Fused:
     vk_parts: frozenset = ALL_PARTS
     vk_backend: str = "auto"
 
+    def _vk_dropout_scope(self) -> list[nn.Module]:
+        """The modules whose active dropout sends a training forward back to the zoo's code."""
+        return [self]
+
     def _vk(self, part: str) -> bool:
-        return part in self.vk_parts and not (self.training and active_dropout(self))
+        if part not in self.vk_parts:
+            return False
+        return not (self.training and any(active_dropout(m) for m in self._vk_dropout_scope()))

@@ -17,7 +17,9 @@ from timm.layers import LayerNorm as TimmLayerNorm
 from timm.layers import LayerScale
 from timm.layers.attention import Attention
 from timm.layers.mlp import Mlp
-from timm.models import swin_transformer, swin_transformer_v2, vision_transformer
+from timm.layers import PatchEmbed
+from timm.models import deit, swin_transformer, swin_transformer_v2, vision_transformer
+from timm.models._manipulate import checkpoint_seq
 
 from .. import ops
 from ._common import Fused, fused_mlp, gelu_approximate, layernorm_unfusable
@@ -106,3 +108,62 @@ class SwinTransformerV2Block(Fused, swin_transformer_v2.SwinTransformerV2Block):
             qkv_bias=qkv_bias, logit_scale=attn.logit_scale.flatten(), backend=self.vk_backend,
         )
         return attn.proj_drop(attn.proj(out))
+
+
+def patch_embed_unfusable(model: nn.Module) -> Optional[str]:
+    """Why a timm ViT's patch_embed + _pos_embed cannot become one patch_embed call, or None."""
+    embed = model.patch_embed
+    if type(embed) is not PatchEmbed:
+        return f"patch_embed is {type(embed).__name__}"
+    proj = embed.proj
+    if not isinstance(proj, nn.Conv2d) or proj.kernel_size != proj.stride or proj.padding != (0, 0) \
+            or proj.dilation != (1, 1) or proj.groups != 1:
+        return "patch projection is not a kernel = stride convolution"
+    if not isinstance(embed.norm, nn.Identity):
+        return layernorm_unfusable(embed.norm, (nn.LayerNorm, TimmLayerNorm))
+    return None
+
+
+class _FusedEmbedding(Fused):
+    """timm ViT with patch embedding, prefix tokens and position embedding fused into one op."""
+
+    def _vk_dropout_scope(self) -> list[nn.Module]:
+        return [self.pos_drop, self.patch_embed]
+
+    def _vk_prefix_tokens(self) -> Optional[torch.Tensor]:
+        tokens = [t for t in (self.cls_token, getattr(self, "dist_token", None), self.reg_token) if t is not None]
+        return torch.cat(tokens, dim=1) if tokens else None
+
+    def _vk_embed(self, x: torch.Tensor) -> torch.Tensor:
+        embed = self.patch_embed
+        if embed.img_size is not None and embed.strict_img_size and tuple(x.shape[-2:]) != tuple(embed.img_size):
+            raise AssertionError(f"Input size {tuple(x.shape[-2:])} doesn't match model ({tuple(embed.img_size)}).")
+        norm = embed.norm if isinstance(embed.norm, nn.LayerNorm) else None
+        return ops.patch_embed(
+            x, embed.proj.weight, embed.proj.bias, prefix_tokens=self._vk_prefix_tokens(), pos_embed=self.pos_embed,
+            pos_embed_grid=embed.grid_size if self.dynamic_img_size else None,
+            patch_norm=norm is not None, norm_weight=None if norm is None else norm.weight,
+            norm_bias=None if norm is None else norm.bias, norm_eps=1e-5 if norm is None else norm.eps,
+            dynamic_pad=embed.dynamic_img_pad, backend=self.vk_backend,
+        )
+
+    def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+        if not self._vk("patch_embed"):
+            return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
+        x = self.norm_pre(self.patch_drop(self._vk_embed(x)))
+        if attn_mask is not None or is_causal:
+            for block in self.blocks:
+                x = block(x, attn_mask=attn_mask, is_causal=is_causal)
+        elif self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return self.norm(x)
+
+
+class VisionTransformer(_FusedEmbedding, vision_transformer.VisionTransformer):
+    pass
+
+
+class VisionTransformerDistilled(_FusedEmbedding, deit.VisionTransformerDistilled):
+    pass
