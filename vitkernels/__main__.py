@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from . import __version__, _demo, _ext, backends, ops
+from . import __version__, _demo, _ext, _models, backends, ops
 from .testing import FORWARD_RTOL
 
 
@@ -42,6 +42,15 @@ def _run_table(device: str | None) -> list[_demo.Row]:
     return rows
 
 
+def _demo_models(device: str | None) -> None:
+    from tqdm import tqdm
+
+    print("scikit-image's cat photo through timm Swin-T and ViT-B/16 (random weights, fixed seed), stock and "
+          "patched with each available backend ...", flush=True)
+    rows = _models.run(device, progress=lambda jobs: tqdm(jobs, desc="models", unit="run"))
+    print(_models.format_rows(rows), end="\n\n")
+
+
 def _check(device: str | None) -> int:
     rows = _run_table(device)
     bad = [r for r in rows if r.rel_error is not None and r.rel_error > FORWARD_RTOL]
@@ -63,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "info":
         return _info()
     if args.command == "demo":
+        _demo_models(args.device)
         _run_table(args.device)
         return 0
     return _check(args.device)

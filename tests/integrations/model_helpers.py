@@ -46,3 +46,17 @@ def check_patched_matches_stock(stock: torch.nn.Module, x: torch.Tensor, backend
     for n in grads[0]:
         _check(f"{label} grad {n}", grads[0][n], grads[1][n], grads[2][n], factor=3.0)
     return report
+
+
+def record_op_calls(monkeypatch) -> list[str]:
+    """Wraps every functional op of vitkernels.ops; returns the list their names are appended to."""
+    calls: list[str] = []
+    for name in vitkernels.ops.OPS:
+        original = getattr(vitkernels.ops, name)
+
+        def wrapper(*args, _name=name, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(vitkernels.ops, name, wrapper)
+    return calls

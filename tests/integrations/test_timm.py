@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import vitkernels
-from model_helpers import check_patched_matches_stock, perturb
+from model_helpers import check_patched_matches_stock, perturb, record_op_calls
 
 timm = pytest.importorskip("timm")
 
@@ -72,19 +72,28 @@ def test_report_and_idempotence():
     assert [e.action for e in second.entries] == ["already patched"] * 3
 
 
-def test_switches_and_backend_reach_the_ops():
+def test_switches_choose_the_fused_ops(monkeypatch):
     model, x = _build("vit-class-token-layerscale")
-    vitkernels.apply(model, backend="cuda", attention=False, patch_embed=False)
-    with pytest.raises(vitkernels.NotSupportedError, match="layernorm_mlp"):
+    calls = record_op_calls(monkeypatch)
+    for switches, expected in (({"attention": False, "patch_embed": False}, {"layernorm_mlp"}),
+                               ({"attention": False, "mlp": False}, {"patch_embed"}),
+                               ({}, {"patch_embed", "attention", "layernorm_mlp"})):
+        vitkernels.revert(model)
+        vitkernels.apply(model, **switches)
+        calls.clear()
         model(x)
+        assert set(calls) == expected, (switches, calls)
     vitkernels.revert(model)
-    vitkernels.apply(model, backend="cuda", attention=False, mlp=False)
-    with pytest.raises(vitkernels.NotSupportedError, match="patch_embed"):
-        model(x)
-    vitkernels.revert(model)
-    report = vitkernels.apply(model, backend="cuda", attention=False, mlp=False, patch_embed=False)
+    report = vitkernels.apply(model, attention=False, mlp=False, patch_embed=False)
     assert len(report) == 0 and all("switched off" in e.reason for e in report.left)
-    model(x)
+
+
+def test_backend_without_a_kernel_leaves_that_part(monkeypatch):
+    model, _ = _build("swin-padded-non-square")
+    monkeypatch.setitem(vitkernels.ops.backend_table("window_attention"), "cpu", vitkernels.backends.reference_capability())
+    monkeypatch.delitem(vitkernels.ops.backend_table("layernorm_mlp"), "cpu", raising=False)
+    report = vitkernels.apply(model, backend="cpu")
+    assert len(report) == 4 and "mlp not fused (backend 'cpu' has no layernorm_mlp kernel)" in str(report)
 
 
 def test_training_with_drop_path_keeps_timm_semantics():

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import vitkernels
-from model_helpers import check_patched_matches_stock, perturb
+from model_helpers import check_patched_matches_stock, perturb, record_op_calls
 
 transformers = pytest.importorskip("transformers")
 
@@ -48,14 +48,15 @@ def test_patched_matches_stock(key):
     assert not report.left, str(report)
 
 
-def test_attention_function_is_used_and_reverted():
+def test_attention_function_is_used_and_reverted(monkeypatch):
     model, x = _build("vit")
     expected = model(x).logits
-    report = vitkernels.apply(model, backend="cuda", mlp=False)
+    calls = record_op_calls(monkeypatch)
+    report = vitkernels.apply(model, mlp=False)
     assert "attention function 'vitkernels'" in str(report)
     assert model.config._attn_implementation == "vitkernels"
-    with pytest.raises(vitkernels.NotSupportedError, match="cannot run attention"):
-        model(x)
+    model(x)
+    assert calls == ["attention", "attention"]
     assert vitkernels.revert(model) == 2
     assert model.config._attn_implementation == "sdpa"
     torch.testing.assert_close(model(x).logits, expected)

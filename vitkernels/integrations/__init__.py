@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import torch.nn as nn
 
 from .. import backends
+from .. import ops as ops_module
 
 FUSIONS = ("attention", "mlp", "patch_embed")
 ZOOS = ("timm", "torchvision", "transformers")
@@ -35,6 +36,7 @@ class Rule:
     parts: dict[str, Callable[[nn.Module], Optional[str]]]
     train_note: Callable[[nn.Module], Optional[str]] = lambda module: None
     requires: dict[str, str] = field(default_factory=dict)  # part -> the part it can only run with
+    ops: dict[str, str] = field(default_factory=dict)  # part -> the op it calls (default: the part's name)
 
 
 @dataclass
@@ -120,6 +122,10 @@ def apply(model: nn.Module, backend: str = "auto", *, attention: bool = True, ml
         if rule is None:
             continue
         reasons = {part: "switched off" if not enabled[part] else check(module) for part, check in rule.parts.items()}
+        for part in reasons:
+            op = rule.ops.get(part, part)
+            if not reasons[part] and backend != "auto" and backend not in ops_module.backend_table(op):
+                reasons[part] = f"backend {backend!r} has no {op} kernel"
         for part, needed in rule.requires.items():
             if not reasons[part] and reasons[needed]:
                 reasons[part] = f"needs the {needed} fusion"

@@ -40,15 +40,19 @@ def _embedding_note(model: nn.Module) -> Optional[str]:
     return train_note(nn.ModuleList([model.pos_drop, model.patch_embed]), "timm")
 
 
+SWIN_OPS = {"attention": "window_attention", "mlp": "layernorm_mlp"}
+
 RULES = [
     Rule(vision_transformer.VisionTransformer, fused.VisionTransformer,
          {"patch_embed": fused.patch_embed_unfusable}, _embedding_note),
     Rule(deit.VisionTransformerDistilled, fused.VisionTransformerDistilled,
          {"patch_embed": fused.patch_embed_unfusable}, _embedding_note),
     Rule(vision_transformer.Block, fused.Block,
-         {"attention": lambda b: fused.attention_unfusable(b.attn), "mlp": _block_mlp}, _train_note),
+         {"attention": lambda b: fused.attention_unfusable(b.attn), "mlp": _block_mlp}, _train_note,
+         ops={"mlp": "layernorm_mlp"}),
     Rule(swin_transformer.SwinTransformerBlock, fused.SwinTransformerBlock,
-         {"attention": _swin_attention, "mlp": lambda b: fused.mlp_unfusable(b.norm2, b.mlp)}, _train_note),
+         {"attention": _swin_attention, "mlp": lambda b: fused.mlp_unfusable(b.norm2, b.mlp)}, _train_note,
+         ops=SWIN_OPS),
     Rule(swin_transformer_v2.SwinTransformerV2Block, fused.SwinTransformerV2Block,
-         {"attention": _swinv2_attention}, _train_note),
+         {"attention": _swinv2_attention}, _train_note, ops=SWIN_OPS),
 ]

@@ -24,13 +24,16 @@ def _mha(block: nn.Module) -> Optional[str]:
     return None
 
 
+SWIN_OPS = {"attention": "window_attention", "mlp": "layernorm_mlp"}
+
 RULES = [
     Rule(swin_transformer.ShiftedWindowAttention, fused.ShiftedWindowAttention,
-         {"attention": lambda m: None}, _note),
+         {"attention": lambda m: None}, _note, ops=SWIN_OPS),
     Rule(swin_transformer.ShiftedWindowAttentionV2, fused.ShiftedWindowAttentionV2,
-         {"attention": lambda m: None}, _note),
+         {"attention": lambda m: None}, _note, ops=SWIN_OPS),
     Rule(swin_transformer.SwinTransformerBlock, fused.SwinTransformerBlock,
-         {"mlp": lambda b: fused.mlp_unfusable(b.norm2, b.mlp)}, _note),
+         {"mlp": lambda b: fused.mlp_unfusable(b.norm2, b.mlp)}, _note, ops=SWIN_OPS),
     Rule(vision_transformer.EncoderBlock, fused.EncoderBlock,
-         {"attention": _mha, "mlp": lambda b: fused.mlp_unfusable(b.ln_2, b.mlp)}, _note),
+         {"attention": _mha, "mlp": lambda b: fused.mlp_unfusable(b.ln_2, b.mlp)}, _note,
+         ops={"mlp": "layernorm_mlp"}),
 ]

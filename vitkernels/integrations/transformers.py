@@ -9,6 +9,7 @@ from transformers.models.deit import modeling_deit
 from transformers.models.swin import modeling_swin
 from transformers.models.vit import modeling_vit
 
+from .. import ops
 from ..nn import transformers as fused
 from ..nn._common import train_note
 from . import Entry, Rule
@@ -30,10 +31,10 @@ def _swin_attention(layer: nn.Module) -> Optional[str]:
 
 
 RULES = [
-    Rule(modeling_vit.ViTLayer, fused.ViTLayer, {"mlp": _vit_mlp}, _note),
-    Rule(modeling_deit.DeiTLayer, fused.DeiTLayer, {"mlp": _vit_mlp}, _note),
+    Rule(modeling_vit.ViTLayer, fused.ViTLayer, {"mlp": _vit_mlp}, _note, ops={"mlp": "layernorm_mlp"}),
+    Rule(modeling_deit.DeiTLayer, fused.DeiTLayer, {"mlp": _vit_mlp}, _note, ops={"mlp": "layernorm_mlp"}),
     Rule(modeling_swin.SwinLayer, fused.SwinLayer, {"attention": _swin_attention, "mlp": _vit_mlp}, _note,
-         requires={"mlp": "attention"}),
+         requires={"mlp": "attention"}, ops={"attention": "window_attention", "mlp": "layernorm_mlp"}),
 ]
 
 
@@ -46,6 +47,9 @@ def apply_functions(model: nn.Module, backend: str, enabled: dict) -> list[Entry
         kind = type(module).__name__
         if not enabled["attention"]:
             entries.append(Entry(name, kind, "left", "attention: switched off"))
+            continue
+        if backend != "auto" and backend not in ops.backend_table("attention"):
+            entries.append(Entry(name, kind, "left", f"attention: backend {backend!r} has no attention kernel"))
             continue
         config = module.config
         if "vk_backend" in module.__dict__:
