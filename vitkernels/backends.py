@@ -28,7 +28,7 @@ PRIORITY = {
 }
 
 DESCRIPTIONS = {
-    "torch": "plain PyTorch reference (vitkernels.ops.<op>.reference)",
+    "torch": "plain PyTorch reference (vitkernels.ops.<op>.reference; fp16/bf16 computed in fp32)",
     "triton": "Triton kernels (GPU; CPU through TRITON_INTERPRET=1)",
     "cuda": "CUDA C++ kernels of the compiled extension",
     "cpu": "C++ CPU kernels of the compiled extension",

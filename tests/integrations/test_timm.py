@@ -6,6 +6,7 @@ import torch
 
 import vitkernels
 from model_helpers import check_patched_matches_stock, perturb, record_op_calls
+from vitkernels.testing import errors
 
 timm = pytest.importorskip("timm")
 
@@ -127,3 +128,21 @@ def test_rejects_non_modules():
         vitkernels.apply("swin")
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
         vitkernels.apply(torch.nn.Linear(2, 2), backend="fast")
+
+
+@pytest.mark.parametrize("key", ["vit-class-token-layerscale", "swin-padded-non-square", "swinv2"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_autocast(key, dtype):
+    """Under autocast the patched model is no further from fp64 than stock timm is (2x, plus a floor)."""
+    stock, x = _build(key)
+    patched, reference = copy.deepcopy(stock), copy.deepcopy(stock).double()
+    vitkernels.apply(patched, backend="torch")
+    with torch.autocast("cpu", dtype=dtype):
+        ours, theirs = patched(x).float(), stock(x).float()
+    expected = reference(x.double())
+    err_ours, err_theirs = (errors(o, expected) for o in (ours, theirs))
+    assert torch.isfinite(ours).all(), f"{key} {dtype}: patched logits are not finite"
+    # stock timm SwinV2 overflows to NaN under fp16 autocast; the fused op keeps fp32 statistics
+    stock_error = err_theirs.max_abs if torch.isfinite(theirs).all() else 5e-3 * expected.abs().max().item()
+    bound = 2 * stock_error + 1e-3 * expected.abs().max().item()
+    assert err_ours.max_abs <= bound, f"{key} {dtype}: patched {err_ours}; stock {err_theirs}; bound {bound:.3e}"

@@ -14,7 +14,7 @@ SCHEMA = "(Tensor qkv, int num_heads, Tensor? bias, float? scale) -> Tensor"
 
 
 def _torch_impl(qkv, num_heads, bias, scale):
-    return attention_reference(qkv, num_heads, bias=bias, scale=scale)
+    return attention_reference(qkv, num_heads, bias=bias, scale=scale, upcast=True)
 
 
 attention_torch = define_reference_op("attention_torch", SCHEMA, _torch_impl)

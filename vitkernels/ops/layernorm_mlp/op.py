@@ -20,15 +20,15 @@ ADD_LN_SCHEMA = "(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float
 
 def _mlp_torch(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, gamma, approximate):
     return layernorm_mlp_reference(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                                   eps=eps, gamma=gamma, approximate=approximate)
+                                   eps=eps, gamma=gamma, approximate=approximate, upcast=True)
 
 
 def _ln_torch(x, weight, bias, eps):
-    return layernorm_reference(x, weight, bias, eps=eps)
+    return layernorm_reference(x, weight, bias, eps=eps, upcast=True)
 
 
 def _add_ln_torch(x, residual, weight, bias, eps):
-    return add_layernorm_reference(x, residual, weight, bias, eps=eps)
+    return add_layernorm_reference(x, residual, weight, bias, eps=eps, upcast=True)
 
 
 layernorm_mlp_torch = define_reference_op("layernorm_mlp_torch", MLP_SCHEMA, _mlp_torch)

@@ -22,7 +22,7 @@ def _torch_impl(x, weight, bias, prefix_tokens, pos_embed, pos_embed_grid, norm_
     return patch_embed_reference(
         x, weight, bias, prefix_tokens=prefix_tokens, pos_embed=pos_embed, pos_embed_grid=pos_embed_grid,
         norm_weight=norm_weight, norm_bias=norm_bias, norm_eps=norm_eps, patch_norm=patch_norm, mean=mean,
-        std=std, dynamic_pad=dynamic_pad, output_format=output_format,
+        std=std, dynamic_pad=dynamic_pad, output_format=output_format, upcast=True,
     )
 
 

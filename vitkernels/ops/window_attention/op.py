@@ -21,6 +21,7 @@ def _torch_impl(qkv, num_heads, window_size, shift_size, bias_table, qkv_bias, l
     return window_attention_reference(
         qkv, num_heads, tuple(window_size), tuple(shift_size), bias_table,
         qkv_bias=qkv_bias, logit_scale=logit_scale, scale=scale, pad_first=pad_first, mask_value=mask_value,
+        upcast=True,
     )
 
 
