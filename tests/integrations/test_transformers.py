@@ -18,6 +18,7 @@ MODELS = {
     "vit-gelu-new": ("ViTForImageClassification", "ViTConfig", dict(VIT, hidden_act="gelu_new"), 32, 32),
     "deit-distilled": ("DeiTForImageClassificationWithTeacher", "DeiTConfig", VIT, 32, 32),
     "swin-padded": ("SwinForImageClassification", "SwinConfig", SWIN, 36, 44),
+    "swinv2-padded": ("Swinv2ForImageClassification", "Swinv2Config", SWIN, 36, 44),
 }
 
 

@@ -7,6 +7,7 @@ import torch.nn as nn
 from transformers import AttentionInterface
 from transformers.models.deit import modeling_deit
 from transformers.models.swin import modeling_swin
+from transformers.models.swinv2 import modeling_swinv2
 from transformers.models.vit import modeling_vit
 
 from .. import ops
@@ -30,11 +31,18 @@ def _swin_attention(layer: nn.Module) -> Optional[str]:
     return None if type(layer.attention) is modeling_swin.SwinAttention else f"attention is {type(layer.attention).__name__}"
 
 
+def _swinv2_attention(layer: nn.Module) -> Optional[str]:
+    kind = type(layer.attention.self)
+    return None if kind is modeling_swinv2.Swinv2SelfAttention else f"attention is {kind.__name__}"
+
+
 RULES = [
     Rule(modeling_vit.ViTLayer, fused.ViTLayer, {"mlp": _vit_mlp}, _note, ops={"mlp": "layernorm_mlp"}),
     Rule(modeling_deit.DeiTLayer, fused.DeiTLayer, {"mlp": _vit_mlp}, _note, ops={"mlp": "layernorm_mlp"}),
     Rule(modeling_swin.SwinLayer, fused.SwinLayer, {"attention": _swin_attention, "mlp": _vit_mlp}, _note,
          requires={"mlp": "attention"}, ops={"attention": "window_attention", "mlp": "layernorm_mlp"}),
+    Rule(modeling_swinv2.Swinv2Layer, fused.Swinv2Layer, {"attention": _swinv2_attention}, _note,
+         ops={"attention": "window_attention"}),
 ]
 
 

@@ -2,8 +2,9 @@
 
 ViT and DeiT select their attention function through ``config._attn_implementation``;
 ``vitkernels_attention`` is registered there under the name "vitkernels". Swin's attention
-function sees windows already partitioned, so Swin layers are replaced as modules instead: the
-fused SwinLayer runs pad, shift, partition, attention and reverse as one window_attention call.
+function sees windows already partitioned, so Swin and Swinv2 layers are replaced as modules
+instead: the fused layer runs pad, shift, partition, attention and reverse as one window_attention
+call.
 As elsewhere, the fused classes add no parameter or buffer to the classes they extend.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from transformers import activations
 from transformers.models.deit import modeling_deit
 from transformers.models.swin import modeling_swin
+from transformers.models.swinv2 import modeling_swinv2
 from transformers.models.vit import modeling_vit
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -105,3 +107,32 @@ class SwinLayer(Fused, modeling_swin.SwinLayer):
         if self._vk("mlp"):
             return _mlp(self, hidden_states), None
         return hidden_states + self.dropout(self.mlp(self.layernorm_after(hidden_states))), None
+
+
+# Swinv2SelfAttention adds its shift mask twice
+SWINV2_MASK_VALUE = -200.0
+
+
+class Swinv2Layer(Fused, modeling_swinv2.Swinv2Layer):
+    """Swinv2 layer with the cosine window attention fused (its post-norm MLP is left as is)."""
+
+    def forward(self, hidden_states: torch.Tensor, input_dimensions: tuple[int, int], output_attentions=False):
+        if not self._vk("attention") or output_attentions:
+            return super().forward(hidden_states, input_dimensions, output_attentions=output_attentions)
+        attn = self.attention.self
+        qkv_bias = None
+        if attn.query.bias is not None:
+            qkv_bias = torch.cat((attn.query.bias, torch.zeros_like(attn.query.bias), attn.value.bias))
+        weight = torch.cat((attn.query.weight, attn.key.weight, attn.value.weight))
+        qkv = F.linear(hidden_states.view(hidden_states.shape[0], *input_dimensions, -1), weight, qkv_bias)
+        table = 16 * torch.sigmoid(attn.continuous_position_bias_mlp(attn.relative_coords_table).view(
+            -1, attn.num_attention_heads))
+        out = ops.window_attention(
+            qkv, attn.num_attention_heads, self.window_size, self.shift_size, table, qkv_bias=qkv_bias,
+            logit_scale=attn.logit_scale.flatten(), pad_first=True, mask_value=SWINV2_MASK_VALUE,
+            backend=self.vk_backend,
+        )
+        attended = self.attention.output(out, None).view(hidden_states.shape)
+        hidden_states = hidden_states + self.drop_path(self.layernorm_before(attended))
+        layer_output = self.output(self.intermediate(hidden_states))
+        return (hidden_states + self.drop_path(self.layernorm_after(layer_output)),)
