@@ -60,3 +60,14 @@ def record_op_calls(monkeypatch) -> list[str]:
 
         monkeypatch.setattr(vitkernels.ops, name, wrapper)
     return calls
+
+
+def check_training_matches_stock(model: torch.nn.Module, x: torch.Tensor, note: str) -> None:
+    """A model in training mode with active drop-path gives the stock output for the same RNG state."""
+    stock = copy.deepcopy(model.train())
+    report = vitkernels.apply(model)
+    assert note in str(report), str(report)
+    torch.manual_seed(1)
+    expected = stock(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(model(x), expected)
