@@ -30,3 +30,17 @@ def test_demo_rows_carry_errors_for_torch():
 def test_unknown_command_exits():
     with pytest.raises(SystemExit):
         cli.main(["fly"])
+
+
+def test_bench_one_model_with_plot(capsys, tmp_path):
+    plot = tmp_path / "bench.png"
+    assert cli.main(["bench", "--model", "vit_tiny_patch16_224", "--batch", "1", "--repeats", "1",
+                     "--device", "cpu", "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    assert "vit_tiny_patch16_224" in out and " stock " in out and " torch " in out
+    assert plot.stat().st_size > 0
+
+
+def test_bench_rejects_bad_batch():
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--model", "vit_tiny_patch16_224", "--batch", "0"])

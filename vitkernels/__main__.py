@@ -1,4 +1,4 @@
-"""python -m vitkernels {info,demo,check}"""
+"""python -m vitkernels {info,demo,check,bench}"""
 from __future__ import annotations
 
 import argparse
@@ -47,8 +47,27 @@ def _demo_models(device: str | None) -> None:
 
     print("scikit-image's cat photo through timm Swin-T and ViT-B/16 (random weights, fixed seed), stock and "
           "patched with each available backend ...", flush=True)
-    rows = _models.run(device, progress=lambda jobs: tqdm(jobs, desc="models", unit="run"))
+    rows = _models.run(device=device, progress=lambda jobs: tqdm(jobs, desc="models", unit="run"))
     print(_models.format_rows(rows), end="\n\n")
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    title = f"{args.zoo} {args.model}, batch {args.batch}, {args.dtype}, {device}"
+    print(f"inference of {title}: stock and patched with each available backend, median of {args.repeats}",
+          flush=True)
+    rows = _models.run([args.model], zoo=args.zoo, device=device, batch=args.batch, dtype=DTYPES[args.dtype],
+                       repeats=args.repeats, progress=lambda jobs: tqdm(jobs, desc="runs", unit="run"))
+    print(_models.format_rows(rows))
+    if args.plot:
+        _models.plot(rows, args.plot, title)
+        print(f"plot written to {args.plot}")
+    return 0
 
 
 def _check(device: str | None) -> int:
@@ -68,6 +87,14 @@ def main(argv: list[str] | None = None) -> int:
                        ("check", "like demo, exit non-zero when a backend disagrees with the reference")):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when present")
+    bench = sub.add_parser("bench", help="inference speed of one model, stock against patched with each backend")
+    bench.add_argument("--model", required=True, help="timm name, torchvision builder or Hugging Face model type")
+    bench.add_argument("--zoo", choices=_models.ZOOS, default="timm")
+    bench.add_argument("--batch", type=int, default=8)
+    bench.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
+    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when present")
+    bench.add_argument("--plot", metavar="PNG", help="also write a bar chart of images/s")
     args = parser.parse_args(argv)
     if args.command == "info":
         return _info()
@@ -75,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         _demo_models(args.device)
         _run_table(args.device)
         return 0
+    if args.command == "bench":
+        if args.batch < 1 or args.repeats < 1:
+            parser.error(f"--batch and --repeats must be positive, got {args.batch} and {args.repeats}")
+        return _bench(args)
     return _check(args.device)
 
 

@@ -1,4 +1,4 @@
-"""The model part of the demo: a real photo through timm Swin-T and ViT-B/16, stock and patched."""
+"""Whole models, stock and patched: the demo (a real photo) and `python -m vitkernels bench`."""
 from __future__ import annotations
 
 import copy
@@ -12,7 +12,8 @@ import torch
 from . import backends
 from .integrations import apply
 
-MODELS = ("swin_tiny_patch4_window7_224", "vit_base_patch16_224")
+DEMO_MODELS = ("swin_tiny_patch4_window7_224", "vit_base_patch16_224")
+ZOOS = ("timm", "transformers", "torchvision")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -23,6 +24,41 @@ def photo(size: int = 224) -> torch.Tensor:
     image = torch.from_numpy(data.chelsea()).permute(2, 0, 1)[None].float() / 255
     image = torch.nn.functional.interpolate(image, size=(size, size), mode="bilinear", antialias=True)
     return (image - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+
+
+class _Logits(torch.nn.Module):
+    """Hugging Face models return an output object; this returns its logits."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).logits
+
+
+def build(name: str, zoo: str = "timm") -> tuple[torch.nn.Module, int]:
+    """A randomly initialized model (seed 0; no weights are fetched) and its input size.
+
+    ``name`` is a timm model name, a torchvision builder name (``swin_t``, ``vit_b_16``) or a
+    Hugging Face model type (``vit``, ``deit``, ``swin``, ``swinv2``: default config).
+    """
+    torch.manual_seed(0)
+    if zoo == "timm":
+        import timm
+
+        model = timm.create_model(name, pretrained=False)
+        return model, model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+    if zoo == "torchvision":
+        import torchvision
+
+        return getattr(torchvision.models, name)(weights=None), 224
+    if zoo == "transformers":
+        import transformers
+
+        config = transformers.AutoConfig.for_model(name)
+        return _Logits(transformers.AutoModelForImageClassification.from_config(config)), config.image_size
+    raise ValueError(f"zoo must be one of {ZOOS}, got {zoo!r}")
 
 
 def _median_ms(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
@@ -42,57 +78,58 @@ def _median_ms(fn: Callable[[], object], repeats: int, device: torch.device) -> 
 class ModelRow:
     model: str
     backend: str
-    ms: float
+    batch: int
+    ms: float = 0.0
     max_logit_diff: float = 0.0
-    top1: int = -1
     replaced: int = 0
     note: str = ""
 
+    @property
+    def images_per_s(self) -> float:
+        return self.batch / self.ms * 1e3 if self.ms else 0.0
 
-def run(device: str | None = None, batch: int = 1, repeats: int = 3, models: Iterable[str] = MODELS,
+
+def run(models: Iterable[str] = DEMO_MODELS, *, zoo: str = "timm", device: str | None = None, batch: int = 1,
+        dtype: torch.dtype = torch.float32, repeats: int = 3,
         progress: Callable[[Iterable], Iterable] = lambda it: it) -> list[ModelRow]:
-    """Stock and patched (with every backend available on the device) logits and timings per model.
+    """Inference of each model on the photo, stock and patched with every backend available here.
 
-    Models are randomly initialized with a fixed seed (no pretrained weights are fetched), so the
-    class predicted for the photo is arbitrary; what matters is that patched models agree.
+    Rows carry the median time, the largest logit difference to the stock model and how many
+    modules were replaced; a backend that cannot run a model gets a row with the reason.
     """
-    import timm
-
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    x = photo().repeat(batch, 1, 1, 1).to(device)
     names = [n for n in backends.PRIORITY[device.type] if backends.unavailable_reason(n) is None]
     jobs = [(m, b) for m in models for b in ["stock", *names]]
     rows, stock = [], {}
     for model_name, backend in progress(jobs):
         if model_name not in stock:
-            torch.manual_seed(0)
-            stock[model_name] = (timm.create_model(model_name, pretrained=False).eval().to(device), None)
-        model, reference = stock[model_name]
-        row = ModelRow(model_name, backend, 0.0)
+            model, size = build(model_name, zoo)
+            x = photo(size).repeat(batch, 1, 1, 1).to(device, dtype)
+            stock[model_name] = (model.eval().to(device, dtype), x, None)
+        model, x, reference = stock[model_name]
+        row = ModelRow(model_name, backend, batch)
+        rows.append(row)
         if backend != "stock":
             model = copy.deepcopy(model)
-            report = apply(model, backend=backend)
-            row.replaced = len(report)
+            row.replaced = len(apply(model, backend=backend))
         with torch.inference_mode():
             try:
                 logits = model(x)
                 row.ms = _median_ms(lambda: model(x), repeats, device)
             except backends.NotSupportedError as err:
                 row.note = str(err).splitlines()[0]
-                rows.append(row)
                 continue
         if reference is None:
-            stock[model_name] = (model, logits)
+            stock[model_name] = (model, x, logits)
         else:
             row.max_logit_diff = (logits.float() - reference.float()).abs().max().item()
-        row.top1 = int(logits.argmax(-1)[0])
-        rows.append(row)
     return rows
 
 
 def format_rows(rows: list[ModelRow]) -> str:
     stock_ms = {r.model: r.ms for r in rows if r.backend == "stock"}
-    header = f"{'model':<30} {'run':<7} {'replaced':>8} {'max |logit diff|':>17} {'median ms':>10} {'speedup':>8}"
+    header = (f"{'model':<30} {'run':<7} {'replaced':>8} {'max |logit diff|':>17} {'median ms':>10} "
+              f"{'images/s':>9} {'speedup':>8}")
     lines = [header, "-" * len(header)]
     for r in rows:
         if r.note:
@@ -100,5 +137,23 @@ def format_rows(rows: list[ModelRow]) -> str:
             continue
         speedup = stock_ms[r.model] / r.ms if r.ms else float("nan")
         lines.append(f"{r.model:<30} {r.backend:<7} {r.replaced:>8} {r.max_logit_diff:>17.2e} {r.ms:>10.1f} "
-                     f"{speedup:>7.2f}x")
+                     f"{r.images_per_s:>9.1f} {speedup:>7.2f}x")
     return "\n".join(lines)
+
+
+def plot(rows: list[ModelRow], path: str, title: str) -> None:
+    """A bar chart of images/s per run, one group per model, written to ``path`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = [r for r in rows if r.ms]
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(measured)), 3.5))
+    ax.bar([f"{r.model}\n{r.backend}" for r in measured], [r.images_per_s for r in measured])
+    ax.set_ylabel("images/s")
+    ax.set_title(title)
+    ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
