@@ -1,7 +1,13 @@
 import pytest
 
 from vitkernels import __main__ as cli
-from vitkernels import _demo
+from vitkernels import _demo, backends
+
+
+@pytest.fixture(autouse=True)
+def _no_interpreted_triton(monkeypatch):
+    """The op tests cover Triton under the interpreter; here it would only make the demo slow."""
+    monkeypatch.setitem(backends._UNAVAILABLE, "triton", "left out of the CLI tests (interpreter)")
 
 
 def test_info_names_every_backend(capsys):
