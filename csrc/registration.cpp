@@ -10,6 +10,8 @@
 #include <sstream>
 #include <string>
 
+#include "attention/attention.h"
+#include "layernorm_mlp/layernorm_mlp.h"
 #include "window_attention/window_attention.h"
 
 #ifdef VITKERNELS_WITH_CUDA
@@ -19,10 +21,49 @@
 TORCH_LIBRARY(vitkernels, m) {
   m.set_python_module("vitkernels.ops.window_attention.op");
   m.def("gather_relative_position_bias(Tensor bias_table, int window_h, int window_w) -> Tensor");
+  m.def(
+      "window_attention_fwd(Tensor qkv, int num_heads, int[] window_size, int[] shift_size, Tensor? bias_table, "
+      "Tensor? qkv_bias, Tensor? logit_scale, float? scale, bool pad_first, float mask_value) -> (Tensor, Tensor)");
+  m.def(
+      "window_attention_bwd(Tensor grad_out, Tensor qkv, Tensor lse, int num_heads, int[] window_size, "
+      "int[] shift_size, Tensor? bias_table, Tensor? qkv_bias, Tensor? logit_scale, float? scale, bool pad_first, "
+      "float mask_value) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  m.set_python_module("vitkernels.ops.attention.op");
+  m.def("attention_fwd(Tensor qkv, int num_heads, Tensor? bias, float? scale) -> (Tensor, Tensor)");
+  m.def(
+      "attention_bwd(Tensor grad_out, Tensor qkv, Tensor lse, int num_heads, Tensor? bias, float? scale, "
+      "bool bias_grad) -> (Tensor, Tensor)");
+
+  m.set_python_module("vitkernels.ops.layernorm_mlp.op");
+  m.def("layernorm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "add_layernorm_fwd(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "layernorm_bwd(Tensor grad_y, Tensor? grad_extra, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, "
+      "bool bias_grad) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "layernorm_mlp_fwd(Tensor x, Tensor? ln_weight, Tensor? ln_bias, Tensor fc1_weight, Tensor? fc1_bias, "
+      "Tensor fc2_weight, Tensor? fc2_bias, float eps, Tensor? gamma, str approximate) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "layernorm_mlp_bwd(Tensor grad_out, Tensor x, Tensor mean, Tensor rstd, Tensor pre, Tensor fc2_out, "
+      "Tensor? ln_weight, Tensor? ln_bias, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, "
+      "float eps, Tensor? gamma, str approximate) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(vitkernels, CPU, m) {
   m.impl("gather_relative_position_bias", &vitkernels::gather_relative_position_bias_cpu);
+  m.impl("window_attention_fwd", &vitkernels::window_attention_fwd_cpu);
+  m.impl("window_attention_bwd", &vitkernels::window_attention_bwd_cpu);
+  m.impl("attention_fwd", &vitkernels::attention_fwd_cpu);
+  m.impl("attention_bwd", &vitkernels::attention_bwd_cpu);
+  m.impl("layernorm_fwd", &vitkernels::layernorm_fwd_cpu);
+  m.impl("add_layernorm_fwd", &vitkernels::add_layernorm_fwd_cpu);
+  m.impl("layernorm_bwd", &vitkernels::layernorm_bwd_cpu);
+  m.impl("layernorm_mlp_fwd", &vitkernels::layernorm_mlp_fwd_cpu);
+  m.impl("layernorm_mlp_bwd", &vitkernels::layernorm_mlp_bwd_cpu);
 }
 
 #ifdef VITKERNELS_WITH_CUDA

@@ -4,8 +4,11 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/macros/Macros.h>
+#include <c10/util/ArrayRef.h>
 
 #include <cstdint>
+#include <optional>
+#include <tuple>
 
 #include "common/checks.h"
 
@@ -36,6 +39,23 @@ inline void check_gather_relative_position_bias(const at::Tensor& bias_table, in
 // bias_table [(2Wh-1)(2Ww-1), heads], any strides -> contiguous [heads, N, N], N = Wh*Ww, with
 // out[h, i, j] = bias_table[relative_position_row(token i, token j), h], tokens in row-major order.
 at::Tensor gather_relative_position_bias_cpu(const at::Tensor& bias_table, int64_t window_h, int64_t window_w);
+
+// Fused window attention, forward: qkv [B, H, W, 3C] (the qkv Linear's output on the un-shifted,
+// un-padded map) -> (out [B, H, W, C] in qkv's dtype, lse [B, nW, heads, N] fp32 softmax
+// statistics). Arguments and semantics as vitkernels.ops.window_attention; scale None means
+// head_dim ** -0.5; logit_scale selects SwinV2 cosine attention.
+std::tuple<at::Tensor, at::Tensor> window_attention_fwd_cpu(
+    const at::Tensor& qkv, int64_t num_heads, at::IntArrayRef window_size, at::IntArrayRef shift_size,
+    const std::optional<at::Tensor>& bias_table, const std::optional<at::Tensor>& qkv_bias,
+    const std::optional<at::Tensor>& logit_scale, std::optional<double> scale, bool pad_first, double mask_value);
+
+// Backward of window_attention_fwd from its lse: (dqkv, d bias_table, d qkv_bias, d logit_scale),
+// each shaped and typed as its input; a gradient whose input is None is an empty tensor.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& lse, int64_t num_heads,
+    at::IntArrayRef window_size, at::IntArrayRef shift_size, const std::optional<at::Tensor>& bias_table,
+    const std::optional<at::Tensor>& qkv_bias, const std::optional<at::Tensor>& logit_scale,
+    std::optional<double> scale, bool pad_first, double mask_value);
 
 #ifdef VITKERNELS_WITH_CUDA
 at::Tensor gather_relative_position_bias_cuda(const at::Tensor& bias_table, int64_t window_h, int64_t window_w);

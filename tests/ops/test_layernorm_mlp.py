@@ -77,3 +77,74 @@ def test_opcheck_and_compile():
 
     r = torch.randn_like(x)
     torch.testing.assert_close(torch.compile(block_end, fullgraph=True)(x, r), block_end(x, r))
+
+
+@pytest.mark.parametrize("backend", backend_params("layernorm_mlp"))
+@pytest.mark.parametrize("channels", [96, 192], ids=["swin-t", "vit-ti"])
+def test_layernorm_mlp_model_widths(backend, channels):
+    # token counts that are not multiples of any block size (a ViT's 197 = 196 patches + class token)
+    inputs = _mlp_inputs((1, 197 if channels == 192 else 49), channels, 4 * channels)
+    compare_with_reference(lambda *t: ops.layernorm_mlp(*t[:7], gamma=t[7], backend=backend),
+                           lambda *t: layernorm_mlp_reference(*t[:7], gamma=t[7]), inputs, torch.float32)
+
+
+@pytest.mark.parametrize("backend", backend_params("layernorm"))
+@pytest.mark.parametrize("channels", [96, 192, 768, 1280, 1536])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_layernorm_widths(backend, channels, dtype):
+    x, r, w, b = random(2, 9, channels), random(2, 9, channels), 1 + random(channels), random(channels)
+    compare_with_reference(lambda x, w, b: ops.layernorm(x, w, b, backend=backend),
+                           lambda x, w, b: layernorm_reference(x, w, b), [x, w, b], dtype)
+    compare_with_reference(lambda x, r, w, b: ops.add_layernorm(x, r, w, b, backend=backend),
+                           lambda x, r, w, b: add_layernorm_reference(x, r, w, b), [x, r, w, b], dtype)
+
+
+@pytest.mark.parametrize("backend", backend_params("add_layernorm"))
+@pytest.mark.parametrize("affine", ["none", "weight-only", "bias-only"])
+def test_add_layernorm_optional_affine(backend, affine):
+    inputs = [random(3, 24), random(3, 24), 1 + random(24) if affine == "weight-only" else None,
+              random(24) if affine == "bias-only" else None]
+    compare_with_reference(lambda x, r, w, b: ops.add_layernorm(x, r, w, b, backend=backend),
+                           lambda x, r, w, b: add_layernorm_reference(x, r, w, b), inputs, torch.float32)
+
+
+TRITON = [p for p in backend_params("layernorm_mlp") if p.id == "triton"]
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_triton_ops_opcheck_and_compile(backend):
+    x, lw, lb, w1, b1, w2, b2, gamma = (t.float().requires_grad_() for t in _mlp_inputs((2, 9), 16, 64))
+    torch.library.opcheck(torch.ops.vitkernels.layernorm_mlp_triton.default,
+                          (x, lw, lb, w1, b1, w2, b2, 1e-6, gamma, "none"))
+    torch.library.opcheck(torch.ops.vitkernels.layernorm_mlp_triton.default,
+                          (x, None, None, w1, None, w2, None, 1e-6, None, "tanh"))
+    torch.library.opcheck(torch.ops.vitkernels.layernorm_triton.default, (x.transpose(0, 1), lw, lb, 1e-6))
+    torch.library.opcheck(torch.ops.vitkernels.add_layernorm_triton.default, (x, x.detach() * 2, lw, None, 1e-6))
+
+    def block_end(x, r):
+        s, h = ops.add_layernorm(x, r, lw, lb, backend=backend)
+        h = ops.layernorm(h, lw, None, backend=backend)
+        return ops.layernorm_mlp(h, lw, lb, w1, b1, w2, b2, gamma=gamma, backend=backend) + s
+
+    r = torch.randn_like(x)
+    compiled = torch.compile(block_end, fullgraph=True)(x, r)
+    eager = block_end(x, r)
+    torch.testing.assert_close(compiled, eager)
+    upstream = torch.randn_like(eager)
+    grads = [torch.autograd.grad(out, (x, w1, gamma), upstream) for out in (compiled, eager)]
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("shape,channels", [((4, 197), 192), ((2, 197), 768), ((2, 50), 1280), ((2, 49), 1536)])
+def test_triton_bf16(backend, shape, channels):
+    hidden = 4 * channels
+    compare_with_reference(lambda *t: ops.layernorm_mlp(*t[:7], gamma=t[7], backend=backend),
+                           lambda *t: layernorm_mlp_reference(*t[:7], gamma=t[7]),
+                           _mlp_inputs(shape, channels, hidden), torch.bfloat16)
+    inputs = [random(*shape, channels), random(*shape, channels), 1 + random(channels), random(channels)]
+    compare_with_reference(lambda x, r, w, b: ops.add_layernorm(x, r, w, b, backend=backend),
+                           lambda x, r, w, b: add_layernorm_reference(x, r, w, b), inputs, torch.bfloat16)
+    compare_with_reference(lambda x, w, b: ops.layernorm(x, w, b, backend=backend),
+                           lambda x, w, b: layernorm_reference(x, w, b), inputs[:1] + inputs[2:], torch.bfloat16)

@@ -8,6 +8,7 @@ import torch
 from ... import backends
 from .. import _checks
 from .._library import define_reference_op
+from ..window_attention.op import triton_devices, triton_interpreter_reasons
 from .reference import attention_reference
 
 SCHEMA = "(Tensor qkv, int num_heads, Tensor? bias, float? scale) -> Tensor"
@@ -19,8 +20,72 @@ def _torch_impl(qkv, num_heads, bias, scale):
 
 attention_torch = define_reference_op("attention_torch", SCHEMA, _torch_impl)
 
-BACKENDS: dict[str, backends.Capability] = {"torch": backends.reference_capability()}
-IMPLEMENTATIONS = {"torch": attention_torch}
+
+@torch.library.custom_op("vitkernels::attention_triton", mutates_args=())
+def attention_triton(qkv: torch.Tensor, num_heads: int, bias: Optional[torch.Tensor],
+                     scale: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton kernels: (out [B, N, C], lse [B, heads, N] fp32 saved for backward)."""
+    from .triton_kernels import attention_fwd
+
+    return attention_fwd(qkv, num_heads, bias, scale)
+
+
+@attention_triton.register_fake
+def _(qkv, num_heads, bias, scale):
+    batch, tokens, three_c = qkv.shape
+    return qkv.new_empty(batch, tokens, three_c // 3), qkv.new_empty(batch, num_heads, tokens, dtype=torch.float32)
+
+
+@torch.library.custom_op("vitkernels::attention_triton_backward", mutates_args=())
+def attention_triton_backward(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                              num_heads: int, bias: Optional[torch.Tensor], scale: Optional[float],
+                              needs_grad: list[bool]) -> list[torch.Tensor]:
+    """Gradients of (qkv, bias); an empty tensor where not needed."""
+    from .triton_kernels import attention_bwd
+
+    grads = attention_bwd(grad_out, qkv, out, lse, num_heads, bias, scale, tuple(needs_grad))
+    return [qkv.new_empty(0) if g is None else g for g in grads]
+
+
+@attention_triton_backward.register_fake
+def _(grad_out, qkv, out, lse, num_heads, bias, scale, needs_grad):
+    return [torch.empty_like(t) if need and t is not None else qkv.new_empty(0)
+            for t, need in zip((qkv, bias), needs_grad)]
+
+
+def _triton_setup_context(ctx, inputs, output):
+    qkv, num_heads, bias, scale = inputs
+    ctx.save_for_backward(qkv, bias, *output)
+    ctx.arguments = (num_heads, scale)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _triton_backward(ctx, grad_out, _grad_lse):
+    qkv, bias, out, lse = ctx.saved_tensors
+    num_heads, scale = ctx.arguments
+    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[2] and bias is not None]
+    dqkv, dbias = attention_triton_backward(grad_out, qkv, out, lse, num_heads, bias, scale, needs)
+    return dqkv if needs[0] else None, None, dbias if needs[1] else None, None
+
+
+attention_triton.register_autograd(_triton_backward, setup_context=_triton_setup_context)
+
+
+def _triton_impl(*args):
+    return attention_triton(*args)[0]
+
+
+BACKENDS: dict[str, backends.Capability] = {
+    "torch": backends.reference_capability(),
+    "triton": backends.Capability(
+        devices=triton_devices(),
+        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+        head_dims=(1, 128),
+        features=frozenset({"bias", "backward"}),
+        extra=triton_interpreter_reasons,
+    ),
+}
+IMPLEMENTATIONS = {"torch": attention_torch, "triton": _triton_impl}
 
 
 def validate(qkv, num_heads, bias, scale):
@@ -69,3 +134,49 @@ def attention(
     args, query = validate(qkv, num_heads, bias, scale)
     name = backends.select("attention", BACKENDS, query, backend)
     return IMPLEMENTATIONS[name](*args)
+
+
+# --- Compiled ops of vitkernels._C (schemas in csrc/registration.cpp): fake kernels, autograd ----
+from ... import _ext  # noqa: E402
+
+if _ext.unavailable_reason() is None:
+
+    @torch.library.register_fake("vitkernels::attention_fwd")
+    def _attention_fwd_fake(qkv, num_heads, bias, scale):
+        batch, tokens, three_c = qkv.shape
+        return qkv.new_empty(batch, tokens, three_c // 3), qkv.new_empty(batch, num_heads, tokens,
+                                                                         dtype=torch.float32)
+
+    @torch.library.register_fake("vitkernels::attention_bwd")
+    def _attention_bwd_fake(grad_out, qkv, lse, num_heads, bias, scale, bias_grad):
+        dbias = torch.empty_like(bias, memory_format=torch.contiguous_format) if bias_grad else qkv.new_empty(
+            0, dtype=torch.float32)
+        return torch.empty_like(qkv), dbias
+
+    def _cpu_setup_context(ctx, inputs, output):
+        qkv, num_heads, bias, scale = inputs
+        ctx.save_for_backward(qkv, bias, output[1])
+        ctx.arguments = (num_heads, scale)
+        ctx.mark_non_differentiable(output[1])
+
+    def _cpu_backward(ctx, grad_out, _grad_lse):
+        qkv, bias, lse = ctx.saved_tensors
+        num_heads, scale = ctx.arguments
+        bias_grad = bias is not None and ctx.needs_input_grad[2]
+        dqkv, dbias = torch.ops.vitkernels.attention_bwd(grad_out, qkv, lse, num_heads, bias, scale, bias_grad)
+        return dqkv if ctx.needs_input_grad[0] else None, None, dbias if bias_grad else None, None
+
+    torch.library.register_autograd("vitkernels::attention_fwd", _cpu_backward, setup_context=_cpu_setup_context)
+
+
+def _cpu_impl(*args):
+    return torch.ops.vitkernels.attention_fwd(*args)[0]
+
+
+# The C++ kernels of csrc/attention/cpu.cpp: fp16 and bf16 are computed in fp32.
+BACKENDS["cpu"] = backends.Capability(
+    devices=frozenset({"cpu"}),
+    dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+    features=frozenset({"bias", "backward"}),
+)
+IMPLEMENTATIONS["cpu"] = _cpu_impl

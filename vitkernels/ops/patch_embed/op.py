@@ -1,6 +1,7 @@
 """patch_embed: boundary checks, the backend table and the registered torch ops."""
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -28,8 +29,99 @@ def _torch_impl(x, weight, bias, prefix_tokens, pos_embed, pos_embed_grid, norm_
 
 patch_embed_torch = define_reference_op("patch_embed_torch", SCHEMA, _torch_impl)
 
-BACKENDS: dict[str, backends.Capability] = {"torch": backends.reference_capability()}
-IMPLEMENTATIONS = {"torch": patch_embed_torch}
+
+# --- Triton ---------------------------------------------------------------------------------------------
+
+BACKWARD_SCHEMA = (
+    "(Tensor dout, Tensor x, Tensor weight, Tensor? bias, Tensor? prefix_tokens, Tensor? pos_embed, "
+    "int[]? pos_embed_grid, Tensor? norm_weight, Tensor? norm_bias, float norm_eps, bool patch_norm, Tensor? mean, "
+    "Tensor? std, bool[] needs) -> Tensor[]"
+)
+# positions in SCHEMA of the tensors that can take a gradient, in the backward op's output order
+_GRAD_INPUTS = (0, 1, 2, 3, 4, 6, 7, 10, 11)
+
+
+def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.contiguous()
+
+
+@torch.library.custom_op("vitkernels::patch_embed_triton", mutates_args=(), schema=SCHEMA)
+def patch_embed_triton(x, weight, bias, prefix_tokens, pos_embed, pos_embed_grid, norm_weight, norm_bias, norm_eps,
+                       patch_norm, mean, std, dynamic_pad, output_format):
+    from .triton_kernels import patch_embed_fwd
+
+    tensors = [_contiguous(t) for t in (x, weight, bias, prefix_tokens, pos_embed)]
+    return patch_embed_fwd(*tensors, pos_embed_grid, _contiguous(norm_weight), _contiguous(norm_bias), norm_eps,
+                           patch_norm, mean, std, output_format)
+
+
+@torch.library.custom_op("vitkernels::patch_embed_triton_backward", mutates_args=(), schema=BACKWARD_SCHEMA)
+def patch_embed_triton_backward(dout, x, weight, bias, prefix_tokens, pos_embed, pos_embed_grid, norm_weight,
+                                norm_bias, norm_eps, patch_norm, mean, std, needs):
+    """Gradients of (x, weight, bias, prefix_tokens, pos_embed, norm_weight, norm_bias, mean, std).
+
+    An entry is empty where ``needs`` is False; the conv's GEMMs run as torch convolution-backward calls.
+    """
+    from .triton_kernels import patch_embed_bwd
+
+    grads = patch_embed_bwd(dout, x.contiguous(), weight.contiguous(), bias, prefix_tokens, pos_embed,
+                            pos_embed_grid, _contiguous(norm_weight), norm_bias, norm_eps, patch_norm, mean, std,
+                            needs)
+    return [dout.new_empty(0) if g is None else g.contiguous() for g in grads]
+
+
+def _output_shape(x, weight, num_prefix, output_format):
+    grid = _grid(x, tuple(weight.shape[-2:]), dynamic_pad=True)
+    if output_format == "map":
+        return (x.shape[0], *grid, weight.shape[0])
+    return (x.shape[0], num_prefix + grid[0] * grid[1], weight.shape[0])
+
+
+@patch_embed_triton.register_fake
+def _(x, weight, bias, prefix_tokens, pos_embed, pos_embed_grid, norm_weight, norm_bias, norm_eps, patch_norm, mean,
+      std, dynamic_pad, output_format):
+    num_prefix = 0 if prefix_tokens is None else prefix_tokens.shape[-2]
+    return weight.new_empty(_output_shape(x, weight, num_prefix, output_format))
+
+
+@patch_embed_triton_backward.register_fake
+def _(dout, x, weight, bias, prefix_tokens, pos_embed, pos_embed_grid, norm_weight, norm_bias, norm_eps, patch_norm,
+      mean, std, needs):
+    inputs = (x, weight, bias, prefix_tokens, pos_embed, norm_weight, norm_bias, mean, std)
+    return [t.new_empty(t.shape) if need else dout.new_empty(0) for t, need in zip(inputs, needs)]
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*(inputs[i] for i in _GRAD_INPUTS))
+    ctx.pos_embed_grid, ctx.norm_eps, ctx.patch_norm = inputs[5], inputs[8], inputs[9]
+
+
+def _backward(ctx, dout):
+    saved = ctx.saved_tensors
+    needs = [bool(ctx.needs_input_grad[i]) and saved[k] is not None and saved[k].is_floating_point()
+             for k, i in enumerate(_GRAD_INPUTS)]
+    x, weight, bias, prefix_tokens, pos_embed, norm_weight, norm_bias, mean, std = saved
+    grads = patch_embed_triton_backward(dout, x, weight, bias, prefix_tokens, pos_embed, ctx.pos_embed_grid,
+                                        norm_weight, norm_bias, ctx.norm_eps, ctx.patch_norm, mean, std, needs)
+    out: list = [None] * len(ctx.needs_input_grad)
+    for k, i in enumerate(_GRAD_INPUTS):
+        out[i] = grads[k] if needs[k] else None
+    return tuple(out)
+
+
+patch_embed_triton.register_autograd(_backward, setup_context=_setup_context)
+
+_TRITON_FEATURES = frozenset({"prefix_tokens", "pos_embed", "resample_pos_embed", "patch_norm", "uint8", "normalize",
+                              "dynamic_pad", "map", "backward"})
+_TRITON_DEVICES = frozenset({"cuda"} | ({"cpu"} if os.environ.get("TRITON_INTERPRET") == "1" else set()))
+
+BACKENDS: dict[str, backends.Capability] = {
+    "torch": backends.reference_capability(),
+    "triton": backends.Capability(devices=_TRITON_DEVICES,
+                                  dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+                                  features=_TRITON_FEATURES),
+}
+IMPLEMENTATIONS = {"torch": patch_embed_torch, "triton": patch_embed_triton}
 
 
 def _grid(x: torch.Tensor, patch: tuple[int, int], dynamic_pad: bool) -> tuple[int, int]:

@@ -1,6 +1,7 @@
 """window_attention: boundary checks, the backend table and the registered torch ops."""
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -27,8 +28,101 @@ def _torch_impl(qkv, num_heads, window_size, shift_size, bias_table, qkv_bias, l
 
 window_attention_torch = define_reference_op("window_attention_torch", SCHEMA, _torch_impl)
 
-BACKENDS: dict[str, backends.Capability] = {"torch": backends.reference_capability()}
-IMPLEMENTATIONS = {"torch": window_attention_torch}
+
+@torch.library.custom_op("vitkernels::window_attention_triton", mutates_args=())
+def window_attention_triton(
+    qkv: torch.Tensor, num_heads: int, window_size: list[int], shift_size: list[int],
+    bias_table: Optional[torch.Tensor], qkv_bias: Optional[torch.Tensor], logit_scale: Optional[torch.Tensor],
+    scale: Optional[float], pad_first: bool, mask_value: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton kernels: (out [B, H, W, C], lse [B * nW, heads, N] fp32 saved for backward)."""
+    from .triton_kernels import window_attention_fwd
+
+    return window_attention_fwd(qkv, num_heads, window_size, shift_size, bias_table, qkv_bias, logit_scale, scale,
+                                pad_first, mask_value)
+
+
+@window_attention_triton.register_fake
+def _(qkv, num_heads, window_size, shift_size, bias_table, qkv_bias, logit_scale, scale, pad_first, mask_value):
+    batch, height, width, three_c = qkv.shape
+    windows = -(-height // window_size[0]) * -(-width // window_size[1])
+    tokens = window_size[0] * window_size[1]
+    return (qkv.new_empty(batch, height, width, three_c // 3),
+            qkv.new_empty(batch * windows, num_heads, tokens, dtype=torch.float32))
+
+
+@torch.library.custom_op("vitkernels::window_attention_triton_backward", mutates_args=())
+def window_attention_triton_backward(
+    grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, num_heads: int,
+    window_size: list[int], shift_size: list[int], bias_table: Optional[torch.Tensor],
+    qkv_bias: Optional[torch.Tensor], logit_scale: Optional[torch.Tensor], scale: Optional[float], pad_first: bool,
+    mask_value: float, needs_grad: list[bool],
+) -> list[torch.Tensor]:
+    """Gradients of (qkv, bias_table, qkv_bias, logit_scale); an empty tensor where not needed."""
+    from .triton_kernels import window_attention_bwd
+
+    grads = window_attention_bwd(grad_out, qkv, out, lse, num_heads, window_size, shift_size, bias_table, qkv_bias,
+                                 logit_scale, scale, pad_first, mask_value, needs_grad=(*needs_grad, False))
+    return [qkv.new_empty(0) if g is None else g for g in grads[:4]]
+
+
+@window_attention_triton_backward.register_fake
+def _(grad_out, qkv, out, lse, num_heads, window_size, shift_size, bias_table, qkv_bias, logit_scale, scale,
+      pad_first, mask_value, needs_grad):
+    inputs = (qkv, bias_table, qkv_bias, logit_scale)
+    return [torch.empty_like(t) if need and t is not None else qkv.new_empty(0) for t, need in zip(inputs, needs_grad)]
+
+
+def _triton_setup_context(ctx, inputs, output):
+    qkv, num_heads, window_size, shift_size, bias_table, qkv_bias, logit_scale, scale, pad_first, mask_value = inputs
+    ctx.save_for_backward(qkv, bias_table, qkv_bias, logit_scale, *output)
+    ctx.arguments = (num_heads, window_size, shift_size, scale, pad_first, mask_value)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _triton_backward(ctx, grad_out, _grad_lse):
+    qkv, bias_table, qkv_bias, logit_scale, out, lse = ctx.saved_tensors
+    num_heads, window_size, shift_size, scale, pad_first, mask_value = ctx.arguments
+    inputs = (qkv, bias_table, qkv_bias, logit_scale)
+    needs = [bool(ctx.needs_input_grad[i]) and t is not None for i, t in zip((0, 4, 5, 6), inputs)]
+    grads = window_attention_triton_backward(grad_out, qkv, out, lse, num_heads, window_size, shift_size, bias_table,
+                                             qkv_bias, logit_scale, scale, pad_first, mask_value, needs)
+    dqkv, dtable, dqkv_bias, dlogit_scale = (g if need else None for g, need in zip(grads, needs))
+    return dqkv, None, None, None, dtable, dqkv_bias, dlogit_scale, None, None, None
+
+
+window_attention_triton.register_autograd(_triton_backward, setup_context=_triton_setup_context)
+
+
+def _triton_impl(*args):
+    return window_attention_triton(*args)[0]
+
+
+def triton_devices() -> frozenset[str]:
+    """Where the Triton kernels run: CUDA, and CPU tensors too under TRITON_INTERPRET=1."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    return frozenset({"cuda", "cpu"}) if interpreted else frozenset({"cuda"})
+
+
+def triton_interpreter_reasons(query: backends.Query) -> list[str]:
+    """The Triton interpreter computes bf16 wrongly (raw bits), so CPU bf16 is refused."""
+    if query.device == "cpu" and query.dtype == torch.bfloat16:
+        return ["bfloat16 under the Triton interpreter (CPU tensors) gives wrong results"]
+    return []
+
+
+BACKENDS: dict[str, backends.Capability] = {
+    "torch": backends.reference_capability(),
+    "triton": backends.Capability(
+        devices=triton_devices(),
+        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+        head_dims=(1, 128),
+        window=(1, 32),
+        features=frozenset({"shift", "padding", "pad_first", "bias_table", "qkv_bias", "cosine", "backward"}),
+        extra=triton_interpreter_reasons,
+    ),
+}
+IMPLEMENTATIONS = {"torch": window_attention_torch, "triton": _triton_impl}
 
 
 def validate(qkv, num_heads, window_size, shift_size, bias_table, qkv_bias, logit_scale, scale, pad_first,
@@ -144,3 +238,53 @@ if _ext.unavailable_reason() is None:
         )
         n = window_h * window_w
         return bias_table.new_empty((bias_table.shape[1], n, n))
+
+    @torch.library.register_fake("vitkernels::window_attention_fwd")
+    def _window_attention_fwd_fake(qkv, num_heads, window_size, shift_size, bias_table, qkv_bias, logit_scale, scale,
+                                   pad_first, mask_value):
+        batch, height, width, three_c = qkv.shape
+        windows = -(-height // window_size[0]) * -(-width // window_size[1])
+        tokens = window_size[0] * window_size[1]
+        return (qkv.new_empty(batch, height, width, three_c // 3),
+                qkv.new_empty(batch, windows, num_heads, tokens, dtype=torch.float32))
+
+    @torch.library.register_fake("vitkernels::window_attention_bwd")
+    def _window_attention_bwd_fake(grad_out, qkv, lse, num_heads, window_size, shift_size, bias_table, qkv_bias,
+                                   logit_scale, scale, pad_first, mask_value):
+        return tuple(qkv.new_empty(0, dtype=torch.float32) if t is None else torch.empty_like(t)
+                     for t in (qkv, bias_table, qkv_bias, logit_scale))
+
+    def _cpu_setup_context(ctx, inputs, output):
+        qkv, num_heads, window_size, shift_size, bias_table, qkv_bias, logit_scale, scale, pad_first, mask_value = (
+            inputs)
+        ctx.save_for_backward(qkv, bias_table, qkv_bias, logit_scale, output[1])
+        ctx.arguments = (num_heads, window_size, shift_size, scale, pad_first, mask_value)
+        ctx.mark_non_differentiable(output[1])
+
+    def _cpu_backward(ctx, grad_out, _grad_lse):
+        qkv, bias_table, qkv_bias, logit_scale, lse = ctx.saved_tensors
+        num_heads, window_size, shift_size, scale, pad_first, mask_value = ctx.arguments
+        grads = torch.ops.vitkernels.window_attention_bwd(
+            grad_out, qkv, lse, num_heads, window_size, shift_size, bias_table, qkv_bias, logit_scale, scale,
+            pad_first, mask_value,
+        )
+        dqkv, dtable, dqkv_bias, dlogit_scale = (
+            g if ctx.needs_input_grad[i] and t is not None else None
+            for g, i, t in zip(grads, (0, 4, 5, 6), (qkv, bias_table, qkv_bias, logit_scale))
+        )
+        return dqkv, None, None, None, dtable, dqkv_bias, dlogit_scale, None, None, None
+
+    torch.library.register_autograd("vitkernels::window_attention_fwd", _cpu_backward, setup_context=_cpu_setup_context)
+
+
+def _cpu_impl(*args):
+    return torch.ops.vitkernels.window_attention_fwd(*args)[0]
+
+
+# The C++ kernels of csrc/window_attention/cpu.cpp: fp16 and bf16 are computed in fp32.
+BACKENDS["cpu"] = backends.Capability(
+    devices=frozenset({"cpu"}),
+    dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+    features=frozenset({"shift", "padding", "pad_first", "bias_table", "qkv_bias", "cosine", "backward"}),
+)
+IMPLEMENTATIONS["cpu"] = _cpu_impl

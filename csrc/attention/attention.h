@@ -1,0 +1,27 @@
+// Global multi-head attention (ViT, DeiT): declarations shared by cpu.cpp and registration.cpp.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+#include "common/checks.h"
+
+namespace vitkernels {
+
+// softmax(q k^T * scale + bias) v from qkv [B, N, 3C] (last dim ordered (3, heads, head_dim);
+// fp16, bf16 or fp32, computed in fp32) with bias broadcastable to [B, heads, N, N] or None and
+// scale head_dim ** -0.5 when None: (out [B, N, C] in qkv's dtype, lse [B, heads, N] fp32).
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& qkv, int64_t num_heads,
+                                                     const std::optional<at::Tensor>& bias,
+                                                     std::optional<double> scale);
+
+// Backward from the forward's lse: (dqkv, d bias in bias's shape and dtype, empty unless
+// bias_grad).
+std::tuple<at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& qkv,
+                                                     const at::Tensor& lse, int64_t num_heads,
+                                                     const std::optional<at::Tensor>& bias,
+                                                     std::optional<double> scale, bool bias_grad);
+
+}  // namespace vitkernels

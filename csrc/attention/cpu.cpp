@@ -1,0 +1,257 @@
+// Global attention kernels for CPU tensors: one (image, head) pair per task, queries in blocks
+// whose logits row panel [block, N] stays in the thread's scratch; no [B, heads, N, N] tensor
+// except the bias gradient's, which has that shape when it is asked for.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "attention/attention.h"
+#include "common/cpu_math.h"
+
+namespace vitkernels {
+namespace {
+
+constexpr int64_t kQueryBlock = 32;
+
+struct Problem {
+  int64_t batch, tokens, heads, head_dim, channels;
+  float scale;
+  // bias expanded to [B, heads, N, N] as fp32 strides (0 along broadcast dims); null without bias.
+  const float* bias = nullptr;
+  int64_t bias_stride[4] = {0, 0, 0, 0};
+
+  const float* bias_row(int64_t b, int64_t h, int64_t i) const {
+    return bias + b * bias_stride[0] + h * bias_stride[1] + i * bias_stride[2];
+  }
+};
+
+Problem make_problem(const at::Tensor& qkv, int64_t num_heads, std::optional<double> scale) {
+  check_device(qkv, "qkv", c10::DeviceType::CPU);
+  check_dim(qkv, "qkv", 3);
+  const auto dtype = qkv.scalar_type();
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat,
+              "qkv must be float16, bfloat16 or float32 on the cpu backend, got ", dtype);
+  check_range(num_heads, "num_heads", 1, std::max<int64_t>(1, qkv.size(2)));
+  TORCH_CHECK(qkv.size(2) % (3 * num_heads) == 0, "qkv's last dim ", qkv.size(2),
+              " must be 3 * num_heads * head_dim with num_heads=", num_heads);
+  Problem p;
+  p.batch = qkv.size(0);
+  p.tokens = qkv.size(1);
+  p.heads = num_heads;
+  p.channels = qkv.size(2) / 3;
+  p.head_dim = p.channels / num_heads;
+  p.scale = static_cast<float>(scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(p.head_dim)));
+  return p;
+}
+
+// The bias as fp32 viewed at [B, heads, N, N]; the returned tensor owns the memory p.bias points to.
+at::Tensor attach_bias(Problem& p, const std::optional<at::Tensor>& bias, const at::Tensor& qkv) {
+  if (!bias.has_value()) {
+    return at::Tensor();
+  }
+  check_same_device(*bias, "bias", qkv, "qkv");
+  check_floating(*bias, "bias");
+  TORCH_CHECK(bias->dim() >= 2 && bias->dim() <= 4, "bias must be 2-D to 4-D, got shape ", bias->sizes());
+  at::Tensor values = bias->to(at::kFloat);
+  const at::Tensor expanded = values.expand({p.batch, p.heads, p.tokens, p.tokens});
+  for (int64_t d = 0; d < 4; ++d) {
+    p.bias_stride[d] = expanded.stride(d);
+  }
+  p.bias = values.const_data_ptr<float>();
+  return values;
+}
+
+// dst[t, e] = qkv[b, t, part * C + h * D + e] in fp32, for all N tokens.
+template <typename scalar_t>
+void load_head(const Problem& p, const scalar_t* qkv, int64_t b, int64_t part, int64_t h, float* dst) {
+  const int64_t stride = 3 * p.channels;
+  const scalar_t* src = qkv + b * p.tokens * stride + part * p.channels + h * p.head_dim;
+  for (int64_t t = 0; t < p.tokens; ++t) {
+    for (int64_t e = 0; e < p.head_dim; ++e) {
+      dst[t * p.head_dim + e] = static_cast<float>(src[t * stride + e]);
+    }
+  }
+}
+
+template <typename scalar_t>
+void store_head(const Problem& p, const float* src, int64_t rows, int64_t first, int64_t row_stride, int64_t offset,
+                scalar_t* dst) {
+  for (int64_t t = 0; t < rows; ++t) {
+    for (int64_t e = 0; e < p.head_dim; ++e) {
+      dst[(first + t) * row_stride + offset + e] = static_cast<scalar_t>(src[t * p.head_dim + e]);
+    }
+  }
+}
+
+struct Scratch {
+  std::vector<float> q, k, kt, v, vt, s, dp, o, dout, dq, dk, dv;
+
+  Scratch(const Problem& p, bool backward)
+      : q(p.tokens * p.head_dim), k(q.size()), kt(q.size()), v(q.size()), s(kQueryBlock * p.tokens),
+        o(kQueryBlock * p.head_dim) {
+    if (backward) {
+      vt.resize(q.size());
+      dp.resize(s.size());
+      dout.resize(q.size());
+      dq.resize(o.size());
+      dk.resize(q.size());
+      dv.resize(q.size());
+    }
+  }
+};
+
+// sc.s <- logits of queries [i0, i0 + rows) of (b, h) against every key.
+void block_logits(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t rows, Scratch& sc) {
+  const int64_t n = p.tokens;
+  cpu::gemm(sc.q.data() + i0 * p.head_dim, sc.kt.data(), sc.s.data(), rows, p.head_dim, n, p.head_dim, n, n, p.scale,
+            false, false);
+  if (p.bias == nullptr) {
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* bias = p.bias_row(b, h, i0 + r);
+    float* row = sc.s.data() + r * n;
+    for (int64_t j = 0; j < n; ++j) {
+      row[j] += bias[j * p.bias_stride[3]];
+    }
+  }
+}
+
+template <typename scalar_t>
+void forward_task(const Problem& p, const scalar_t* qkv, scalar_t* out, float* lse, int64_t task, Scratch& sc) {
+  const int64_t b = task / p.heads;
+  const int64_t h = task % p.heads;
+  load_head(p, qkv, b, 0, h, sc.q.data());
+  load_head(p, qkv, b, 1, h, sc.k.data());
+  load_head(p, qkv, b, 2, h, sc.v.data());
+  cpu::transpose(sc.k.data(), sc.kt.data(), p.tokens, p.head_dim, p.head_dim, p.tokens);
+  for (int64_t i0 = 0; i0 < p.tokens; i0 += kQueryBlock) {
+    const int64_t rows = std::min(kQueryBlock, p.tokens - i0);
+    block_logits(p, b, h, i0, rows, sc);
+    cpu::softmax_rows(sc.s.data(), lse + task * p.tokens + i0, rows, p.tokens, p.tokens);
+    cpu::gemm(sc.s.data(), sc.v.data(), sc.o.data(), rows, p.tokens, p.head_dim, p.tokens, p.head_dim, p.head_dim,
+              1.0f, false, false);
+    store_head(p, sc.o.data(), rows, b * p.tokens + i0, p.channels, h * p.head_dim, out);
+  }
+}
+
+// One query block of the backward: accumulates dK, dV; writes dQ rows and, when dbias is not
+// null, the block's dS rows of (b, h).
+void backward_block(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t rows, const float* lse, Scratch& sc,
+                    float* dbias) {
+  const int64_t n = p.tokens;
+  const int64_t d = p.head_dim;
+  block_logits(p, b, h, i0, rows, sc);
+  cpu::exp_rows_minus(sc.s.data(), lse + i0, rows, n, n);
+  const float* dout = sc.dout.data() + i0 * d;
+  cpu::gemm(sc.s.data(), dout, sc.dv.data(), n, rows, d, n, d, d, 1.0f, true, true);
+  cpu::gemm(dout, sc.vt.data(), sc.dp.data(), rows, d, n, d, n, n, 1.0f, false, false);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* prob = sc.s.data() + r * n;
+    float* ds = sc.dp.data() + r * n;
+    const float total = cpu::dot(prob, ds, n);
+    for (int64_t j = 0; j < n; ++j) {
+      ds[j] = prob[j] * (ds[j] - total);
+    }
+  }
+  if (dbias != nullptr) {
+    std::copy(sc.dp.data(), sc.dp.data() + rows * n, dbias + i0 * n);
+  }
+  cpu::gemm(sc.dp.data(), sc.k.data(), sc.dq.data(), rows, n, d, n, d, d, p.scale, false, false);
+  cpu::gemm(sc.dp.data(), sc.q.data() + i0 * d, sc.dk.data(), n, rows, d, n, d, d, p.scale, true, true);
+}
+
+template <typename scalar_t>
+void backward_task(const Problem& p, const scalar_t* qkv, const scalar_t* grad_out, const float* lse, int64_t task,
+                   Scratch& sc, scalar_t* dqkv, float* dbias) {
+  const int64_t b = task / p.heads;
+  const int64_t h = task % p.heads;
+  const int64_t n = p.tokens;
+  const int64_t d = p.head_dim;
+  load_head(p, qkv, b, 0, h, sc.q.data());
+  load_head(p, qkv, b, 1, h, sc.k.data());
+  load_head(p, qkv, b, 2, h, sc.v.data());
+  for (int64_t t = 0; t < n; ++t) {
+    for (int64_t e = 0; e < d; ++e) {
+      sc.dout[t * d + e] = static_cast<float>(grad_out[(b * n + t) * p.channels + h * d + e]);
+    }
+  }
+  cpu::transpose(sc.k.data(), sc.kt.data(), n, d, d, n);
+  cpu::transpose(sc.v.data(), sc.vt.data(), n, d, d, n);
+  std::fill(sc.dk.begin(), sc.dk.end(), 0.0f);
+  std::fill(sc.dv.begin(), sc.dv.end(), 0.0f);
+  const int64_t stride = 3 * p.channels;
+  for (int64_t i0 = 0; i0 < n; i0 += kQueryBlock) {
+    const int64_t rows = std::min(kQueryBlock, n - i0);
+    backward_block(p, b, h, i0, rows, lse + task * n, sc, dbias != nullptr ? dbias + task * n * n : nullptr);
+    store_head(p, sc.dq.data(), rows, b * n + i0, stride, h * d, dqkv);
+  }
+  store_head(p, sc.dk.data(), n, b * n, stride, p.channels + h * d, dqkv);
+  store_head(p, sc.dv.data(), n, b * n, stride, 2 * p.channels + h * d, dqkv);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& qkv_in, int64_t num_heads,
+                                                     const std::optional<at::Tensor>& bias,
+                                                     std::optional<double> scale) {
+  Problem p = make_problem(qkv_in, num_heads, scale);
+  const at::Tensor bias_values = attach_bias(p, bias, qkv_in);
+  const at::Tensor qkv = qkv_in.contiguous();
+  at::Tensor out = at::empty({p.batch, p.tokens, p.channels}, qkv.options());
+  at::Tensor lse = at::empty({p.batch, p.heads, p.tokens}, qkv.options().dtype(at::kFloat));
+  VITKERNELS_DISPATCH_FLOATING(qkv.scalar_type(), "attention_fwd_cpu", [&] {
+    at::parallel_for(0, p.batch * p.heads, 1, [&](int64_t begin, int64_t end) {
+      Scratch sc(p, /*backward=*/false);
+      for (int64_t task = begin; task < end; ++task) {
+        forward_task(p, qkv.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                     lse.mutable_data_ptr<float>(), task, sc);
+      }
+    });
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& qkv_in,
+                                                     const at::Tensor& lse_in, int64_t num_heads,
+                                                     const std::optional<at::Tensor>& bias,
+                                                     std::optional<double> scale, bool bias_grad) {
+  Problem p = make_problem(qkv_in, num_heads, scale);
+  const at::Tensor bias_values = attach_bias(p, bias, qkv_in);
+  TORCH_CHECK(!bias_grad || bias.has_value(), "bias_grad needs a bias");
+  check_same_dtype(grad_out_in, "grad_out", qkv_in, "qkv");
+  TORCH_CHECK(grad_out_in.sizes() == at::IntArrayRef({p.batch, p.tokens, p.channels}),
+              "grad_out must have shape [B, N, C], got ", grad_out_in.sizes());
+  check_dtype(lse_in, "lse", at::kFloat);
+  TORCH_CHECK(lse_in.numel() == p.batch * p.heads * p.tokens, "lse must have shape [B, heads, N], got ",
+              lse_in.sizes());
+  const at::Tensor qkv = qkv_in.contiguous();
+  const at::Tensor grad_out = grad_out_in.contiguous();
+  const at::Tensor lse = lse_in.contiguous();
+  at::Tensor dqkv = at::empty_like(qkv);
+  at::Tensor dlogits;
+  if (bias_grad) {
+    dlogits = at::empty({p.batch, p.heads, p.tokens, p.tokens}, qkv.options().dtype(at::kFloat));
+  }
+  VITKERNELS_DISPATCH_FLOATING(qkv.scalar_type(), "attention_bwd_cpu", [&] {
+    at::parallel_for(0, p.batch * p.heads, 1, [&](int64_t begin, int64_t end) {
+      Scratch sc(p, /*backward=*/true);
+      for (int64_t task = begin; task < end; ++task) {
+        backward_task(p, qkv.const_data_ptr<scalar_t>(), grad_out.const_data_ptr<scalar_t>(),
+                      lse.const_data_ptr<float>(), task, sc, dqkv.mutable_data_ptr<scalar_t>(),
+                      bias_grad ? dlogits.mutable_data_ptr<float>() : nullptr);
+      }
+    });
+  });
+  if (!bias_grad) {
+    return {dqkv, at::empty({0}, qkv.options().dtype(at::kFloat))};
+  }
+  return {dqkv, dlogits.sum_to_size(bias->sizes()).to(bias->scalar_type()).contiguous()};
+}
+
+}  // namespace vitkernels

@@ -1,0 +1,331 @@
+// Definitions of common/cpu_math.h.
+#include "common/cpu_math.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+// Each function is cloned per instruction set; the loader picks the widest the CPU runs.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define VITKERNELS_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define VITKERNELS_CPU_CLONES
+#endif
+// Helpers of the cloned functions are forced inline so each clone compiles them for its own target.
+#define VITKERNELS_INLINE inline __attribute__((always_inline))
+
+namespace vitkernels {
+namespace cpu {
+namespace {
+
+// exp(x) by 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2: written branch-free so that the
+// compiler vectorizes the loops calling it (std::exp does not vectorize without -ffast-math).
+// Relative error about 2 ulp. Below -70 it returns 0: such a probability (e^-70 ~ 4e-31, say a key
+// behind the -100 shift mask) changes no fp32 sum, while its denormal products would slow every
+// later operation on it many times over.
+constexpr float kExpFlushBelow = -70.0f;
+
+VITKERNELS_INLINE float fast_exp(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  return x < kExpFlushBelow ? 0.0f : p * two_n;
+}
+
+constexpr int64_t kTileRows = 4;
+constexpr int64_t kTileCols = kGemmTileCols;
+
+// Sixteen floats as one value (GNU vector extension, which gcc and clang lower to one AVX-512,
+// two AVX2 or four SSE registers per clone); loaded and stored unaligned through memcpy.
+typedef float Float16 __attribute__((vector_size(kTileCols * sizeof(float))));
+
+// c[rows, kTileCols] (+)= alpha * a b for one tile of c held in registers across the whole depth
+// k; a's element (r, p) is at a[r * row_step + p * depth_step].
+template <int64_t rows>
+VITKERNELS_INLINE void gemm_tile(const float* a, int64_t row_step, int64_t depth_step, const float* b, int64_t ldb,
+                                 float* c, int64_t ldc, int64_t k, float alpha, bool accumulate) {
+  Float16 acc[rows] = {};
+  for (int64_t p = 0; p < k; ++p) {
+    Float16 brow;
+    std::memcpy(&brow, b + p * ldb, sizeof(brow));
+    for (int64_t r = 0; r < rows; ++r) {
+      acc[r] += a[r * row_step + p * depth_step] * brow;
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    Float16 out = alpha * acc[r];
+    if (accumulate) {
+      Float16 old;
+      std::memcpy(&old, c + r * ldc, sizeof(old));
+      out += old;
+    }
+    std::memcpy(c + r * ldc, &out, sizeof(out));
+  }
+}
+
+// The ragged last column tile, cols < kTileCols.
+template <int64_t rows>
+VITKERNELS_INLINE void gemm_ragged_tile(const float* a, int64_t row_step, int64_t depth_step, const float* b,
+                                        int64_t ldb, float* c, int64_t ldc, int64_t k, int64_t cols, float alpha,
+                                        bool accumulate) {
+  float acc[rows][kTileCols] = {};
+  for (int64_t p = 0; p < k; ++p) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const float arp = a[r * row_step + p * depth_step];
+      for (int64_t j = 0; j < cols; ++j) {
+        acc[r][j] += arp * b[p * ldb + j];
+      }
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < cols; ++j) {
+      c[r * ldc + j] = (accumulate ? c[r * ldc + j] : 0.0f) + alpha * acc[r][j];
+    }
+  }
+}
+
+// One row band of c: full column tiles, then the ragged one.
+template <int64_t rows>
+VITKERNELS_INLINE void gemm_band(const float* a, int64_t row_step, int64_t depth_step, const float* b, int64_t ldb,
+                                 float* c, int64_t ldc, int64_t k, int64_t n, float alpha, bool accumulate) {
+  int64_t j = 0;
+  for (; j + kTileCols <= n; j += kTileCols) {
+    gemm_tile<rows>(a, row_step, depth_step, b + j, ldb, c + j, ldc, k, alpha, accumulate);
+  }
+  if (j < n) {
+    gemm_ragged_tile<rows>(a, row_step, depth_step, b + j, ldb, c + j, ldc, k, n - j, alpha, accumulate);
+  }
+}
+
+// erf by Abramowitz and Stegun 7.1.26 (absolute error below 1.5e-7), the approximation ATen's
+// own vectorized CPU erf uses; exp is exact enough here because it is flushed only below -70.
+VITKERNELS_INLINE float fast_erf(float x) {
+  const float ax = std::fabs(x);
+  const float t = 1.0f / (1.0f + 0.3275911f * ax);
+  float r = 1.061405429f;
+  r = r * t - 1.453152027f;
+  r = r * t + 1.421413741f;
+  r = r * t - 0.284496736f;
+  r = r * t + 0.254829592f;
+  const float value = 1.0f - r * t * fast_exp(-ax * ax);
+  return std::copysign(value, x);
+}
+
+constexpr float kSqrtHalf = 0.70710678118654752f;
+constexpr float kInvSqrt2Pi = 0.39894228040143268f;
+constexpr float kSqrt2OverPi = 0.79788456080286536f;
+constexpr float kTanhCubic = 0.044715f;
+
+// tanh(u) = 1 - 2 / (exp(2u) + 1), through the vectorizable exp.
+VITKERNELS_INLINE float fast_tanh(float u) { return 1.0f - 2.0f / (fast_exp(2.0f * u) + 1.0f); }
+
+// max of row[0, n), kTileCols lanes at a time (a plain max loop does not vectorize: its
+// reassociation is not allowed without -ffast-math).
+VITKERNELS_INLINE float row_max(const float* row, int64_t n) {
+  float max = -std::numeric_limits<float>::infinity();
+  int64_t j = 0;
+  if (n >= kTileCols) {
+    Float16 lanes;
+    std::memcpy(&lanes, row, sizeof(lanes));
+    for (j = kTileCols; j + kTileCols <= n; j += kTileCols) {
+      Float16 next;
+      std::memcpy(&next, row + j, sizeof(next));
+      lanes = lanes > next ? lanes : next;
+    }
+    for (int64_t lane = 0; lane < kTileCols; ++lane) {
+      max = std::max(max, lanes[lane]);
+    }
+  }
+  for (; j < n; ++j) {
+    max = std::max(max, row[j]);
+  }
+  return max;
+}
+
+}  // namespace
+
+VITKERNELS_CPU_CLONES
+void gemm(const float* a, const float* b, float* c, int64_t m, int64_t k, int64_t n, int64_t lda, int64_t ldb,
+          int64_t ldc, float alpha, bool transpose_a, bool accumulate) {
+  const int64_t row_step = transpose_a ? 1 : lda;
+  const int64_t depth_step = transpose_a ? lda : 1;
+  int64_t i = 0;
+  for (; i + kTileRows <= m; i += kTileRows) {
+    gemm_band<kTileRows>(a + i * row_step, row_step, depth_step, b, ldb, c + i * ldc, ldc, k, n, alpha, accumulate);
+  }
+  for (; i < m; ++i) {
+    gemm_band<1>(a + i * row_step, row_step, depth_step, b, ldb, c + i * ldc, ldc, k, n, alpha, accumulate);
+  }
+}
+
+VITKERNELS_CPU_CLONES
+void transpose(const float* src, float* dst, int64_t rows, int64_t cols, int64_t ld_src, int64_t ld_dst) {
+  for (int64_t j = 0; j < cols; ++j) {
+    for (int64_t i = 0; i < rows; ++i) {
+      dst[j * ld_dst + i] = src[i * ld_src + j];
+    }
+  }
+}
+
+VITKERNELS_CPU_CLONES
+void softmax_rows(float* s, float* lse, int64_t rows, int64_t cols, int64_t ld) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* __restrict row = s + i * ld;
+    const float max = row_max(row, cols);
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < cols; ++j) {
+      row[j] = fast_exp(row[j] - max);
+      sum += row[j];
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t j = 0; j < cols; ++j) {
+      row[j] *= inv;
+    }
+    lse[i] = max + std::log(sum);
+  }
+}
+
+VITKERNELS_CPU_CLONES
+void exp_rows_minus(float* s, const float* lse, int64_t rows, int64_t cols, int64_t ld) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* __restrict row = s + i * ld;
+    const float shift = lse[i];
+    for (int64_t j = 0; j < cols; ++j) {
+      row[j] = fast_exp(row[j] - shift);
+    }
+  }
+}
+
+VITKERNELS_CPU_CLONES
+float dot(const float* a, const float* b, int64_t n) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) {
+    sum += a[i] * b[i];
+  }
+  return sum;
+}
+
+constexpr float kNormalizeEps = 1e-12f;
+
+void normalize_rows(float* x, float* norm, int64_t n, int64_t d) {
+  for (int64_t t = 0; t < n; ++t) {
+    float* row = x + t * d;
+    norm[t] = std::sqrt(dot(row, row, d));
+    const float inv = 1.0f / std::max(norm[t], kNormalizeEps);
+    for (int64_t e = 0; e < d; ++e) {
+      row[e] *= inv;
+    }
+  }
+}
+
+void normalize_rows_backward(float* dy, const float* y, const float* norm, int64_t n, int64_t d) {
+  for (int64_t t = 0; t < n; ++t) {
+    float* grad = dy + t * d;
+    // Below eps the divisor is the constant eps, so the gradient only rescales.
+    const float along = norm[t] > kNormalizeEps ? dot(y + t * d, grad, d) : 0.0f;
+    const float inv = 1.0f / std::max(norm[t], kNormalizeEps);
+    for (int64_t e = 0; e < d; ++e) {
+      grad[e] = (grad[e] - y[t * d + e] * along) * inv;
+    }
+  }
+}
+
+VITKERNELS_CPU_CLONES
+void layernorm_row(const float* x, const float* weight, const float* bias, float* y, int64_t c, float eps, float* mean,
+                   float* rstd) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t e = 0; e < c; ++e) {
+    sum += x[e];
+  }
+  const float mu = sum / static_cast<float>(c);
+  float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+  for (int64_t e = 0; e < c; ++e) {
+    squares += (x[e] - mu) * (x[e] - mu);
+  }
+  const float r = 1.0f / std::sqrt(squares / static_cast<float>(c) + eps);
+  for (int64_t e = 0; e < c; ++e) {
+    y[e] = (x[e] - mu) * r * (weight != nullptr ? weight[e] : 1.0f) + (bias != nullptr ? bias[e] : 0.0f);
+  }
+  *mean = mu;
+  *rstd = r;
+}
+
+VITKERNELS_CPU_CLONES
+void layernorm_row_backward(const float* dy, const float* x, const float* weight, float mean, float rstd, float* dx,
+                            float* dweight, float* dbias, int64_t c) {
+  float sum_g = 0.0f;
+  float sum_g_xhat = 0.0f;
+#pragma omp simd reduction(+ : sum_g, sum_g_xhat)
+  for (int64_t e = 0; e < c; ++e) {
+    const float g = dy[e] * (weight != nullptr ? weight[e] : 1.0f);
+    sum_g += g;
+    sum_g_xhat += g * (x[e] - mean) * rstd;
+  }
+  const float mean_g = sum_g / static_cast<float>(c);
+  const float mean_g_xhat = sum_g_xhat / static_cast<float>(c);
+  for (int64_t e = 0; e < c; ++e) {
+    const float xhat = (x[e] - mean) * rstd;
+    const float g = dy[e] * (weight != nullptr ? weight[e] : 1.0f);
+    dx[e] = rstd * (g - mean_g - xhat * mean_g_xhat);
+  }
+  if (dweight != nullptr) {
+    for (int64_t e = 0; e < c; ++e) {
+      dweight[e] += dy[e] * (x[e] - mean) * rstd;
+    }
+  }
+  if (dbias != nullptr) {
+    for (int64_t e = 0; e < c; ++e) {
+      dbias[e] += dy[e];
+    }
+  }
+}
+
+VITKERNELS_CPU_CLONES
+void gelu(const float* a, float* out, int64_t n, bool tanh_approximation) {
+  if (tanh_approximation) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float x = a[i];
+      out[i] = 0.5f * x * (1.0f + fast_tanh(kSqrt2OverPi * (x + kTanhCubic * x * x * x)));
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      out[i] = 0.5f * a[i] * (1.0f + fast_erf(a[i] * kSqrtHalf));
+    }
+  }
+}
+
+VITKERNELS_CPU_CLONES
+void gelu_backward(const float* a, const float* dout, float* da, int64_t n, bool tanh_approximation) {
+  if (tanh_approximation) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float x = a[i];
+      const float t = fast_tanh(kSqrt2OverPi * (x + kTanhCubic * x * x * x));
+      const float slope = kSqrt2OverPi * (1.0f + 3.0f * kTanhCubic * x * x);
+      da[i] = dout[i] * (0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * slope);
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      const float x = a[i];
+      const float cdf = 0.5f * (1.0f + fast_erf(x * kSqrtHalf));
+      da[i] = dout[i] * (cdf + x * kInvSqrt2Pi * fast_exp(-0.5f * x * x));
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace vitkernels

@@ -1,0 +1,96 @@
+// Window geometry and per-window loads and stores of the CPU window attention kernels: the cyclic
+// shift, padding and window partition of the zoos as index arithmetic on the un-shifted map.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+
+#include <cstdint>
+
+namespace vitkernels {
+namespace window_cpu {
+
+struct Geometry {
+  int64_t batch, height, width, heads, head_dim, channels;
+  int64_t window_h, window_w, shift_h, shift_w;
+  int64_t padded_h, padded_w, windows_h, windows_w, n;
+  // Row stride of the [N, N] logits and of transposed [head_dim, N] keys and values: N rounded
+  // up to whole gemm tiles. The extra columns are computed and ignored.
+  int64_t ld;
+  bool pad_first;
+
+  int64_t windows() const { return windows_h * windows_w; }
+  // Attention problems: one per (image, window, head), in that nesting order.
+  int64_t tasks() const { return batch * windows() * heads; }
+  bool shifted() const { return shift_h != 0 || shift_w != 0; }
+};
+
+// Checks qkv and the window arguments and derives the padded, windowed frame.
+Geometry make_geometry(const at::Tensor& qkv, int64_t num_heads, at::IntArrayRef window_size,
+                       at::IntArrayRef shift_size, bool pad_first);
+
+// Coordinate in the un-shifted, un-padded map of frame coordinate y (a row or a column) of the
+// shifted, padded map, or -1 where the frame holds padding. pad_first=false: shift then pad (timm);
+// true: pad then shift (original Swin, Hugging Face, torchvision).
+inline int64_t source_coordinate(int64_t y, int64_t size, int64_t padded, int64_t shift, bool pad_first) {
+  if (pad_first) {
+    const int64_t p = (y + shift) % padded;
+    return p < size ? p : -1;
+  }
+  return y < size ? (y + shift) % size : -1;
+}
+
+// Shift-mask region (0, 1 or 2) of frame coordinate y, as the zoos' masks slice the padded map.
+inline int32_t shift_region(int64_t y, int64_t padded, int64_t window, int64_t shift) {
+  if (shift == 0) {
+    return 0;
+  }
+  return static_cast<int32_t>(y >= padded - window) + static_cast<int32_t>(y >= padded - shift);
+}
+
+// For every token of window `window` of image `image`: its pixel (image * H + row) * W + col in
+// the un-shifted map, or -1 for padding, and its shift region (row region * 3 + column region).
+void window_tokens(const Geometry& g, int64_t image, int64_t window, int64_t* pixel, int32_t* region);
+
+// dst[t, e] = src[pixel[t] * row_stride + offset + e] for e < width, in fp32; padding tokens take
+// fill[offset + e] (zeros when fill is null).
+template <typename scalar_t>
+void load_rows(const scalar_t* src, const int64_t* pixel, int64_t n, int64_t row_stride, int64_t offset,
+               int64_t width, const float* fill, float* dst) {
+  for (int64_t t = 0; t < n; ++t) {
+    float* row = dst + t * width;
+    if (pixel[t] >= 0) {
+      const scalar_t* from = src + pixel[t] * row_stride + offset;
+      for (int64_t e = 0; e < width; ++e) {
+        row[e] = static_cast<float>(from[e]);
+      }
+    } else {
+      for (int64_t e = 0; e < width; ++e) {
+        row[e] = fill != nullptr ? fill[offset + e] : 0.0f;
+      }
+    }
+  }
+}
+
+// The inverse of load_rows: real tokens are written to dst; padding tokens are added to
+// padding_sum[offset + e] when it is not null and dropped otherwise.
+template <typename scalar_t>
+void store_rows(const float* rows, const int64_t* pixel, int64_t n, int64_t row_stride, int64_t offset,
+                int64_t width, scalar_t* dst, float* padding_sum) {
+  for (int64_t t = 0; t < n; ++t) {
+    const float* row = rows + t * width;
+    if (pixel[t] >= 0) {
+      scalar_t* to = dst + pixel[t] * row_stride + offset;
+      for (int64_t e = 0; e < width; ++e) {
+        to[e] = static_cast<scalar_t>(row[e]);
+      }
+    } else if (padding_sum != nullptr) {
+      for (int64_t e = 0; e < width; ++e) {
+        padding_sum[offset + e] += row[e];
+      }
+    }
+  }
+}
+
+}  // namespace window_cpu
+}  // namespace vitkernels

@@ -1,0 +1,312 @@
+"""The C++ "cpu" backend beyond the shared op tests: bf16, opcheck of each C++ op, reproducible
+reductions and torch.compile."""
+import pytest
+import torch
+
+from op_helpers import compare_with_reference, random
+from vitkernels import backends, ops
+from vitkernels.ops.attention.reference import attention_reference
+from vitkernels.ops.layernorm_mlp.reference import (
+    add_layernorm_reference,
+    layernorm_mlp_reference,
+    layernorm_reference,
+)
+from vitkernels.ops.window_attention.reference import window_attention_reference
+
+pytestmark = pytest.mark.skipif(
+    backends.unavailable_reason("cpu") is not None, reason=f"cpu: {backends.unavailable_reason('cpu')}"
+)
+
+# (batch, H, W, heads, head_dim, window, shift, pad_first): every index path of the kernels.
+WINDOW_CASES = [
+    pytest.param(2, 9, 11, 2, 8, (4, 4), (2, 2), False, id="padded-shifted-timm"),
+    pytest.param(1, 10, 7, 3, 16, (3, 5), (1, 2), True, id="non-square-pad-first"),
+    pytest.param(2, 14, 14, 3, 32, (7, 7), (3, 3), False, id="swin-t-like"),
+]
+
+
+def _window_inputs(batch, height, width, heads, head_dim, window):
+    rows = (2 * window[0] - 1) * (2 * window[1] - 1)
+    channels = heads * head_dim
+    return random(batch, height, width, 3 * channels), random(rows, heads), random(3 * channels)
+
+
+def _window_args(qkv, heads, window, shift, table, qkv_bias, logit_scale=None, pad_first=False, mask_value=-100.0):
+    return (qkv, heads, list(window), list(shift), table, qkv_bias, logit_scale, None, pad_first, mask_value)
+
+
+@pytest.mark.parametrize("batch,height,width,heads,head_dim,window,shift,pad_first", WINDOW_CASES)
+def test_window_attention_bf16(batch, height, width, heads, head_dim, window, shift, pad_first):
+    qkv, table, qkv_bias = _window_inputs(batch, height, width, heads, head_dim, window)
+
+    def run(qkv, table, qkv_bias):
+        return ops.window_attention(qkv, heads, window, shift, table, qkv_bias=qkv_bias, pad_first=pad_first,
+                                    backend="cpu")
+
+    def reference(qkv, table, qkv_bias):
+        return window_attention_reference(qkv, heads, window, shift, table, qkv_bias=qkv_bias, pad_first=pad_first)
+
+    compare_with_reference(run, reference, [qkv, table, qkv_bias], torch.bfloat16)
+
+
+def test_window_attention_cosine_bf16():
+    heads, window, shift = 3, (4, 4), (2, 2)
+    qkv, table, qkv_bias = _window_inputs(2, 9, 8, heads, 8, window)
+    logit_scale = torch.tensor([5.0, 2.3, 3.9], dtype=torch.float64)
+
+    def run(qkv, table, qkv_bias, logit_scale):
+        return ops.window_attention(qkv, heads, window, shift, 16 * table.sigmoid(), qkv_bias=qkv_bias,
+                                    logit_scale=logit_scale, pad_first=True, backend="cpu")
+
+    def reference(qkv, table, qkv_bias, logit_scale):
+        return window_attention_reference(qkv, heads, window, shift, 16 * table.sigmoid(), qkv_bias=qkv_bias,
+                                          logit_scale=logit_scale, pad_first=True)
+
+    compare_with_reference(run, reference, [qkv, table, qkv_bias, logit_scale], torch.bfloat16)
+
+
+def test_window_attention_mask_value():
+    """Hugging Face Swinv2 masks with -200; the mask value reaches the kernel."""
+    qkv, table, qkv_bias = (t.float() for t in _window_inputs(1, 8, 8, 2, 8, (4, 4)))
+    out = ops.window_attention(qkv, 2, 4, 2, table, qkv_bias=qkv_bias, mask_value=-2.0, backend="cpu")
+    expected = window_attention_reference(qkv.double(), 2, (4, 4), (2, 2), table.double(),
+                                          qkv_bias=qkv_bias.double(), mask_value=-2.0)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def _window_opcheck_args():
+    qkv, table, qkv_bias = (t.float().requires_grad_() for t in _window_inputs(2, 9, 10, 2, 8, (4, 4)))
+    logit_scale = torch.rand(2, requires_grad=True)
+    return [
+        _window_args(qkv, 2, (4, 4), (2, 2), table, qkv_bias),
+        _window_args(qkv, 2, (4, 4), (2, 2), 16 * table.sigmoid(), qkv_bias, logit_scale, True, -200.0),
+        _window_args(qkv.detach().bfloat16(), 2, (4, 4), (0, 0), None, None),
+    ]
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_window_attention_fwd_opcheck(case):
+    args = _window_opcheck_args()[case]
+    torch.library.opcheck(torch.ops.vitkernels.window_attention_fwd.default, args)
+
+
+def test_window_attention_bwd_opcheck():
+    qkv, table, qkv_bias = (t.float() for t in _window_inputs(2, 9, 10, 2, 8, (4, 4)))
+    args = _window_args(qkv, 2, (4, 4), (2, 2), table, qkv_bias, torch.rand(2), True)
+    out, lse = torch.ops.vitkernels.window_attention_fwd(*args)
+    bwd_args = (torch.randn_like(out), qkv, lse, *args[1:])
+    # the backward has no gradient of its own: the autograd checks do not apply
+    torch.library.opcheck(torch.ops.vitkernels.window_attention_bwd.default, bwd_args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_window_attention_reductions_are_reproducible():
+    """The bias table, qkv_bias and logit_scale gradients are sums over windows: bitwise equal across runs."""
+    qkv, table, qkv_bias = (t.float().requires_grad_() for t in _window_inputs(4, 23, 21, 3, 16, (7, 7)))
+    logit_scale = torch.rand(3, requires_grad=True)
+    upstream = torch.randn(4, 23, 21, 48)
+
+    def grads():
+        out = ops.window_attention(qkv, 3, 7, 3, 16 * table.sigmoid(), qkv_bias=qkv_bias, logit_scale=logit_scale,
+                                   backend="cpu")
+        return torch.autograd.grad((out * upstream).sum(), (table, qkv_bias, logit_scale))
+
+    first = grads()
+    for _ in range(3):
+        for a, b in zip(first, grads()):
+            assert torch.equal(a, b)
+
+
+def test_window_attention_compile_fullgraph():
+    qkv, table, qkv_bias = (t.float().requires_grad_() for t in _window_inputs(2, 9, 10, 2, 8, (4, 4)))
+
+    def span(qkv, table, qkv_bias):
+        return ops.window_attention(qkv, 2, 4, 2, table, qkv_bias=qkv_bias, pad_first=True, backend="cpu")
+
+    eager = span(qkv, table, qkv_bias)
+    compiled = torch.compile(span, fullgraph=True)(qkv, table, qkv_bias)
+    torch.testing.assert_close(compiled, eager)
+    g_eager = torch.autograd.grad(eager.sum(), (qkv, table, qkv_bias))
+    g_compiled = torch.autograd.grad(compiled.sum(), (qkv, table, qkv_bias))
+    for a, b in zip(g_compiled, g_eager):
+        torch.testing.assert_close(a, b)
+
+
+def test_window_attention_rejects_float64_with_reasons():
+    qkv, table, _ = _window_inputs(1, 8, 8, 2, 8, (4, 4))
+    with pytest.raises(backends.NotSupportedError, match="dtype float64"):
+        ops.window_attention(qkv, 2, 4, 0, table, backend="cpu")
+
+
+# --- layernorm and add_layernorm ------------------------------------------------------------------
+
+def _layernorm_inputs(channels, *rows):
+    return random(*rows, channels), 1 + random(channels, scale=0.1), random(channels, scale=0.1)
+
+
+@pytest.mark.parametrize("channels", [96, 768, 1000])
+def test_layernorm_bf16(channels):
+    x, weight, bias = _layernorm_inputs(channels, 3, 17)
+
+    def run(x, weight, bias):
+        return ops.layernorm(x, weight, bias, eps=1e-6, backend="cpu")
+
+    def reference(x, weight, bias):
+        return layernorm_reference(x, weight, bias, eps=1e-6)
+
+    compare_with_reference(run, reference, [x, weight, bias], torch.bfloat16)
+
+
+def test_add_layernorm_bf16():
+    x, weight, bias = _layernorm_inputs(384, 2, 49)
+    residual = random(2, 49, 384)
+
+    def run(x, residual, weight, bias):
+        return ops.add_layernorm(x, residual, weight, bias, eps=1e-5, backend="cpu")
+
+    def reference(x, residual, weight, bias):
+        return add_layernorm_reference(x, residual, weight, bias, eps=1e-5)
+
+    compare_with_reference(run, reference, [x, residual, weight, bias], torch.bfloat16)
+
+
+def _layernorm_opcheck_args():
+    x, weight, bias = (t.float().requires_grad_() for t in _layernorm_inputs(40, 2, 7))
+    residual = torch.randn(2, 7, 40, requires_grad=True)
+    return x, residual, weight, bias
+
+
+def test_layernorm_ops_opcheck():
+    x, residual, weight, bias = _layernorm_opcheck_args()
+    torch.library.opcheck(torch.ops.vitkernels.layernorm_fwd.default, (x, weight, bias, 1e-6))
+    torch.library.opcheck(torch.ops.vitkernels.layernorm_fwd.default, (x.detach().bfloat16(), None, None, 1e-5))
+    torch.library.opcheck(torch.ops.vitkernels.add_layernorm_fwd.default, (x, residual, weight, bias, 1e-6))
+    torch.library.opcheck(torch.ops.vitkernels.add_layernorm_fwd.default, (x, residual, None, bias, 1e-6))
+    y, mean, rstd = torch.ops.vitkernels.layernorm_fwd(x.detach(), weight.detach(), bias.detach(), 1e-6)
+    torch.library.opcheck(torch.ops.vitkernels.layernorm_bwd.default,
+                          (torch.randn_like(y), torch.randn_like(y), x.detach(), mean, rstd, weight.detach(), True),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_layernorm_parameter_gradients_are_reproducible():
+    x, weight, bias = (t.float().requires_grad_() for t in _layernorm_inputs(192, 8, 197))
+    upstream = torch.randn(8, 197, 192)
+
+    def grads():
+        return torch.autograd.grad((ops.layernorm(x, weight, bias, backend="cpu") * upstream).sum(), (weight, bias))
+
+    first = grads()
+    for _ in range(3):
+        for a, b in zip(first, grads()):
+            assert torch.equal(a, b)
+
+
+def test_layernorm_ops_compile_fullgraph():
+    x, residual, weight, bias = _layernorm_opcheck_args()
+
+    def block(x, residual, weight, bias):
+        total, y = ops.add_layernorm(x, residual, weight, bias, backend="cpu")
+        return ops.layernorm(total + y, weight, bias, backend="cpu")
+
+    eager = block(x, residual, weight, bias)
+    compiled = torch.compile(block, fullgraph=True)(x, residual, weight, bias)
+    torch.testing.assert_close(compiled, eager)
+    g_eager = torch.autograd.grad(eager.sum(), (x, residual, weight, bias))
+    g_compiled = torch.autograd.grad(compiled.sum(), (x, residual, weight, bias))
+    for a, b in zip(g_compiled, g_eager):
+        torch.testing.assert_close(a, b)
+
+
+# --- layernorm_mlp --------------------------------------------------------------------------------
+
+def _mlp_inputs(channels, hidden, *rows):
+    return [
+        random(*rows, channels), 1 + random(channels, scale=0.1), random(channels, scale=0.1),
+        random(hidden, channels, scale=channels ** -0.5), random(hidden, scale=0.1),
+        random(channels, hidden, scale=hidden ** -0.5), random(channels, scale=0.1), random(channels, scale=0.1),
+    ]
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_layernorm_mlp_bf16(approximate):
+    def run(*args):
+        return ops.layernorm_mlp(*args[:7], eps=1e-6, gamma=args[7], approximate=approximate, backend="cpu")
+
+    def reference(*args):
+        return layernorm_mlp_reference(*args[:7], eps=1e-6, gamma=args[7], approximate=approximate)
+
+    compare_with_reference(run, reference, _mlp_inputs(64, 256, 2, 13), torch.bfloat16)
+
+
+def _mlp_op_args(gamma=True, approximate="none"):
+    x, ln_w, ln_b, w1, b1, w2, b2, g = (t.float().requires_grad_() for t in _mlp_inputs(24, 40, 2, 5))
+    return (x, ln_w, ln_b, w1, b1, w2, b2, 1e-6, g if gamma else None, approximate)
+
+
+def test_layernorm_mlp_ops_opcheck():
+    fwd = torch.ops.vitkernels.layernorm_mlp_fwd.default
+    torch.library.opcheck(fwd, _mlp_op_args())
+    torch.library.opcheck(fwd, _mlp_op_args(gamma=False, approximate="tanh"))
+    x, ln_w, ln_b, w1, b1, w2, b2, eps, g, approximate = (
+        a.detach() if isinstance(a, torch.Tensor) else a for a in _mlp_op_args())
+    out, mean, rstd, pre, fc2_out = fwd(x, None, ln_b, w1, None, w2, b2, eps, g, approximate)
+    torch.library.opcheck(torch.ops.vitkernels.layernorm_mlp_bwd.default,
+                          (torch.randn_like(out), x, mean, rstd, pre, fc2_out, None, ln_b, w1, None, w2, b2, eps, g,
+                           approximate),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_layernorm_mlp_compile_fullgraph():
+    args = _mlp_op_args()
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+
+    def block(x, ln_w, ln_b, w1, b1, w2, b2, g):
+        return ops.layernorm_mlp(x, ln_w, ln_b, w1, b1, w2, b2, eps=1e-6, gamma=g, backend="cpu")
+
+    eager = block(*tensors)
+    compiled = torch.compile(block, fullgraph=True)(*tensors)
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(torch.autograd.grad(compiled.sum(), tensors), torch.autograd.grad(eager.sum(), tensors)):
+        torch.testing.assert_close(a, b)
+
+
+# --- attention ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bias_shape", [None, (50, 50), (2, 1, 50, 50)], ids=["no-bias", "bias-NN", "bias-B1NN"])
+def test_attention_bf16(bias_shape):
+    qkv = random(2, 50, 3 * 3 * 16)
+    bias = None if bias_shape is None else random(*bias_shape)
+
+    def run(qkv, bias):
+        return ops.attention(qkv, 3, bias=bias, backend="cpu")
+
+    def reference(qkv, bias):
+        return attention_reference(qkv, 3, bias=bias)
+
+    compare_with_reference(run, reference, [qkv, bias], torch.bfloat16)
+
+
+def test_attention_ops_opcheck():
+    qkv = torch.randn(2, 37, 3 * 2 * 8, requires_grad=True)
+    bias = torch.randn(1, 2, 37, 37, requires_grad=True)
+    fwd = torch.ops.vitkernels.attention_fwd.default
+    torch.library.opcheck(fwd, (qkv, 2, bias, None))
+    torch.library.opcheck(fwd, (qkv, 2, None, 0.3))
+    out, lse = fwd(qkv.detach(), 2, bias.detach(), None)
+    torch.library.opcheck(torch.ops.vitkernels.attention_bwd.default,
+                          (torch.randn_like(out), qkv.detach(), lse, 2, bias.detach(), None, True),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_attention_compile_fullgraph():
+    qkv = torch.randn(2, 37, 3 * 2 * 8, requires_grad=True)
+    bias = torch.randn(37, 37, requires_grad=True)
+
+    def span(qkv, bias):
+        return ops.attention(qkv, 2, bias=bias, backend="cpu")
+
+    eager = span(qkv, bias)
+    compiled = torch.compile(span, fullgraph=True)(qkv, bias)
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(torch.autograd.grad(compiled.sum(), (qkv, bias)), torch.autograd.grad(eager.sum(), (qkv, bias))):
+        torch.testing.assert_close(a, b)

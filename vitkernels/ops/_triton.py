@@ -1,0 +1,40 @@
+"""Triton pieces shared by the ops' GEMM-like kernels."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import aot
+
+
+def gemm_config(block_m: int, block_n: int, block_k: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
+                         num_warps=warps, num_stages=stages)
+
+
+def prune_by_depth(pointer: str) -> Callable:
+    """An early_config_prune keeping the configs whose BLOCK_K suits the dtype of argument ``pointer``.
+
+    fp32 tiles take half the K depth (32) of fp16/bf16 ones (64) to fit shared memory; under the
+    interpreter, where autotuning cannot run, only the last config is kept.
+    """
+
+    def prune(configs, named_args, **kwargs):
+        if aot.interpreter_on():
+            return [configs[-1]]
+        depth = 32 if named_args[pointer].dtype == torch.float32 else 64
+        return [c for c in configs if c.kwargs["BLOCK_K"] == depth]
+
+    return prune
+
+
+@triton.jit
+def dot(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b, exact fp32 products when IEEE (TF32 would miss the fp32 tolerance)."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)

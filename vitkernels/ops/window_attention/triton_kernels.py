@@ -1,0 +1,671 @@
+"""Triton kernels of window attention: from the qkv map straight to the map before proj.
+
+One program owns one (window, head, block of BLOCK_M query tokens) and loops over the window's keys
+in blocks of BLOCK_N with an online softmax; a window of up to 64 tokens (Swin's 7x7 = 49) is one
+tile, so the loop runs once. Everything the reference builds with copies is index arithmetic here:
+
+* frame position ``t`` of window ``w`` sits at row ``r``, column ``c`` of the shifted, padded map;
+  :func:`_frame` maps it to the source token of the un-shifted, un-padded qkv map (the same token
+  the output is stored to) or marks it as padding, whose q, k, v are the qkv Linear's bias;
+* the relative position bias is gathered from the table with the index computed from the two
+  tokens' coordinates, and the shift mask compares region ids computed from frame rows / columns.
+
+Global attention (``vitkernels.ops.attention``) runs the same kernels with one window covering the
+whole sequence (window (1, N) on a [B, 1, N, 3C] view) and an additive bias read through strides.
+
+Backward is flash attention's: P is recomputed from the saved log-sum-exp. The dq kernel also
+stores D = rowsum(dO * O) for the dk/dv kernel. The bias-table gradient is deterministic (no
+atomics): dS is summed over a chunk of windows per program into a [chunks, heads, N, N] buffer (by
+the dq kernel when one key block covers the window, the common case; by a kernel of its own for
+wider windows), then a last kernel reduces the chunks in order and gathers each table row's pairs.
+The qkv bias gradient (padding tokens' dk, dv) and the logit-scale gradient go through small
+per-program partial sums that torch reduces.
+
+Accepted layout: qkv [B, H, W, 3C] with any batch / row / column strides and a contiguous last dim
+(the launchers make it so); out [B, H, W, C] is allocated contiguous.
+
+A schedule that packs several small windows or heads per program (49 tokens fill 77% of a 64-row
+tile) is a refinement left for measurements on a GPU.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ... import aot
+
+LOG_SCALE_MAX = tl.constexpr(math.log(100.0))  # SwinV2 clamps its logit scale here before exp
+NORM_EPS = tl.constexpr(1e-12)  # F.normalize's eps in cosine attention
+# Elements of fp32 dS the bias-table gradient may buffer ([chunks, heads, N, N]).
+DTABLE_BUFFER_ELEMENTS = 1 << 22
+GATHER_TILE = 4096  # table rows x window tokens gathered per program of the table-gradient kernel
+
+
+@triton.jit
+def _frame(win, t, H, W, Wh, Ww, sh, sw, PAD_FIRST: tl.constexpr):
+    """Frame tokens ``t`` of window ``win`` -> (row, column in the window, source row, column,
+    is a real token, shift region id)."""
+    n = Wh * Ww
+    windows_per_row = tl.cdiv(W, Ww)
+    hp = tl.cdiv(H, Wh) * Wh
+    wp = windows_per_row * Ww
+    i = t // Ww
+    j = t % Ww
+    r = (win // windows_per_row) * Wh + i
+    c = (win % windows_per_row) * Ww + j
+    if PAD_FIRST:
+        y = (r + sh) % hp
+        x = (c + sw) % wp
+    else:
+        y = tl.where(r < H, (r + sh) % H, r)
+        x = tl.where(c < W, (c + sw) % W, c)
+    real = (t < n) & (y < H) & (x < W)
+    region_r = tl.where(sh > 0, (r >= hp - Wh).to(tl.int32) + (r >= hp - sh).to(tl.int32), 0)
+    region_c = tl.where(sw > 0, (c >= wp - Ww).to(tl.int32) + (c >= wp - sw).to(tl.int32), 0)
+    return i, j, y, x, real, region_r * 3 + region_c
+
+
+@triton.jit
+def _load_rows(base_ptr, offsets, real, in_window, d, d_mask, fill_ptr, HAS_FILL: tl.constexpr):
+    """[BLOCK, BLOCK_D] rows of one q/k/v part; padding rows hold ``fill`` (the qkv bias) or zeros."""
+    x = tl.load(base_ptr + offsets[:, None] + d[None, :], mask=real[:, None] & d_mask[None, :], other=0.0)
+    if HAS_FILL:
+        fill = tl.load(fill_ptr + d, mask=d_mask, other=0.0).to(x.dtype)
+        x = tl.where((in_window & ~real)[:, None], fill[None, :], x)
+    return x
+
+
+@triton.jit
+def _unit_rows(x):
+    """F.normalize(x, dim=-1, eps=1e-12), computed in fp32, returned in x's dtype."""
+    xf = x.to(tl.float32)
+    norm = tl.sqrt(tl.sum(xf * xf, 1))
+    return (xf / tl.maximum(norm, NORM_EPS)[:, None]).to(x.dtype)
+
+
+@triton.jit
+def _unit_rows_bwd(x, grad):
+    """Gradient through F.normalize(x, eps=1e-12) of ``grad`` (fp32) at rows x."""
+    xf = x.to(tl.float32)
+    norm = tl.sqrt(tl.sum(xf * xf, 1))
+    denom = tl.maximum(norm, NORM_EPS)
+    unit = xf / denom[:, None]
+    proj = tl.where(norm > NORM_EPS, tl.sum(unit * grad, 1) / denom, 0.0)
+    return grad / denom[:, None] - proj[:, None] * unit
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """a @ b accumulated in fp32, ``a`` cast to b's dtype; exact fp32 products (no TF32) when IEEE."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a.to(b.dtype), b)
+
+
+@triton.jit
+def _head_scale(logit_scale_ptr, h, scale, COSINE: tl.constexpr):
+    if COSINE:
+        return tl.exp(tl.minimum(tl.load(logit_scale_ptr + h).to(tl.float32), LOG_SCALE_MAX))
+    return scale
+
+
+@triton.jit
+def _logits(qn, kn, scale, tq, qi, qj, q_region, tk, ki, kj, k_region, n, table_ptr, heads, Wh, Ww, mask_value,
+            bias_ptr, stride_bq, stride_bk,
+            HAS_TABLE: tl.constexpr, SHIFTED: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
+    """(q.k, logits) [BLOCK_M, BLOCK_N] fp32; keys past the window are -inf."""
+    raw = _dot(qn, tl.trans(kn), IEEE)
+    s = raw * scale
+    pair = (tq < n)[:, None] & (tk < n)[None, :]
+    if HAS_TABLE:
+        index = (qi[:, None] - ki[None, :] + Wh - 1) * (2 * Ww - 1) + (qj[:, None] - kj[None, :] + Ww - 1)
+        s += tl.load(table_ptr + index * heads, mask=pair, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        s += tl.load(bias_ptr + tq[:, None] * stride_bq + tk[None, :] * stride_bk, mask=pair, other=0.0).to(tl.float32)
+    if SHIFTED:
+        s += tl.where(q_region[:, None] != k_region[None, :], mask_value, 0.0)
+    return raw, tl.where((tk < n)[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _window_attention_fwd_kernel(
+    qkv_ptr,  # [B, H, W, 3C], last dim contiguous
+    out_ptr,  # [B, H, W, C] contiguous
+    lse_ptr,  # [B * nW, heads, N] fp32
+    table_ptr,  # [(2Wh-1)(2Ww-1), heads] contiguous (HAS_TABLE)
+    fill_ptr,  # [3C] qkv bias, the q/k/v of padding (HAS_FILL)
+    logit_scale_ptr,  # [heads] (COSINE)
+    bias_ptr,  # additive bias, [B, heads, N, N] through strides, 0 on broadcast dims (HAS_BIAS)
+    stride_qb, stride_qh, stride_qw, stride_bb, stride_bh, stride_bq, stride_bk,
+    H, W, Wh, Ww, sh, sw, num_windows, heads, head_dim, scale, mask_value,
+    PAD_FIRST: tl.constexpr, SHIFTED: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_FILL: tl.constexpr,
+    COSINE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bw = tl.program_id(0)
+    h = tl.program_id(1)
+    b = bw // num_windows
+    win = bw % num_windows
+    n = Wh * Ww
+    channels = heads * head_dim
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < head_dim
+    qkv_base = qkv_ptr + b.to(tl.int64) * stride_qb + h * head_dim
+    fill_base = fill_ptr + h * head_dim
+    bias_base = bias_ptr + b.to(tl.int64) * stride_bb + h * stride_bh
+    scale = _head_scale(logit_scale_ptr, h, scale, COSINE)
+
+    tq = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    qi, qj, qy, qx, q_real, q_region = _frame(win, tq, H, W, Wh, Ww, sh, sw, PAD_FIRST)
+    q = _load_rows(qkv_base, qy * stride_qh + qx * stride_qw, q_real, tq < n, d, d_mask, fill_base, HAS_FILL)
+    if COSINE:
+        q = _unit_rows(q)
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for start in range(0, n, BLOCK_N):
+        tk = start + tl.arange(0, BLOCK_N)
+        ki, kj, ky, kx, k_real, k_region = _frame(win, tk, H, W, Wh, Ww, sh, sw, PAD_FIRST)
+        k_offsets = ky * stride_qh + kx * stride_qw
+        k = _load_rows(qkv_base + channels, k_offsets, k_real, tk < n, d, d_mask, fill_base + channels, HAS_FILL)
+        v = _load_rows(qkv_base + 2 * channels, k_offsets, k_real, tk < n, d, d_mask, fill_base + 2 * channels,
+                       HAS_FILL)
+        if COSINE:
+            k = _unit_rows(k)
+        _, s = _logits(q, k, scale, tq, qi, qj, q_region, tk, ki, kj, k_region, n, table_ptr + h, heads, Wh, Ww,
+                       mask_value, bias_base, stride_bq, stride_bk, HAS_TABLE, SHIFTED, HAS_BIAS, IEEE)
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p, v, IEEE)
+        m = m_new
+    out = acc / l[:, None]
+    out_offsets = (b.to(tl.int64) * H * W + qy * W + qx) * channels + h * head_dim
+    tl.store(out_ptr + out_offsets[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=q_real[:, None] & d_mask[None, :])
+    tl.store(lse_ptr + (bw * heads + h) * n + tq, m + tl.log(l), mask=tq < n)
+
+
+@triton.jit
+def _window_attention_bwd_dq_kernel(
+    qkv_ptr,  # [B, H, W, 3C], last dim contiguous
+    out_ptr,  # [B, H, W, C] contiguous, forward output
+    dout_ptr,  # [B, H, W, C] contiguous
+    lse_ptr,  # [B * nW, heads, N] fp32
+    delta_ptr,  # [B * nW, heads, N] fp32, written: rowsum(dO * O)
+    dqkv_ptr,  # [B, H, W, 3C] contiguous, q slots written
+    dscale_ptr,  # [B * nW, cdiv(N, BLOCK_M), heads] fp32 partial sums of dS * q.k (COSINE)
+    dbias_ptr,  # [B, heads, N, N] contiguous fp32, dS (BIAS_GRAD)
+    dsum_ptr,  # [programs along axis 0, heads, N, N] fp32: dS summed over the program's windows (TABLE_GRAD)
+    table_ptr, fill_ptr, logit_scale_ptr, bias_ptr,  # as in the forward
+    stride_qb, stride_qh, stride_qw, stride_bb, stride_bh, stride_bq, stride_bk,
+    H, W, Wh, Ww, sh, sw, num_windows, heads, head_dim, scale, mask_value, total_windows, windows_per_program,
+    PAD_FIRST: tl.constexpr, SHIFTED: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_FILL: tl.constexpr,
+    COSINE: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, TABLE_GRAD: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # One program runs windows_per_program consecutive windows; when one key block covers the
+    # window (TABLE_GRAD, N <= BLOCK_N), it also sums their dS tiles for the bias-table gradient.
+    h = tl.program_id(1)
+    n = Wh * Ww
+    channels = heads * head_dim
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < head_dim
+    fill_base = fill_ptr + h * head_dim
+    scale = _head_scale(logit_scale_ptr, h, scale, COSINE)
+    tq = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dsum = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    first = tl.program_id(0) * windows_per_program
+    for bw in range(first, tl.minimum(first + windows_per_program, total_windows)):
+        b = bw // num_windows
+        win = bw % num_windows
+        qkv_base = qkv_ptr + b.to(tl.int64) * stride_qb + h * head_dim
+        bias_base = bias_ptr + b.to(tl.int64) * stride_bb + h * stride_bh
+        qi, qj, qy, qx, q_real, q_region = _frame(win, tq, H, W, Wh, Ww, sh, sw, PAD_FIRST)
+        q = _load_rows(qkv_base, qy * stride_qh + qx * stride_qw, q_real, tq < n, d, d_mask, fill_base, HAS_FILL)
+        qn = _unit_rows(q) if COSINE else q
+        map_offsets = (b.to(tl.int64) * H * W + qy * W + qx) * channels + h * head_dim
+        rows_mask = q_real[:, None] & d_mask[None, :]
+        do = tl.load(dout_ptr + map_offsets[:, None] + d[None, :], mask=rows_mask, other=0.0)
+        o = tl.load(out_ptr + map_offsets[:, None] + d[None, :], mask=rows_mask, other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        row_stats = (bw * heads + h) * n + tq
+        tl.store(delta_ptr + row_stats, delta, mask=tq < n)
+        lse = tl.load(lse_ptr + row_stats, mask=tq < n, other=float("inf"))
+
+        dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        dscale = tl.zeros((BLOCK_M,), tl.float32)
+        for start in range(0, n, BLOCK_N):
+            tk = start + tl.arange(0, BLOCK_N)
+            ki, kj, ky, kx, k_real, k_region = _frame(win, tk, H, W, Wh, Ww, sh, sw, PAD_FIRST)
+            k_offsets = ky * stride_qh + kx * stride_qw
+            k = _load_rows(qkv_base + channels, k_offsets, k_real, tk < n, d, d_mask, fill_base + channels, HAS_FILL)
+            v = _load_rows(qkv_base + 2 * channels, k_offsets, k_real, tk < n, d, d_mask, fill_base + 2 * channels,
+                           HAS_FILL)
+            kn = _unit_rows(k) if COSINE else k
+            raw, s = _logits(qn, kn, scale, tq, qi, qj, q_region, tk, ki, kj, k_region, n, table_ptr + h, heads, Wh, Ww,
+                             mask_value, bias_base, stride_bq, stride_bk, HAS_TABLE, SHIFTED, HAS_BIAS, IEEE)
+            p = tl.exp(s - lse[:, None])
+            ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
+            dq += _dot(ds, kn, IEEE)
+            if COSINE:
+                dscale += tl.sum(ds * raw, 1)
+            if TABLE_GRAD:
+                dsum += ds
+            if BIAS_GRAD:
+                pair = (tq < n)[:, None] & (tk < n)[None, :]
+                tl.store(dbias_ptr + ((b * heads + h).to(tl.int64) * n + tq[:, None]) * n + tk[None, :], ds, mask=pair)
+        dq = dq * scale
+        if COSINE:
+            dq = _unit_rows_bwd(q, dq)
+            tl.store(dscale_ptr + (bw * tl.num_programs(2) + tl.program_id(2)) * heads + h, tl.sum(dscale, 0))
+        dqkv_offsets = (b.to(tl.int64) * H * W + qy * W + qx) * (3 * channels) + h * head_dim
+        tl.store(dqkv_ptr + dqkv_offsets[:, None] + d[None, :], dq.to(dqkv_ptr.dtype.element_ty), mask=rows_mask)
+    if TABLE_GRAD:
+        pair = (tq < n)[:, None] & (tl.arange(0, BLOCK_N) < n)[None, :]
+        dsum_rows = (tl.program_id(0) * heads + h).to(tl.int64) * n + tq
+        tl.store(dsum_ptr + dsum_rows[:, None] * n + tl.arange(0, BLOCK_N)[None, :], dsum, mask=pair)
+
+
+@triton.jit
+def _window_attention_bwd_dkdv_kernel(
+    qkv_ptr, out_ptr, dout_ptr, lse_ptr,  # as in the dq kernel
+    delta_ptr,  # [B * nW, heads, N] fp32, read
+    dqkv_ptr,  # [B, H, W, 3C] contiguous, k and v slots written
+    dfill_ptr,  # [B * nW, cdiv(N, BLOCK_N), 2, C] fp32: dk, dv summed over the block's padding tokens
+    table_ptr, fill_ptr, logit_scale_ptr, bias_ptr,
+    stride_qb, stride_qh, stride_qw, stride_bb, stride_bh, stride_bq, stride_bk,
+    H, W, Wh, Ww, sh, sw, num_windows, heads, head_dim, scale, mask_value,
+    PAD_FIRST: tl.constexpr, SHIFTED: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_FILL: tl.constexpr,
+    COSINE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bw = tl.program_id(0)
+    h = tl.program_id(1)
+    b = bw // num_windows
+    win = bw % num_windows
+    n = Wh * Ww
+    channels = heads * head_dim
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < head_dim
+    qkv_base = qkv_ptr + b.to(tl.int64) * stride_qb + h * head_dim
+    fill_base = fill_ptr + h * head_dim
+    bias_base = bias_ptr + b.to(tl.int64) * stride_bb + h * stride_bh
+    scale = _head_scale(logit_scale_ptr, h, scale, COSINE)
+
+    tk = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ki, kj, ky, kx, k_real, k_region = _frame(win, tk, H, W, Wh, Ww, sh, sw, PAD_FIRST)
+    k_offsets = ky * stride_qh + kx * stride_qw
+    k = _load_rows(qkv_base + channels, k_offsets, k_real, tk < n, d, d_mask, fill_base + channels, HAS_FILL)
+    v = _load_rows(qkv_base + 2 * channels, k_offsets, k_real, tk < n, d, d_mask, fill_base + 2 * channels, HAS_FILL)
+    kn = _unit_rows(k) if COSINE else k
+
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    for start in range(0, n, BLOCK_M):
+        tq = start + tl.arange(0, BLOCK_M)
+        qi, qj, qy, qx, q_real, q_region = _frame(win, tq, H, W, Wh, Ww, sh, sw, PAD_FIRST)
+        q = _load_rows(qkv_base, qy * stride_qh + qx * stride_qw, q_real, tq < n, d, d_mask, fill_base, HAS_FILL)
+        qn = _unit_rows(q) if COSINE else q
+        map_offsets = (b.to(tl.int64) * H * W + qy * W + qx) * channels + h * head_dim
+        do = tl.load(dout_ptr + map_offsets[:, None] + d[None, :], mask=q_real[:, None] & d_mask[None, :], other=0.0)
+        row_stats = (bw * heads + h) * n + tq
+        lse = tl.load(lse_ptr + row_stats, mask=tq < n, other=float("inf"))
+        delta = tl.load(delta_ptr + row_stats, mask=tq < n, other=0.0)
+        _, s = _logits(qn, kn, scale, tq, qi, qj, q_region, tk, ki, kj, k_region, n, table_ptr + h, heads, Wh, Ww,
+                       mask_value, bias_base, stride_bq, stride_bk, HAS_TABLE, SHIFTED, HAS_BIAS, IEEE)
+        p = tl.exp(s - lse[:, None])
+        dv += _dot(tl.trans(p), do, IEEE)
+        ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
+        dk += _dot(tl.trans(ds), qn, IEEE)
+    dk = dk * scale
+    if COSINE:
+        dk = _unit_rows_bwd(k, dk)
+    dqkv_offsets = (b.to(tl.int64) * H * W + ky * W + kx) * (3 * channels) + h * head_dim
+    rows_mask = k_real[:, None] & d_mask[None, :]
+    tl.store(dqkv_ptr + dqkv_offsets[:, None] + channels + d[None, :], dk.to(dqkv_ptr.dtype.element_ty), mask=rows_mask)
+    tl.store(dqkv_ptr + dqkv_offsets[:, None] + 2 * channels + d[None, :], dv.to(dqkv_ptr.dtype.element_ty),
+             mask=rows_mask)
+    if HAS_FILL:
+        padding = ((tk < n) & ~k_real)[:, None]
+        dfill_base = dfill_ptr + (bw * tl.num_programs(2) + tl.program_id(2)) * 2 * channels + h * head_dim + d
+        tl.store(dfill_base, tl.sum(tl.where(padding, dk, 0.0), 0), mask=d_mask)
+        tl.store(dfill_base + channels, tl.sum(tl.where(padding, dv, 0.0), 0), mask=d_mask)
+
+
+@triton.jit
+def _window_attention_bwd_dtable_kernel(
+    qkv_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr,  # as in the dk/dv kernel
+    dsum_ptr,  # [chunks, heads, N, N] fp32: dS summed over the chunk's windows
+    table_ptr, fill_ptr, logit_scale_ptr,
+    stride_qb, stride_qh, stride_qw,
+    H, W, Wh, Ww, sh, sw, num_windows, total_windows, windows_per_chunk, heads, head_dim, scale, mask_value,
+    PAD_FIRST: tl.constexpr, SHIFTED: tl.constexpr, HAS_FILL: tl.constexpr, COSINE: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    h = tl.program_id(1)
+    n = Wh * Ww
+    key_blocks = tl.cdiv(n, BLOCK_N)
+    tq = (tl.program_id(2) // key_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    tk = (tl.program_id(2) % key_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    channels = heads * head_dim
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < head_dim
+    fill_base = fill_ptr + h * head_dim
+    scale = _head_scale(logit_scale_ptr, h, scale, COSINE)
+    total = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    first = chunk * windows_per_chunk
+    for bw in range(first, tl.minimum(first + windows_per_chunk, total_windows)):
+        b = bw // num_windows
+        win = bw % num_windows
+        qkv_base = qkv_ptr + b.to(tl.int64) * stride_qb + h * head_dim
+        qi, qj, qy, qx, q_real, q_region = _frame(win, tq, H, W, Wh, Ww, sh, sw, PAD_FIRST)
+        ki, kj, ky, kx, k_real, k_region = _frame(win, tk, H, W, Wh, Ww, sh, sw, PAD_FIRST)
+        q = _load_rows(qkv_base, qy * stride_qh + qx * stride_qw, q_real, tq < n, d, d_mask, fill_base, HAS_FILL)
+        k_offsets = ky * stride_qh + kx * stride_qw
+        k = _load_rows(qkv_base + channels, k_offsets, k_real, tk < n, d, d_mask, fill_base + channels, HAS_FILL)
+        v = _load_rows(qkv_base + 2 * channels, k_offsets, k_real, tk < n, d, d_mask, fill_base + 2 * channels,
+                       HAS_FILL)
+        if COSINE:
+            q = _unit_rows(q)
+            k = _unit_rows(k)
+        map_offsets = (b.to(tl.int64) * H * W + qy * W + qx) * channels + h * head_dim
+        do = tl.load(dout_ptr + map_offsets[:, None] + d[None, :], mask=q_real[:, None] & d_mask[None, :], other=0.0)
+        row_stats = (bw * heads + h) * n + tq
+        lse = tl.load(lse_ptr + row_stats, mask=tq < n, other=float("inf"))
+        delta = tl.load(delta_ptr + row_stats, mask=tq < n, other=0.0)
+        _, s = _logits(q, k, scale, tq, qi, qj, q_region, tk, ki, kj, k_region, n, table_ptr + h, heads, Wh, Ww,
+                       mask_value, table_ptr, 0, 0, True, SHIFTED, False, IEEE)
+        total += tl.exp(s - lse[:, None]) * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
+    pair = (tq < n)[:, None] & (tk < n)[None, :]
+    tl.store(dsum_ptr + ((chunk * heads + h).to(tl.int64) * n + tq[:, None]) * n + tk[None, :], total, mask=pair)
+
+
+@triton.jit
+def _relative_bias_grad_kernel(
+    dsum_ptr,  # [chunks, heads, N, N] fp32
+    dtable_ptr,  # [(2Wh-1)(2Ww-1), heads] fp32
+    chunks, heads, Wh, Ww, BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    # Table row e holds offset (di, dj): its pairs are query (i, j) with key (i - di, j - dj), so
+    # each row gathers one masked diagonal of the [N, N] sums.
+    e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)[:, None]
+    h = tl.program_id(1)
+    n = Wh * Ww
+    query = tl.arange(0, BLOCK_P)[None, :]
+    ki = query // Ww - (e // (2 * Ww - 1) - (Wh - 1))
+    kj = query % Ww - (e % (2 * Ww - 1) - (Ww - 1))
+    mask = (e < (2 * Wh - 1) * (2 * Ww - 1)) & (query < n) & (ki >= 0) & (ki < Wh) & (kj >= 0) & (kj < Ww)
+    offsets = query * n + ki * Ww + kj
+    total = tl.zeros((BLOCK_E, BLOCK_P), tl.float32)
+    for chunk in range(0, chunks):
+        total += tl.load(dsum_ptr + (chunk * heads + h).to(tl.int64) * n * n + offsets, mask=mask, other=0.0)
+    rows = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    tl.store(dtable_ptr + rows * heads + h, tl.sum(total, 1), mask=rows < (2 * Wh - 1) * (2 * Ww - 1))
+
+
+@dataclass(frozen=True)
+class Config:
+    """Tile sizes of one launch: BLOCK_M query rows by BLOCK_N key rows, and its warps."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+
+
+# Single-tile configs for windows up to 64 tokens first, then the tiled ones.
+CONFIGS = (Config(16, 16, 1), Config(32, 32, 2), Config(64, 64, 4), Config(128, 64, 8))
+
+
+def prune_configs(tokens: int, head_dim: int, backward: bool = False) -> Config:
+    """The one config launched for windows of ``tokens`` tokens (no autotuning: it cannot run under
+    the interpreter, and every launched config is compiled ahead of time)."""
+    for config in CONFIGS[:3]:
+        if tokens <= config.block_n:
+            return config
+    return CONFIGS[2] if backward or head_dim > 64 else CONFIGS[3]
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """Sizes, strides and flags every kernel of one call takes."""
+
+    grid_windows: int
+    tokens: int
+    head_dim: int
+    strides: tuple
+    sizes: tuple
+    flags: dict
+
+
+def _prepare(qkv, num_heads, window, shift, bias_table, qkv_bias, logit_scale, scale, pad_first, mask_value, bias):
+    batch, height, width, three_c = qkv.shape
+    head_dim = three_c // 3 // num_heads
+    (wh, ww), (sh, sw) = window, shift
+    num_windows = -(-height // wh) * -(-width // ww)
+    tokens = wh * ww
+    bias_strides = (0, 0, 0, 0) if bias is None else bias.expand(batch, num_heads, tokens, tokens).stride()
+    flags = dict(PAD_FIRST=pad_first, SHIFTED=bool(sh or sw), HAS_TABLE=bias_table is not None,
+                 HAS_FILL=qkv_bias is not None, COSINE=logit_scale is not None, HAS_BIAS=bias is not None,
+                 IEEE=qkv.dtype == torch.float32)
+    scale = head_dim**-0.5 if scale is None else scale
+    return _Launch(
+        grid_windows=batch * num_windows, tokens=tokens, head_dim=head_dim,
+        strides=(qkv.stride(0), qkv.stride(1), qkv.stride(2), *bias_strides),
+        sizes=(height, width, wh, ww, sh, sw, num_windows, num_heads, head_dim, float(scale), float(mask_value)),
+        flags=flags,
+    )
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _contiguous(t: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
+    return fallback if t is None else t.reshape(-1).contiguous()
+
+
+def window_attention_fwd(qkv, num_heads, window, shift, bias_table=None, qkv_bias=None, logit_scale=None, scale=None,
+                         pad_first=False, mask_value=-100.0, bias=None):
+    """Fused window attention forward.
+
+    Args:
+        qkv: [B, H, W, 3C] fp16 / bf16 / fp32, last dim (3, heads, head_dim); other strides free.
+        num_heads, window, shift, bias_table ([(2Wh-1)(2Ww-1), heads]), qkv_bias ([3C]),
+        logit_scale ([heads] values), scale, pad_first, mask_value: as
+            :func:`vitkernels.ops.window_attention`.
+        bias: additive logits bias broadcastable to [B, heads, N, N] (global attention), or None.
+
+    Returns:
+        (out [B, H, W, C] contiguous in qkv's dtype, lse [B * nW, heads, N] fp32).
+    """
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    launch = _prepare(qkv, num_heads, window, shift, bias_table, qkv_bias, logit_scale, scale, pad_first,
+                      mask_value, bias)
+    batch, height, width, three_c = qkv.shape
+    out = qkv.new_empty(batch, height, width, three_c // 3)
+    lse = torch.empty(launch.grid_windows, num_heads, launch.tokens, device=qkv.device, dtype=torch.float32)
+    config = prune_configs(launch.tokens, launch.head_dim)
+    grid = (launch.grid_windows, num_heads, triton.cdiv(launch.tokens, config.block_m))
+    _window_attention_fwd_kernel[grid](
+        qkv, out, lse, _contiguous(bias_table, qkv), _contiguous(qkv_bias, qkv), _contiguous(logit_scale, qkv),
+        qkv if bias is None else bias, *launch.strides, *launch.sizes, **launch.flags,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=_block_d(launch.head_dim),
+        num_warps=config.num_warps,
+    )
+    return out, lse
+
+
+def _table_chunks(launch: _Launch) -> tuple[int, int]:
+    """(windows per chunk, chunks) for summing dS into [chunks, heads, N, N] within the buffer budget."""
+    heads = launch.sizes[7]
+    per_chunk = triton.cdiv(launch.grid_windows, max(1, DTABLE_BUFFER_ELEMENTS // (heads * launch.tokens ** 2)))
+    return per_chunk, triton.cdiv(launch.grid_windows, per_chunk)
+
+
+def _recompute_dsum(stats, tensors, launch, config):
+    """dS summed per chunk of windows by its own kernel, for windows wider than one key block."""
+    height, width, wh, ww, sh, sw, num_windows, heads, head_dim, scale, mask_value = launch.sizes
+    per_chunk, chunks = _table_chunks(launch)
+    dsum = torch.empty(chunks, heads, launch.tokens, launch.tokens, device=stats[0].device, dtype=torch.float32)
+    tiles = triton.cdiv(launch.tokens, config.block_m) * triton.cdiv(launch.tokens, config.block_n)
+    flags = {k: v for k, v in launch.flags.items() if k not in ("HAS_TABLE", "HAS_BIAS")}
+    _window_attention_bwd_dtable_kernel[(chunks, heads, tiles)](
+        *stats, dsum, *tensors, *launch.strides[:3],
+        height, width, wh, ww, sh, sw, num_windows, launch.grid_windows, per_chunk, heads, head_dim, scale,
+        mask_value, **flags, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=_block_d(head_dim),
+        num_warps=config.num_warps,
+    )
+    return dsum
+
+
+def _gather_table(dsum, bias_table, launch):
+    """The bias-table gradient from dS sums [chunks, heads, N, N], reduced over chunks in order."""
+    wh, ww, heads = launch.sizes[2], launch.sizes[3], launch.sizes[7]
+    dtable = torch.empty(bias_table.shape, device=bias_table.device, dtype=torch.float32)
+    block_p = triton.next_power_of_2(launch.tokens)
+    block_e = max(1, GATHER_TILE // block_p)
+    _relative_bias_grad_kernel[(triton.cdiv(dtable.shape[0], block_e), heads)](
+        dsum, dtable, dsum.shape[0], heads, wh, ww, BLOCK_E=block_e, BLOCK_P=block_p,
+    )
+    return dtable.to(bias_table.dtype)
+
+
+def window_attention_bwd(dout, qkv, out, lse, num_heads, window, shift, bias_table=None, qkv_bias=None,
+                         logit_scale=None, scale=None, pad_first=False, mask_value=-100.0, bias=None,
+                         needs_grad=(True, True, True, True, True)):
+    """Fused window attention backward (flash attention's, P recomputed from ``lse``).
+
+    Args:
+        dout: [B, H, W, C] gradient of the output; qkv ... bias: the forward's inputs; out, lse: the
+            forward's outputs.
+        needs_grad: which of (qkv, bias_table, qkv_bias, logit_scale, bias) need a gradient.
+
+    Returns:
+        (dqkv [B, H, W, 3C], dtable, dqkv_bias [3C], dlogit_scale (logit_scale's shape), dbias (bias's
+        shape)), each None where not needed; fp32 partial sums are reduced in a fixed order.
+    """
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    dout = dout.contiguous()
+    launch = _prepare(qkv, num_heads, window, shift, bias_table, qkv_bias, logit_scale, scale, pad_first,
+                      mask_value, bias)
+    need_qkv, need_table, need_fill, need_scale, need_bias = (
+        need and t is not None for need, t in zip(needs_grad, (qkv, bias_table, qkv_bias, logit_scale, bias)))
+    tokens, heads, head_dim = launch.tokens, num_heads, launch.head_dim
+    channels = heads * head_dim
+    config = prune_configs(tokens, head_dim, backward=True)
+    query_blocks, key_blocks = triton.cdiv(tokens, config.block_m), triton.cdiv(tokens, config.block_n)
+    table_in_dq = need_table and key_blocks == 1
+    per_program, programs = _table_chunks(launch) if table_in_dq else (1, launch.grid_windows)
+    tensors = (_contiguous(bias_table, qkv), _contiguous(qkv_bias, qkv), _contiguous(logit_scale, qkv))
+    dense = qkv if bias is None else bias
+    f32 = dict(device=qkv.device, dtype=torch.float32)
+    delta = torch.empty_like(lse)
+    dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
+    dscale = torch.empty(launch.grid_windows, query_blocks, heads, **f32) if launch.flags["COSINE"] else lse
+    dbias = torch.empty(qkv.shape[0], heads, tokens, tokens, **f32) if need_bias else lse
+    dsum = torch.empty(programs, heads, tokens, tokens, **f32) if table_in_dq else lse
+    dfill = torch.empty(launch.grid_windows, key_blocks, 2, channels, **f32) if launch.flags["HAS_FILL"] else lse
+    common = dict(**launch.flags, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=_block_d(head_dim),
+                  num_warps=config.num_warps)
+    _window_attention_bwd_dq_kernel[(programs, heads, query_blocks)](
+        qkv, out, dout, lse, delta, dqkv, dscale, dbias, dsum, *tensors, dense, *launch.strides, *launch.sizes,
+        launch.grid_windows, per_program, BIAS_GRAD=need_bias, TABLE_GRAD=table_in_dq, **common,
+    )
+    _window_attention_bwd_dkdv_kernel[(launch.grid_windows, heads, key_blocks)](
+        qkv, out, dout, lse, delta, dqkv, dfill, *tensors, dense, *launch.strides, *launch.sizes, **common,
+    )
+    grads = [dqkv if need_qkv else None, None, None, None, None]
+    if need_table:
+        if not table_in_dq:
+            dsum = _recompute_dsum((qkv, out, dout, lse, delta), tensors, launch, config)
+        grads[1] = _gather_table(dsum, bias_table, launch)
+    if need_fill:
+        grads[2] = torch.cat([torch.zeros(channels, **f32), dfill.sum((0, 1)).reshape(-1)]).to(qkv_bias.dtype)
+    if need_scale:
+        grads[3] = _logit_scale_grad(dscale, logit_scale)
+    if need_bias:
+        grads[4] = dbias.sum_to_size(bias.shape).to(bias.dtype)
+    return tuple(grads)
+
+
+def _logit_scale_grad(dscale, logit_scale):
+    """d logit_scale = exp(clamped) * sum(dS * cos) where the clamp at log(100) lets it through."""
+    raw = logit_scale.detach().reshape(-1).float()
+    passes = (raw <= LOG_SCALE_MAX.value).float()
+    grad = dscale.sum((0, 1)) * torch.exp(torch.clamp(raw, max=LOG_SCALE_MAX.value)) * passes
+    return grad.reshape(logit_scale.shape).to(logit_scale.dtype)
+
+
+# --- ahead-of-time compile registry ----------------------------------------------------------------
+
+_POINTER_DTYPES = {"qkv_ptr": "act", "out_ptr": "act", "dout_ptr": "act", "dqkv_ptr": "act", "bias_ptr": "param",
+                   "table_ptr": "param", "fill_ptr": "param", "logit_scale_ptr": "param"}
+FLAGS = dict(PAD_FIRST=False, SHIFTED=True, HAS_TABLE=True, HAS_FILL=True, COSINE=False, HAS_BIAS=False,
+             BIAS_GRAD=False, TABLE_GRAD=True)
+KERNELS = {"fwd": _window_attention_fwd_kernel, "dq": _window_attention_bwd_dq_kernel,
+           "dkdv": _window_attention_bwd_dkdv_kernel, "dtable": _window_attention_bwd_dtable_kernel}
+
+
+def register_specialization(kernel: str, dtype: str, config: Config, head_dim: int, param_dtype: Optional[str] = None,
+                            **flags) -> None:
+    """Registers ``KERNELS[kernel]`` for the AOT compile check with qkv in ``dtype`` ("fp16", "bf16",
+    "fp32"), parameters (table, qkv bias, logit scale, bias) in ``param_dtype`` (default: ``dtype``;
+    fp32 under autocast), and ``flags`` over :data:`FLAGS`."""
+    kernel = KERNELS[kernel]
+    params = inspect.signature(kernel.fn).parameters
+    names = list(params)
+    types = {"act": dtype, "param": param_dtype or dtype}
+    signature = {}
+    for name in names:
+        if "constexpr" in str(params[name].annotation):
+            continue
+        if name.endswith("_ptr"):
+            signature[name] = f"*{types.get(_POINTER_DTYPES.get(name), 'fp32')}:16"
+        elif name.startswith("stride"):
+            signature[name] = "i32:16"
+        elif name in ("scale", "mask_value"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    values = {**FLAGS, **flags, "IEEE": dtype == "fp32", "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
+              "BLOCK_D": _block_d(head_dim)}
+    constexprs = {k: v for k, v in values.items() if k in names}
+    suffix = "" if param_dtype is None else f"_params_{param_dtype}"
+    flag_names = ", ".join(f"{k}={v}" for k, v in sorted(flags.items()) if v != FLAGS.get(k))
+    name = (f"{kernel.fn.__name__}[{dtype}{suffix}, {config.block_m}x{config.block_n}, d={head_dim}"
+            f"{', ' + flag_names if flag_names else ''}, warps={config.num_warps}]")
+    aot.register(kernel, signature=signature, constexprs=constexprs, num_warps=config.num_warps, name=name)
+
+
+def _register_window_kernels() -> None:
+    """Swin-T's launches (window 7: the 64x64 single tile, head_dim 32) in each dtype and feature set,
+    the other tile configs once, head_dim 128 where registers and shared memory peak."""
+    swin = CONFIGS[2]
+    register_specialization("fwd", "fp16", swin, 32)
+    register_specialization("fwd", "fp32", swin, 32)
+    register_specialization("fwd", "bf16", swin, 32, param_dtype="fp32", PAD_FIRST=True)
+    register_specialization("fwd", "bf16", swin, 32, COSINE=True)
+    register_specialization("fwd", "fp16", CONFIGS[0], 32)
+    register_specialization("fwd", "fp16", CONFIGS[3], 32)
+    for kernel in ("dq", "dkdv", "dtable"):
+        register_specialization(kernel, "bf16", swin, 32, COSINE=True)
+    register_specialization("dq", "fp32", swin, 32)
+    register_specialization("dkdv", "bf16", swin, 128)
+    block_p = 64
+    aot.register(_relative_bias_grad_kernel, signature={"dsum_ptr": "*fp32:16", "dtable_ptr": "*fp32:16",
+                                                         "chunks": "i32", "heads": "i32", "Wh": "i32", "Ww": "i32"},
+                 constexprs={"BLOCK_E": GATHER_TILE // block_p, "BLOCK_P": block_p})
+
+
+_register_window_kernels()
