@@ -12,6 +12,7 @@
 
 #include "attention/attention.h"
 #include "layernorm_mlp/layernorm_mlp.h"
+#include "patch_embed/patch_embed.h"
 #include "window_attention/window_attention.h"
 
 #ifdef VITKERNELS_WITH_CUDA
@@ -51,6 +52,15 @@ TORCH_LIBRARY(vitkernels, m) {
       "layernorm_mlp_bwd(Tensor grad_out, Tensor x, Tensor mean, Tensor rstd, Tensor pre, Tensor fc2_out, "
       "Tensor? ln_weight, Tensor? ln_bias, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, "
       "float eps, Tensor? gamma, str approximate) -> Tensor[]");
+
+  m.set_python_module("vitkernels.ops.patch_embed.op");
+  m.def(
+      "patch_embed_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? prefix_tokens, Tensor? pos, "
+      "Tensor? norm_weight, Tensor? norm_bias, float norm_eps, bool patch_norm, Tensor? mean, Tensor? std) -> Tensor");
+  m.def(
+      "patch_embed_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor? prefix_tokens, Tensor? pos, "
+      "Tensor? norm_weight, Tensor? norm_bias, float norm_eps, bool patch_norm, Tensor? mean, Tensor? std, "
+      "bool[] needs) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(vitkernels, CPU, m) {
@@ -64,6 +74,8 @@ TORCH_LIBRARY_IMPL(vitkernels, CPU, m) {
   m.impl("layernorm_bwd", &vitkernels::layernorm_bwd_cpu);
   m.impl("layernorm_mlp_fwd", &vitkernels::layernorm_mlp_fwd_cpu);
   m.impl("layernorm_mlp_bwd", &vitkernels::layernorm_mlp_bwd_cpu);
+  m.impl("patch_embed_fwd", &vitkernels::patch_embed_fwd_cpu);
+  m.impl("patch_embed_bwd", &vitkernels::patch_embed_bwd_cpu);
 }
 
 #ifdef VITKERNELS_WITH_CUDA

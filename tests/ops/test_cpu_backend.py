@@ -11,6 +11,7 @@ from vitkernels.ops.layernorm_mlp.reference import (
     layernorm_mlp_reference,
     layernorm_reference,
 )
+from vitkernels.ops.patch_embed.reference import patch_embed_reference
 from vitkernels.ops.window_attention.reference import window_attention_reference
 
 pytestmark = pytest.mark.skipif(
@@ -310,3 +311,115 @@ def test_attention_compile_fullgraph():
     torch.testing.assert_close(compiled, eager)
     for a, b in zip(torch.autograd.grad(compiled.sum(), (qkv, bias)), torch.autograd.grad(eager.sum(), (qkv, bias))):
         torch.testing.assert_close(a, b)
+
+
+# --- patch_embed ----------------------------------------------------------------------------------
+
+# (H, W, patch, keyword arguments from float64 masters): prefix and position layouts, padding, norm, map.
+PATCH_CASES = [
+    pytest.param(16, 16, 4, lambda: {"prefix_tokens": random(1, 24), "pos_embed": random(1, 17, 24)},
+                 id="class-token"),
+    pytest.param(18, 13, 4, lambda: {"prefix_tokens": random(2, 24), "pos_embed": random(1, 20, 24),
+                                     "dynamic_pad": True}, id="no-embed-class-padded"),
+    pytest.param(20, 24, 4, lambda: {"prefix_tokens": random(1, 24), "pos_embed": random(1, 17, 24),
+                                     "pos_embed_grid": (4, 4)}, id="resample"),
+    pytest.param(10, 14, 4, lambda: {"patch_norm": True, "norm_weight": 1 + random(24), "norm_bias": random(24),
+                                     "mean": random(3), "std": 1 + random(3).abs(), "dynamic_pad": True,
+                                     "output_format": "map"}, id="swin-map-norm-normalize-padded"),
+]
+
+
+def _patch_call(fn, tensor_keys, fixed, **extra):
+    def call(x, weight, bias, *tensors):
+        return fn(x, weight, bias, **dict(zip(tensor_keys, tensors)), **fixed, **extra)
+    return call
+
+
+@pytest.mark.parametrize("height,width,patch,make_kwargs", PATCH_CASES)
+def test_patch_embed_bf16(height, width, patch, make_kwargs):
+    kwargs = make_kwargs()
+    tensor_keys = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+    fixed = {k: v for k, v in kwargs.items() if k not in tensor_keys}
+    inputs = [random(2, 3, height, width), random(24, 3, patch, patch, scale=0.2), random(24)]
+    inputs += [kwargs[k] for k in tensor_keys]
+    compare_with_reference(_patch_call(ops.patch_embed, tensor_keys, fixed, backend="cpu"),
+                           _patch_call(patch_embed_reference, tensor_keys, fixed), inputs, torch.bfloat16)
+
+
+def test_patch_embed_vit_b16_bf16():
+    inputs = [random(2, 3, 224, 224), random(768, 3, 16, 16, scale=0.05), random(768), random(1, 768),
+              random(1, 197, 768)]
+    keys = ["prefix_tokens", "pos_embed"]
+    compare_with_reference(_patch_call(ops.patch_embed, keys, {}, backend="cpu"),
+                           _patch_call(patch_embed_reference, keys, {}), inputs, torch.bfloat16)
+
+
+def _patch_opcheck_args():
+    x = torch.randn(2, 3, 10, 13, requires_grad=True)
+    weight, bias = torch.randn(16, 3, 4, 4, requires_grad=True), torch.randn(16, requires_grad=True)
+    prefix, pos = torch.randn(1, 2, 16, requires_grad=True), torch.randn(1, 14, 16, requires_grad=True)
+    norm_weight, norm_bias = torch.randn(16, requires_grad=True), torch.randn(16, requires_grad=True)
+    mean, std = torch.randn(3, requires_grad=True), (1 + torch.rand(3)).requires_grad_()
+    image = torch.randint(0, 256, (2, 3, 8, 12), dtype=torch.uint8)
+    return [
+        (x, weight, bias, prefix, pos, None, None, 1e-5, False, None, None),
+        (x, weight, None, None, pos[0, 2:], norm_weight, norm_bias, 1e-6, True, mean, std),
+        (image, weight, bias, prefix, None, norm_weight, None, 1e-5, True, mean, std),
+        (x.detach().bfloat16(), weight.detach().bfloat16(), None, prefix.detach().bfloat16(), pos[0].detach(),
+         None, None, 1e-5, False, None, None),
+    ]
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_patch_embed_fwd_opcheck(case):
+    torch.library.opcheck(torch.ops.vitkernels.patch_embed_fwd.default, _patch_opcheck_args()[case])
+
+
+def test_patch_embed_bwd_opcheck():
+    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in _patch_opcheck_args()[1]]
+    out = torch.ops.vitkernels.patch_embed_fwd(*args)
+    # the backward has no gradient of its own: the autograd checks do not apply
+    torch.library.opcheck(torch.ops.vitkernels.patch_embed_bwd.default,
+                          (torch.randn_like(out), *args, [True] * 9), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_patch_embed_reductions_are_reproducible():
+    """Weight, bias, prefix, position and norm gradients are sums over the batch: bitwise equal across runs."""
+    x = torch.randn(4, 3, 30, 30)
+    params = [torch.randn(32, 3, 4, 4) * 0.2, torch.randn(32), torch.randn(1, 32), torch.randn(1, 65, 32),
+              torch.randn(32), torch.randn(32)]
+    params = [p.requires_grad_() for p in params]
+    upstream = torch.randn(4, 65, 32)
+
+    def grads():
+        weight, bias, prefix, pos, norm_weight, norm_bias = params
+        out = ops.patch_embed(x, weight, bias, prefix_tokens=prefix, pos_embed=pos, patch_norm=True,
+                              norm_weight=norm_weight, norm_bias=norm_bias, dynamic_pad=True, backend="cpu")
+        return torch.autograd.grad((out * upstream).sum(), params)
+
+    first = grads()
+    for _ in range(3):
+        for a, b in zip(first, grads()):
+            assert torch.equal(a, b)
+
+
+def test_patch_embed_compile_fullgraph():
+    x = torch.randn(2, 3, 18, 20, requires_grad=True)
+    tensors = [x, torch.randn(16, 3, 4, 4), torch.randn(16), torch.randn(1, 16), torch.randn(1, 17, 16),
+               torch.rand(3), 1 + torch.rand(3)]
+    tensors = [t.requires_grad_() for t in tensors]
+
+    def embed(x, weight, bias, prefix, pos, mean, std):
+        return ops.patch_embed(x, weight, bias, prefix_tokens=prefix, pos_embed=pos, pos_embed_grid=(4, 4),
+                               mean=mean, std=std, dynamic_pad=True, backend="cpu")
+
+    eager = embed(*tensors)
+    compiled = torch.compile(embed, fullgraph=True)(*tensors)
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(torch.autograd.grad(compiled.sum(), tensors), torch.autograd.grad(eager.sum(), tensors)):
+        torch.testing.assert_close(a, b)
+
+
+def test_patch_embed_rejects_float64_with_reasons():
+    with pytest.raises(backends.NotSupportedError, match="dtype float64"):
+        ops.patch_embed(random(1, 3, 8, 8), random(8, 3, 4, 4), backend="cpu")

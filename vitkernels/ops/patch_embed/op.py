@@ -241,3 +241,75 @@ def patch_embed(
         x, weight, bias, prefix_tokens, pos_embed, pos_embed_grid, norm_weight, norm_bias, norm_eps,
         bool(patch_norm), mean, std, bool(dynamic_pad), output_format,
     )
+
+
+# --- Compiled ops of vitkernels._C (schemas in csrc/registration.cpp): fake kernels, autograd ----
+from ... import _ext  # noqa: E402
+from .reference import resample_pos_embed  # noqa: E402
+
+# positions in patch_embed_fwd's schema of the tensors that can take a gradient, in patch_embed_bwd's
+# output order
+_CPU_GRAD_INPUTS = (0, 1, 2, 3, 4, 5, 6, 9, 10)
+
+if _ext.unavailable_reason() is None:
+
+    @torch.library.register_fake("vitkernels::patch_embed_fwd")
+    def _patch_embed_fwd_fake(x, weight, bias, prefix_tokens, pos, norm_weight, norm_bias, norm_eps, patch_norm, mean,
+                              std):
+        num_prefix = 0 if prefix_tokens is None else prefix_tokens.shape[-2]
+        return weight.new_empty(_output_shape(x, weight, num_prefix, "tokens"))
+
+    @torch.library.register_fake("vitkernels::patch_embed_bwd")
+    def _patch_embed_bwd_fake(grad_out, x, weight, bias, prefix_tokens, pos, norm_weight, norm_bias, norm_eps,
+                              patch_norm, mean, std, needs):
+        inputs = (x, weight, bias, prefix_tokens, pos, norm_weight, norm_bias, mean, std)
+        return [t.new_empty(t.shape) if need and t is not None and t.is_floating_point() else grad_out.new_empty(0)
+                for t, need in zip(inputs, needs)]
+
+    def _patch_embed_cpu_setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*(inputs[i] for i in _CPU_GRAD_INPUTS))
+        ctx.norm = inputs[7:9]
+
+    def _patch_embed_cpu_backward(ctx, grad_out):
+        saved = ctx.saved_tensors
+        needs = [bool(ctx.needs_input_grad[i]) and t is not None and t.is_floating_point()
+                 for i, t in zip(_CPU_GRAD_INPUTS, saved)]
+        x, weight, bias, prefix_tokens, pos, norm_weight, norm_bias, mean, std = saved
+        grads = torch.ops.vitkernels.patch_embed_bwd(grad_out, x, weight, bias, prefix_tokens, pos, norm_weight,
+                                                     norm_bias, *ctx.norm, mean, std, needs)
+        out: list = [None] * len(ctx.needs_input_grad)
+        for k, i in enumerate(_CPU_GRAD_INPUTS):
+            out[i] = grads[k] if needs[k] else None
+        return tuple(out)
+
+    torch.library.register_autograd("vitkernels::patch_embed_fwd", _patch_embed_cpu_backward,
+                                    setup_context=_patch_embed_cpu_setup_context)
+
+
+def _cpu_position_table(pos_embed, pos_embed_grid, grid):
+    """pos_embed as an [L, E] table for the input's grid: resampled in fp32 when pos_embed_grid differs."""
+    table = pos_embed.reshape(-1, pos_embed.shape[-1])
+    if pos_embed_grid is None or tuple(pos_embed_grid) == tuple(grid):
+        return table
+    covered = table.shape[0] - pos_embed_grid[0] * pos_embed_grid[1]
+    return resample_pos_embed(table.float()[None], grid, pos_embed_grid, covered)[0]
+
+
+def _patch_embed_cpu(x, weight, bias, prefix_tokens, pos_embed, pos_embed_grid, norm_weight, norm_bias, norm_eps,
+                     patch_norm, mean, std, dynamic_pad, output_format):
+    grid = _grid(x, tuple(weight.shape[-2:]), dynamic_pad=True)
+    pos = None if pos_embed is None else _cpu_position_table(pos_embed, pos_embed_grid, grid)
+    out = torch.ops.vitkernels.patch_embed_fwd(x, weight, bias, prefix_tokens, pos, norm_weight, norm_bias, norm_eps,
+                                               patch_norm, mean, std)
+    return out.view(x.shape[0], *grid, weight.shape[0]) if output_format == "map" else out
+
+
+# The C++ kernels of csrc/patch_embed/cpu.cpp: fp16 and bf16 are computed in fp32 (the GEMMs too, by
+# ATen's fp32 GEMM); a pos_embed_grid resample runs in torch before the kernel.
+BACKENDS["cpu"] = backends.Capability(
+    devices=frozenset({"cpu"}),
+    dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+    features=frozenset({"prefix_tokens", "pos_embed", "resample_pos_embed", "patch_norm", "uint8", "normalize",
+                        "dynamic_pad", "map", "backward"}),
+)
+IMPLEMENTATIONS["cpu"] = _patch_embed_cpu
