@@ -12,6 +12,7 @@
 
 #include "attention/attention.h"
 #include "common/cpu_math.h"
+#include "common/cpu_tensor.h"
 
 namespace vitkernels {
 namespace {
@@ -33,9 +34,7 @@ struct Problem {
 Problem make_problem(const at::Tensor& qkv, int64_t num_heads, std::optional<double> scale) {
   check_device(qkv, "qkv", c10::DeviceType::CPU);
   check_dim(qkv, "qkv", 3);
-  const auto dtype = qkv.scalar_type();
-  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat,
-              "qkv must be float16, bfloat16 or float32 on the cpu backend, got ", dtype);
+  check_cpu_floating(qkv, "qkv");
   check_range(num_heads, "num_heads", 1, std::max<int64_t>(1, qkv.size(2)));
   TORCH_CHECK(qkv.size(2) % (3 * num_heads) == 0, "qkv's last dim ", qkv.size(2),
               " must be 3 * num_heads * head_dim with num_heads=", num_heads);

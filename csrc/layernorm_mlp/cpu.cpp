@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common/cpu_math.h"
+#include "common/cpu_tensor.h"
 #include "layernorm_mlp/layernorm_mlp.h"
 
 namespace vitkernels {
@@ -26,24 +27,10 @@ constexpr int64_t kGradientBlocks = 64;
 
 void check_input(const at::Tensor& x, const char* name) {
   check_device(x, name, c10::DeviceType::CPU);
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat, name,
-              " must be float16, bfloat16 or float32 on the cpu backend, got ", dtype);
+  check_cpu_floating(x, name);
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, name, " must have a non-empty last dim, got shape ", x.sizes());
 }
 
-// An optional [C] parameter as contiguous fp32, or an undefined tensor.
-at::Tensor parameter(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& x, int64_t size) {
-  if (!t.has_value()) {
-    return at::Tensor();
-  }
-  check_same_device(*t, name, x, "x");
-  check_floating(*t, name);
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == size, name, " must have shape [", size, "], got ", t->sizes());
-  return t->to(at::kFloat).contiguous();
-}
-
-const float* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr<float>() : nullptr; }
 
 template <typename scalar_t>
 void load_row(const scalar_t* src, float* dst, int64_t c) {
@@ -88,8 +75,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_forward(
     const std::optional<at::Tensor>& bias_in, double eps) {
   check_input(x_in, "x");
   TORCH_CHECK(eps > 0, "eps must be positive, got ", eps);
-  const at::Tensor weight = parameter(weight_in, "weight", x_in, x_in.size(-1));
-  const at::Tensor bias = parameter(bias_in, "bias", x_in, x_in.size(-1));
+  const at::Tensor weight = float_parameter(weight_in, "weight", x_in, x_in.size(-1));
+  const at::Tensor bias = float_parameter(bias_in, "bias", x_in, x_in.size(-1));
   const at::Tensor x = x_in.contiguous();
   at::Tensor residual;
   at::Tensor sum;
@@ -222,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_bwd_cpu(
   }
   const at::Tensor extra = grad_extra.has_value() ? *grad_extra : at::Tensor();
   auto [dx, dweight, dbias] =
-      layernorm_backward(grad_y, extra, x, mean, rstd, parameter(weight, "weight", x, x.size(-1)), bias_grad);
+      layernorm_backward(grad_y, extra, x, mean, rstd, float_parameter(weight, "weight", x, x.size(-1)), bias_grad);
   const auto weight_dtype = weight.has_value() ? weight->scalar_type() : x.scalar_type();
   return {dx, dweight.to(weight_dtype), dbias.to(x.scalar_type())};
 }
@@ -252,13 +239,13 @@ struct MlpParameters {
                 const std::optional<at::Tensor>& fc2_b, const std::optional<at::Tensor>& gamma_in) {
     const int64_t c = x.size(-1);
     const int64_t hidden = fc1_w.dim() == 2 ? fc1_w.size(0) : -1;
-    ln_weight = parameter(ln_w, "ln_weight", x, c);
-    ln_bias = parameter(ln_b, "ln_bias", x, c);
+    ln_weight = float_parameter(ln_w, "ln_weight", x, c);
+    ln_bias = float_parameter(ln_b, "ln_bias", x, c);
     fc1_weight = weight_matrix(fc1_w, "fc1_weight", x, hidden, c);
-    fc1_bias = parameter(fc1_b, "fc1_bias", x, hidden);
+    fc1_bias = float_parameter(fc1_b, "fc1_bias", x, hidden);
     fc2_weight = weight_matrix(fc2_w, "fc2_weight", x, c, hidden);
-    fc2_bias = parameter(fc2_b, "fc2_bias", x, c);
-    gamma = parameter(gamma_in, "gamma", x, c);
+    fc2_bias = float_parameter(fc2_b, "fc2_bias", x, c);
+    gamma = float_parameter(gamma_in, "gamma", x, c);
   }
 };
 

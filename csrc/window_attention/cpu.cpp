@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "common/cpu_math.h"
+#include "common/cpu_tensor.h"
 #include "window_attention/cpu_window.h"
 #include "window_attention/window_attention.h"
 
@@ -70,9 +71,7 @@ Geometry make_geometry(const at::Tensor& qkv, int64_t num_heads, at::IntArrayRef
                        at::IntArrayRef shift_size, bool pad_first) {
   check_device(qkv, "qkv", c10::DeviceType::CPU);
   check_dim(qkv, "qkv", 4);
-  const auto dtype = qkv.scalar_type();
-  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat,
-              "qkv must be float16, bfloat16 or float32 on the cpu backend, got ", dtype);
+  check_cpu_floating(qkv, "qkv");
   TORCH_CHECK(window_size.size() == 2 && shift_size.size() == 2, "window_size and shift_size must be pairs, got ",
               window_size, " and ", shift_size);
   check_range(num_heads, "num_heads", 1, qkv.size(3));
@@ -136,8 +135,8 @@ struct Options {
   float scale = 1.0f;
   float mask_value = 0.0f;
 
-  const float* bias_ptr() const { return bias.defined() ? bias.const_data_ptr<float>() : nullptr; }
-  const float* fill_ptr() const { return fill.defined() ? fill.const_data_ptr<float>() : nullptr; }
+  const float* bias_ptr() const { return data_or_null(bias); }
+  const float* fill_ptr() const { return data_or_null(fill); }
   // Multiplies q k^T: the softmax scale, or the cosine temperature of head h.
   float alpha(int64_t h) const { return tau.defined() ? tau.const_data_ptr<float>()[h] : scale; }
 };
