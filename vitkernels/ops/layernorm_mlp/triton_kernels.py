@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ... import aot
-from .._triton import dot, gemm_config, prune_by_depth
+from .._triton import dot, gemm_config, grouped_tile, prune_by_depth
 
 GELU_MODES = {"none": 1, "tanh": 2}  # 0: no activation
 # Module-level constants of a jitted function must be constexprs; keep a tensor on the left of each
@@ -165,17 +165,7 @@ def _mlp_fwd_kernel(a_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, ln_w_ptr, ln_b_p
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # a_ptr: [M, K]; w_ptr: [N, K] (nn.Linear weight); bias_ptr, gamma_ptr: [N]; mean_ptr, rstd_ptr: [M] fp32;
     # ln_w_ptr, ln_b_ptr: [K]; res_ptr, pre_ptr, out_ptr: [M, N]. out = epilogue(prologue(a) @ w^T).
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * tiles_n)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_size
-    pid_n = (pid % (GROUP_M * tiles_n)) // group_size
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows, cols = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     row_ok = rows < M
     col_ok = cols < N
     ks = tl.arange(0, BLOCK_K)

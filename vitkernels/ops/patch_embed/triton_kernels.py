@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ... import aot
-from .._triton import dot, gemm_config, prune_by_depth
+from .._triton import dot, gemm_config, grouped_tile, prune_by_depth
 from ..layernorm_mlp.triton_kernels import layernorm_bwd
 from .reference import resample_pos_embed
 
@@ -44,17 +44,7 @@ def _patch_embed_fwd_kernel(x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, pos_pt
     # x_ptr: [B, C_in, H, W] (float or uint8); w_ptr: [N, K] = [E, C_in * PATCH_H * PATCH_W];
     # bias_ptr, norm_w_ptr, norm_b_ptr: [N]; scale_ptr, shift_ptr: [C_in] fp32; pos_ptr: [L, N] (row
     # pos_start + p for patch p); out_ptr: [B, num_prefix + patches, N]; M = B * patches.
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * tiles_n)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_size
-    pid_n = (pid % (GROUP_M * tiles_n)) // group_size
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows, cols = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     row_ok = rows < M
     col_ok = cols < N
     image = rows // patches

@@ -109,6 +109,15 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _window_bases(bw, h, num_windows, head_dim, qkv_ptr, stride_qb, bias_ptr, stride_bb, stride_bh):
+    """Image and window of flat window index bw, and the bases of head h in the qkv map and the bias."""
+    b = bw // num_windows
+    qkv_base = qkv_ptr + b.to(tl.int64) * stride_qb + h * head_dim
+    bias_base = bias_ptr + b.to(tl.int64) * stride_bb + h * stride_bh
+    return b, bw % num_windows, qkv_base, bias_base
+
+
+@triton.jit
 def _head_scale(logit_scale_ptr, h, scale, COSINE: tl.constexpr):
     if COSINE:
         return tl.exp(tl.minimum(tl.load(logit_scale_ptr + h).to(tl.float32), LOG_SCALE_MAX))
@@ -150,15 +159,13 @@ def _window_attention_fwd_kernel(
 ):
     bw = tl.program_id(0)
     h = tl.program_id(1)
-    b = bw // num_windows
-    win = bw % num_windows
+    b, win, qkv_base, bias_base = _window_bases(bw, h, num_windows, head_dim, qkv_ptr, stride_qb, bias_ptr,
+                                                stride_bb, stride_bh)
     n = Wh * Ww
     channels = heads * head_dim
     d = tl.arange(0, BLOCK_D)
     d_mask = d < head_dim
-    qkv_base = qkv_ptr + b.to(tl.int64) * stride_qb + h * head_dim
     fill_base = fill_ptr + h * head_dim
-    bias_base = bias_ptr + b.to(tl.int64) * stride_bb + h * stride_bh
     scale = _head_scale(logit_scale_ptr, h, scale, COSINE)
 
     tq = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -224,10 +231,8 @@ def _window_attention_bwd_dq_kernel(
     dsum = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     first = tl.program_id(0) * windows_per_program
     for bw in range(first, tl.minimum(first + windows_per_program, total_windows)):
-        b = bw // num_windows
-        win = bw % num_windows
-        qkv_base = qkv_ptr + b.to(tl.int64) * stride_qb + h * head_dim
-        bias_base = bias_ptr + b.to(tl.int64) * stride_bb + h * stride_bh
+        b, win, qkv_base, bias_base = _window_bases(bw, h, num_windows, head_dim, qkv_ptr, stride_qb, bias_ptr,
+                                                    stride_bb, stride_bh)
         qi, qj, qy, qx, q_real, q_region = _frame(win, tq, H, W, Wh, Ww, sh, sw, PAD_FIRST)
         q = _load_rows(qkv_base, qy * stride_qh + qx * stride_qw, q_real, tq < n, d, d_mask, fill_base, HAS_FILL)
         qn = _unit_rows(q) if COSINE else q
@@ -289,15 +294,13 @@ def _window_attention_bwd_dkdv_kernel(
 ):
     bw = tl.program_id(0)
     h = tl.program_id(1)
-    b = bw // num_windows
-    win = bw % num_windows
+    b, win, qkv_base, bias_base = _window_bases(bw, h, num_windows, head_dim, qkv_ptr, stride_qb, bias_ptr,
+                                                stride_bb, stride_bh)
     n = Wh * Ww
     channels = heads * head_dim
     d = tl.arange(0, BLOCK_D)
     d_mask = d < head_dim
-    qkv_base = qkv_ptr + b.to(tl.int64) * stride_qb + h * head_dim
     fill_base = fill_ptr + h * head_dim
-    bias_base = bias_ptr + b.to(tl.int64) * stride_bb + h * stride_bh
     scale = _head_scale(logit_scale_ptr, h, scale, COSINE)
 
     tk = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
