@@ -50,27 +50,36 @@ constexpr int64_t kTileCols = kGemmTileCols;
 // two AVX2 or four SSE registers per clone); loaded and stored unaligned through memcpy.
 typedef float Float16 __attribute__((vector_size(kTileCols * sizeof(float))));
 
-// c[rows, kTileCols] (+)= alpha * a b for one tile of c held in registers across the whole depth
-// k; a's element (r, p) is at a[r * row_step + p * depth_step].
-template <int64_t rows>
+// c[rows, tiles * kTileCols] (+)= alpha * a b for one block of c held in registers across the
+// whole depth k; a's element (r, p) is at a[r * row_step + p * depth_step]. Two column tiles give
+// rows * 2 independent accumulator chains, enough to hide the FMA latency on AVX-512.
+template <int64_t rows, int64_t tiles>
 VITKERNELS_INLINE void gemm_tile(const float* a, int64_t row_step, int64_t depth_step, const float* b, int64_t ldb,
                                  float* c, int64_t ldc, int64_t k, float alpha, bool accumulate) {
-  Float16 acc[rows] = {};
+  Float16 acc[rows][tiles] = {};
   for (int64_t p = 0; p < k; ++p) {
-    Float16 brow;
-    std::memcpy(&brow, b + p * ldb, sizeof(brow));
+    Float16 brow[tiles];
+    for (int64_t t = 0; t < tiles; ++t) {
+      std::memcpy(&brow[t], b + p * ldb + t * kTileCols, sizeof(Float16));
+    }
     for (int64_t r = 0; r < rows; ++r) {
-      acc[r] += a[r * row_step + p * depth_step] * brow;
+      const float arp = a[r * row_step + p * depth_step];
+      for (int64_t t = 0; t < tiles; ++t) {
+        acc[r][t] += arp * brow[t];
+      }
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
-    Float16 out = alpha * acc[r];
-    if (accumulate) {
-      Float16 old;
-      std::memcpy(&old, c + r * ldc, sizeof(old));
-      out += old;
+    for (int64_t t = 0; t < tiles; ++t) {
+      float* to = c + r * ldc + t * kTileCols;
+      Float16 out = alpha * acc[r][t];
+      if (accumulate) {
+        Float16 old;
+        std::memcpy(&old, to, sizeof(old));
+        out += old;
+      }
+      std::memcpy(to, &out, sizeof(out));
     }
-    std::memcpy(c + r * ldc, &out, sizeof(out));
   }
 }
 
@@ -100,8 +109,12 @@ template <int64_t rows>
 VITKERNELS_INLINE void gemm_band(const float* a, int64_t row_step, int64_t depth_step, const float* b, int64_t ldb,
                                  float* c, int64_t ldc, int64_t k, int64_t n, float alpha, bool accumulate) {
   int64_t j = 0;
-  for (; j + kTileCols <= n; j += kTileCols) {
-    gemm_tile<rows>(a, row_step, depth_step, b + j, ldb, c + j, ldc, k, alpha, accumulate);
+  for (; j + 2 * kTileCols <= n; j += 2 * kTileCols) {
+    gemm_tile<rows, 2>(a, row_step, depth_step, b + j, ldb, c + j, ldc, k, alpha, accumulate);
+  }
+  if (j + kTileCols <= n) {
+    gemm_tile<rows, 1>(a, row_step, depth_step, b + j, ldb, c + j, ldc, k, alpha, accumulate);
+    j += kTileCols;
   }
   if (j < n) {
     gemm_ragged_tile<rows>(a, row_step, depth_step, b + j, ldb, c + j, ldc, k, n - j, alpha, accumulate);
@@ -130,27 +143,120 @@ constexpr float kTanhCubic = 0.044715f;
 // tanh(u) = 1 - 2 / (exp(2u) + 1), through the vectorizable exp.
 VITKERNELS_INLINE float fast_tanh(float u) { return 1.0f - 2.0f / (fast_exp(2.0f * u) + 1.0f); }
 
-// max of row[0, n), kTileCols lanes at a time (a plain max loop does not vectorize: its
-// reassociation is not allowed without -ffast-math).
-VITKERNELS_INLINE float row_max(const float* row, int64_t n) {
-  float max = -std::numeric_limits<float>::infinity();
-  int64_t j = 0;
-  if (n >= kTileCols) {
-    Float16 lanes;
-    std::memcpy(&lanes, row, sizeof(lanes));
-    for (j = kTileCols; j + kTileCols <= n; j += kTileCols) {
-      Float16 next;
-      std::memcpy(&next, row + j, sizeof(next));
-      lanes = lanes > next ? lanes : next;
-    }
-    for (int64_t lane = 0; lane < kTileCols; ++lane) {
-      max = std::max(max, lanes[lane]);
-    }
+// The vector helpers below pass 16-float vectors by value; they are always inlined into a clone
+// compiled for its own instruction set, so the AVX-512 argument ABI gcc warns about never applies.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+typedef float Float8 __attribute__((vector_size(8 * sizeof(float))));
+typedef float Float4 __attribute__((vector_size(4 * sizeof(float))));
+typedef int32_t Int16 __attribute__((vector_size(kTileCols * sizeof(int32_t))));
+
+VITKERNELS_INLINE Float16 load16(const float* p) {
+  Float16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+VITKERNELS_INLINE void store16(float* p, Float16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+VITKERNELS_INLINE Float16 splat16(float x) { return Float16{} + x; }
+
+VITKERNELS_INLINE Float16 max16(Float16 a, Float16 b) { return a > b ? a : b; }
+
+// Horizontal sum and max of 16 lanes by halving (a few shuffles instead of 16 dependent steps).
+VITKERNELS_INLINE float sum_lanes(Float16 v) {
+  const Float8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                   __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const Float4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+VITKERNELS_INLINE float max_lanes(Float16 v) {
+  const Float8 lo = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  const Float8 hi = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const Float8 a = lo > hi ? lo : hi;
+  const Float4 b0 = __builtin_shufflevector(a, a, 0, 1, 2, 3);
+  const Float4 b1 = __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  const Float4 b = b0 > b1 ? b0 : b1;
+  return std::max(std::max(b[0], b[2]), std::max(b[1], b[3]));
+}
+
+// fast_exp on 16 lanes: the same polynomial and flush, with rounding by the 1.5 * 2^23 trick. The
+// clamps are written so that NaN lanes stay NaN.
+VITKERNELS_INLINE Float16 fast_exp16(Float16 x) {
+  x = x < -87.0f ? splat16(-87.0f) : x;
+  x = x > 88.0f ? splat16(88.0f) : x;
+  const Float16 round = splat16(12582912.0f);
+  const Float16 n = (x * 1.44269504088896341f + round) - round;
+  const Float16 r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
+  Float16 p = splat16(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const Int16 bits = (__builtin_convertvector(n, Int16) + 127) << 23;
+  const Float16 value = p * (Float16)bits;  // a vector cast reinterprets the bits
+  return x < kExpFlushBelow ? Float16{} : value;
+}
+
+// log on 16 lanes, for the positive sums of exponentials of the softmax statistics: x = 2^e * m
+// with m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(z) = 2 (z + z^3/3 + ...), z = (m - 1) / (m + 1),
+// |z| < 0.172. inf and NaN lanes come back unchanged; x must be positive and normal.
+VITKERNELS_INLINE Float16 fast_log16(Float16 x) {
+  const Int16 bits = (Int16)x;
+  Float16 m = (Float16)((bits & 0x007fffff) | 0x3f800000);
+  const Int16 high = m > 1.41421356237309505f;  // -1 in the lanes where m is halved
+  m = high ? 0.5f * m : m;
+  const Int16 exponent = (bits >> 23) - 127 - high;
+  const Float16 z = (m - 1.0f) / (m + 1.0f);
+  const Float16 z2 = z * z;
+  Float16 p = splat16(1.0f / 11.0f);
+  p = p * z2 + 1.0f / 9.0f;
+  p = p * z2 + 1.0f / 7.0f;
+  p = p * z2 + 1.0f / 5.0f;
+  p = p * z2 + 1.0f / 3.0f;
+  p = p * z2 + 1.0f;
+  const Float16 value = __builtin_convertvector(exponent, Float16) * 0.693147180559945309f + 2.0f * z * p;
+  return x < std::numeric_limits<float>::infinity() ? value : x;
+}
+
+// The first `count` (at most kTileCols) floats at p as a vector, other lanes `fill`; and back.
+VITKERNELS_INLINE Float16 load_partial16(const float* p, int64_t count, float fill) {
+  Float16 v = splat16(fill);
+  std::memcpy(&v, p, count * sizeof(float));
+  return v;
+}
+
+VITKERNELS_INLINE void store_partial16(float* p, Float16 v, int64_t count) { std::memcpy(p, &v, count * sizeof(float)); }
+
+// row[j] <- exp(row[j] - max) for j < n, where max (returned through max_out) is the row's
+// largest element; returns the sum of the exponentials. On 16-lane vectors with halving
+// reductions: rows can be short, and scalar reductions would weigh as much as the loops.
+VITKERNELS_INLINE float exp_row(float* __restrict row, int64_t n, float* max_out) {
+  const int64_t full = n / kTileCols * kTileCols;
+  Float16 lanes = splat16(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < full; j += kTileCols) {
+    lanes = max16(lanes, load16(row + j));
   }
-  for (; j < n; ++j) {
+  float max = max_lanes(lanes);
+  for (int64_t j = full; j < n; ++j) {
     max = std::max(max, row[j]);
   }
-  return max;
+  Float16 sums{};
+  for (int64_t j = 0; j < full; j += kTileCols) {
+    const Float16 e = fast_exp16(load16(row + j) - max);
+    store16(row + j, e);
+    sums += e;
+  }
+  float sum = sum_lanes(sums);
+  for (int64_t j = full; j < n; ++j) {
+    row[j] = fast_exp(row[j] - max);
+    sum += row[j];
+  }
+  *max_out = max;
+  return sum;
 }
 
 }  // namespace
@@ -182,14 +288,10 @@ VITKERNELS_CPU_CLONES
 void softmax_rows(float* s, float* lse, int64_t rows, int64_t cols, int64_t ld) {
   for (int64_t i = 0; i < rows; ++i) {
     float* __restrict row = s + i * ld;
-    const float max = row_max(row, cols);
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < cols; ++j) {
-      row[j] = fast_exp(row[j] - max);
-      sum += row[j];
-    }
+    float max;
+    const float sum = exp_row(row, cols, &max);
     const float inv = 1.0f / sum;
+#pragma omp simd
     for (int64_t j = 0; j < cols; ++j) {
       row[j] *= inv;
     }
@@ -197,13 +299,64 @@ void softmax_rows(float* s, float* lse, int64_t rows, int64_t cols, int64_t ld) 
   }
 }
 
+// Three passes, so that no row waits on the one before: the row maxima; the exponentials with
+// their per-row sums (independent rows the out-of-order core overlaps); the statistics of 16 rows
+// at a time.
 VITKERNELS_CPU_CLONES
-void exp_rows_minus(float* s, const float* lse, int64_t rows, int64_t cols, int64_t ld) {
+void softmax_rows_unnormalized(float* s, const float* add, int64_t ld_add, float* lse, float* inv_sum, int64_t rows,
+                               int64_t cols, int64_t ld) {
+  const Float16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const Float16 minus_inf = splat16(-std::numeric_limits<float>::infinity());
+  for (int64_t i = 0; i < rows; ++i) {
+    float* row = s + i * ld;
+    const float* addend = add != nullptr ? add + i * ld_add : nullptr;
+    Float16 lanes = minus_inf;
+    for (int64_t j = 0; j < cols; j += kTileCols) {
+      Float16 x = load16(row + j);
+      if (addend != nullptr) {
+        x += load16(addend + j);
+      }
+      x = lane < static_cast<float>(cols - j) ? x : minus_inf;
+      store16(row + j, x);
+      lanes = max16(lanes, x);
+    }
+    lse[i] = max_lanes(lanes);
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    float* row = s + i * ld;
+    Float16 sums{};
+    for (int64_t j = 0; j < cols; j += kTileCols) {
+      const Float16 e = fast_exp16(load16(row + j) - lse[i]);
+      store16(row + j, e);
+      sums += e;
+    }
+    inv_sum[i] = sum_lanes(sums);
+  }
+  for (int64_t i = 0; i < rows; i += kTileCols) {
+    const int64_t count = std::min(kTileCols, rows - i);
+    const Float16 sum = load_partial16(inv_sum + i, count, 1.0f);
+    store_partial16(lse + i, load_partial16(lse + i, count, 0.0f) + fast_log16(sum), count);
+    store_partial16(inv_sum + i, 1.0f / sum, count);
+  }
+}
+
+VITKERNELS_CPU_CLONES
+void exp_rows_minus(float* s, const float* add, int64_t ld_add, const float* lse, int64_t rows, int64_t cols,
+                    int64_t ld) {
   for (int64_t i = 0; i < rows; ++i) {
     float* __restrict row = s + i * ld;
     const float shift = lse[i];
-    for (int64_t j = 0; j < cols; ++j) {
-      row[j] = fast_exp(row[j] - shift);
+    if (add != nullptr) {
+      const float* __restrict addend = add + i * ld_add;
+#pragma omp simd
+      for (int64_t j = 0; j < cols; ++j) {
+        row[j] = fast_exp(row[j] + addend[j] - shift);
+      }
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < cols; ++j) {
+        row[j] = fast_exp(row[j] - shift);
+      }
     }
   }
 }

@@ -1,11 +1,13 @@
 // Window attention kernels for CPU tensors.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <vector>
 
 #include "common/cpu_math.h"
@@ -128,7 +130,7 @@ using window_cpu::Geometry;
 
 // The optional inputs in fp32, and what the kernels derive from them once per call.
 struct Options {
-  at::Tensor bias;      // [heads, N, N] gathered relative position bias, or undefined
+  at::Tensor bias;      // [heads, N, ld] gathered relative position bias (zero past N), or undefined
   at::Tensor fill;      // [3C] q, k, v of padding tokens (the qkv Linear's bias), or undefined
   at::Tensor tau;       // [heads] exp(min(logit_scale, log 100)): cosine attention, or undefined
   at::Tensor relative;  // [N, N] int64 table rows, for the bias gradient, or undefined
@@ -158,7 +160,9 @@ Options make_options(const Geometry& g, const at::Tensor& qkv, const std::option
   TORCH_CHECK(!(scale.has_value() && logit_scale.has_value()), "scale and logit_scale are exclusive");
   Options o;
   if (bias_table.has_value()) {
-    o.bias = gather_relative_position_bias_cpu(bias_table->to(at::kFloat), g.window_h, g.window_w);
+    // Rows padded to ld columns: the softmax reads whole vectors.
+    o.bias = at::constant_pad_nd(gather_relative_position_bias_cpu(bias_table->to(at::kFloat), g.window_h, g.window_w),
+                                 {0, g.ld - g.n});
     if (need_relative) {
       o.relative = at::empty({g.n, g.n}, qkv.options().dtype(at::kLong));
       int64_t* rows = o.relative.mutable_data_ptr<int64_t>();
@@ -181,79 +185,101 @@ Options make_options(const Geometry& g, const at::Tensor& qkv, const std::option
   return o;
 }
 
-// One thread's working set: the current window's qkv rows, and one (image, window, head) problem.
+// An fp32 work buffer that is not zeroed on allocation (std::vector<float> would be, on every call).
+class Floats {
+ public:
+  explicit Floats(int64_t size = 0) : data_(size > 0 ? new float[size] : nullptr) {}
+  float* data() { return data_.get(); }
+  const float* data() const { return data_.get(); }
+
+ private:
+  std::unique_ptr<float[]> data_;
+};
+
+// One thread's working set: the current window's tokens and [N, ld] shift mask, and one (image,
+// window, head) problem: q, k, v as [N, head_dim] rows, keys or values transposed [head_dim, ld],
+// logits [N, ld]. The gemms compute ld >= N columns; t and mask start zeroed so that the columns
+// past N stay finite.
 struct Scratch {
   int64_t window = -1;
+  bool masked = false;  // the current window spans several shift regions
   std::vector<int64_t> pixel;
   std::vector<int32_t> region;
-  std::vector<float> rows, q, k, v, t, s, dp, dout, dq, dk, dv, q_norm, k_norm;
+  Floats q, k, v, t, s, o, mask, add, inv_sum, dp, dout, dq, dk, dv, q_norm, k_norm;
 
   explicit Scratch(const Geometry& g, bool backward)
-      : pixel(g.n), region(g.n), rows(g.n * 3 * g.channels), q(g.n * g.head_dim), k(q.size()), v(q.size()),
-        t(g.head_dim * g.ld), s(g.n * g.ld), q_norm(g.n), k_norm(g.n) {
+      : pixel(g.n), region(g.n), q(g.n * g.head_dim), k(g.n * g.head_dim), v(g.n * g.head_dim),
+        t(g.head_dim * g.ld), s(g.n * g.ld), o(g.n * g.head_dim), mask(g.shifted() ? g.n * g.ld : 0),
+        add(g.shifted() ? g.n * g.ld : 0), inv_sum(g.n), q_norm(g.n), k_norm(g.n) {
+    std::fill(t.data(), t.data() + g.head_dim * g.ld, 0.0f);
+    if (g.shifted()) {
+      std::fill(mask.data(), mask.data() + g.n * g.ld, 0.0f);
+    }
     if (backward) {
-      dp.resize(s.size());
-      dout.resize(q.size());
-      dq.resize(q.size());
-      dk.resize(q.size());
-      dv.resize(q.size());
+      dp = Floats(g.n * g.ld);
+      dout = Floats(g.n * g.head_dim);
+      dq = Floats(g.n * g.head_dim);
+      dk = Floats(g.n * g.head_dim);
+      dv = Floats(g.n * g.head_dim);
     }
   }
 };
 
 // Makes `window` (image * nW + window index) the scratch's current window: its tokens, regions
-// and whole qkv rows [N, 3C] in fp32, read once for all heads.
-template <typename scalar_t>
-void enter_window(const Geometry& g, const Options& o, const scalar_t* qkv, int64_t window, Scratch& sc) {
+// and, when they span several regions, its shift mask.
+void enter_window(const Geometry& g, const Options& o, int64_t window, Scratch& sc) {
   if (window == sc.window) {
     return;
   }
   window_cpu::window_tokens(g, window / g.windows(), window % g.windows(), sc.pixel.data(), sc.region.data());
-  const int64_t width = 3 * g.channels;
-  window_cpu::load_rows(qkv, sc.pixel.data(), g.n, width, 0, width, o.fill_ptr(), sc.rows.data());
   sc.window = window;
-}
-
-// dst[t, e] = column block [offset, offset + width) of the current window's row t.
-void slice_rows(const Geometry& g, const Scratch& sc, int64_t offset, int64_t width, float* dst) {
-  const int64_t stride = 3 * g.channels;
-  for (int64_t t = 0; t < g.n; ++t) {
-    std::copy(sc.rows.data() + t * stride + offset, sc.rows.data() + t * stride + offset + width, dst + t * width);
+  const int32_t* region = sc.region.data();
+  sc.masked = g.shifted() && std::any_of(region, region + g.n, [&](int32_t r) { return r != region[0]; });
+  if (sc.masked) {
+    for (int64_t i = 0; i < g.n; ++i) {
+      for (int64_t j = 0; j < g.n; ++j) {
+        sc.mask.data()[i * g.ld + j] = region[j] != region[i] ? o.mask_value : 0.0f;
+      }
+    }
   }
 }
 
-// Takes q, k, v of head h from the current window (normalized for cosine attention) and leaves
-// the masked logits of the problem in sc.s.
-void load_and_score(const Geometry& g, const Options& o, int64_t h, Scratch& sc) {
+// Reads q, k, v of head h of the current window straight from the qkv map (normalized for cosine
+// attention) and leaves the scaled logits alpha * q k^T in sc.s.
+template <typename scalar_t>
+void load_and_score(const Geometry& g, const Options& o, const scalar_t* qkv, int64_t h, Scratch& sc) {
   const int64_t n = g.n;
   const int64_t d = g.head_dim;
-  slice_rows(g, sc, h * d, d, sc.q.data());
-  slice_rows(g, sc, g.channels + h * d, d, sc.k.data());
-  slice_rows(g, sc, 2 * g.channels + h * d, d, sc.v.data());
+  const int64_t stride = 3 * g.channels;
+  const int64_t* pixel = sc.pixel.data();
+  window_cpu::load_rows(qkv, pixel, n, stride, h * d, d, o.fill_ptr(), sc.q.data());
+  window_cpu::load_rows(qkv, pixel, n, stride, 2 * g.channels + h * d, d, o.fill_ptr(), sc.v.data());
+  window_cpu::load_rows(qkv, pixel, n, stride, g.channels + h * d, d, o.fill_ptr(), sc.k.data());
   if (o.tau.defined()) {
     cpu::normalize_rows(sc.q.data(), sc.q_norm.data(), n, d);
     cpu::normalize_rows(sc.k.data(), sc.k_norm.data(), n, d);
   }
-  const int64_t ld = g.ld;
-  cpu::transpose(sc.k.data(), sc.t.data(), n, d, d, ld);
-  cpu::gemm(sc.q.data(), sc.t.data(), sc.s.data(), n, d, ld, d, ld, ld, o.alpha(h), false, false);
-  const float* bias = o.bias_ptr();
-  const bool masked = g.shifted();
-  for (int64_t i = 0; i < n; ++i) {
-    float* row = sc.s.data() + i * ld;
-    if (bias != nullptr) {
-      const float* bias_row = bias + (h * n + i) * n;
-      for (int64_t j = 0; j < n; ++j) {
-        row[j] += bias_row[j];
-      }
-    }
-    if (masked) {
-      const int32_t own = sc.region[i];
-      for (int64_t j = 0; j < n; ++j) {
-        row[j] += sc.region[j] != own ? o.mask_value : 0.0f;
-      }
-    }
+  cpu::transpose(sc.k.data(), sc.t.data(), n, d, d, g.ld);
+  cpu::gemm(sc.q.data(), sc.t.data(), sc.s.data(), n, d, g.ld, d, g.ld, g.ld, o.alpha(h), false, false);
+}
+
+// What head h adds to its logits in the current window, [N, ld] row-major: the gathered bias plus
+// the shift mask where the window is masked; null when nothing is added.
+const float* head_addend(const Geometry& g, const Options& o, int64_t h, Scratch& sc) {
+  const int64_t size = g.n * g.ld;
+  const float* bias = o.bias_ptr() != nullptr ? o.bias_ptr() + h * size : nullptr;
+  if (!sc.masked) {
+    return bias;
   }
+  if (bias == nullptr) {
+    return sc.mask.data();
+  }
+  float* __restrict sum = sc.add.data();
+  const float* __restrict mask = sc.mask.data();
+  for (int64_t e = 0; e < size; ++e) {
+    sum[e] = bias[e] + mask[e];
+  }
+  return sum;
 }
 
 template <typename scalar_t>
@@ -262,13 +288,14 @@ void forward_tasks(const Geometry& g, const Options& o, const scalar_t* qkv, sca
   Scratch sc(g, /*backward=*/false);
   for (int64_t task = begin; task < end; ++task) {
     const int64_t h = task % g.heads;
-    enter_window(g, o, qkv, task / g.heads, sc);
-    load_and_score(g, o, h, sc);
-    cpu::softmax_rows(sc.s.data(), lse + task * g.n, g.n, g.n, g.ld);
-    cpu::gemm(sc.s.data(), sc.v.data(), sc.t.data(), g.n, g.n, g.head_dim, g.ld, g.head_dim, g.head_dim, 1.0f,
+    enter_window(g, o, task / g.heads, sc);
+    load_and_score(g, o, qkv, h, sc);
+    cpu::softmax_rows_unnormalized(sc.s.data(), head_addend(g, o, h, sc), g.ld, lse + task * g.n, sc.inv_sum.data(),
+                                   g.n, g.n, g.ld);
+    cpu::gemm(sc.s.data(), sc.v.data(), sc.o.data(), g.n, g.n, g.head_dim, g.ld, g.head_dim, g.head_dim, 1.0f,
               false, false);
-    window_cpu::store_rows(sc.t.data(), sc.pixel.data(), g.n, g.channels, h * g.head_dim, g.head_dim, out,
-                           static_cast<float*>(nullptr));
+    window_cpu::store_rows(sc.o.data(), sc.pixel.data(), g.n, g.channels, h * g.head_dim, g.head_dim, out,
+                           static_cast<float*>(nullptr), sc.inv_sum.data());
   }
 }
 
@@ -325,10 +352,10 @@ void backward_task(const Geometry& g, const Options& o, const scalar_t* qkv, con
   const int64_t d = g.head_dim;
   const int64_t h = task % g.heads;
   const float alpha = o.alpha(h);
-  enter_window(g, o, qkv, task / g.heads, sc);
-  load_and_score(g, o, h, sc);
+  enter_window(g, o, task / g.heads, sc);
+  load_and_score(g, o, qkv, h, sc);
   const int64_t ld = g.ld;
-  cpu::exp_rows_minus(sc.s.data(), lse + task * n, n, n, ld);
+  cpu::exp_rows_minus(sc.s.data(), head_addend(g, o, h, sc), ld, lse + task * n, n, n, ld);
   window_cpu::load_rows(grad_out, sc.pixel.data(), n, g.channels, h * d, d, nullptr, sc.dout.data());
   cpu::gemm(sc.s.data(), sc.dout.data(), sc.dv.data(), n, n, d, ld, d, d, 1.0f, true, false);
   cpu::transpose(sc.v.data(), sc.t.data(), n, d, d, ld);

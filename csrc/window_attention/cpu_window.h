@@ -72,17 +72,19 @@ void load_rows(const scalar_t* src, const int64_t* pixel, int64_t n, int64_t row
   }
 }
 
-// The inverse of load_rows: real tokens are written to dst; padding tokens are added to
-// padding_sum[offset + e] when it is not null and dropped otherwise.
+// The inverse of load_rows: real tokens are written to dst, row t multiplied by row_scale[t] when
+// row_scale is not null; padding tokens are added to padding_sum[offset + e] when it is not null
+// and dropped otherwise.
 template <typename scalar_t>
 void store_rows(const float* rows, const int64_t* pixel, int64_t n, int64_t row_stride, int64_t offset,
-                int64_t width, scalar_t* dst, float* padding_sum) {
+                int64_t width, scalar_t* dst, float* padding_sum, const float* row_scale = nullptr) {
   for (int64_t t = 0; t < n; ++t) {
     const float* row = rows + t * width;
     if (pixel[t] >= 0) {
       scalar_t* to = dst + pixel[t] * row_stride + offset;
+      const float factor = row_scale != nullptr ? row_scale[t] : 1.0f;
       for (int64_t e = 0; e < width; ++e) {
-        to[e] = static_cast<scalar_t>(row[e]);
+        to[e] = static_cast<scalar_t>(row[e] * factor);
       }
     } else if (padding_sum != nullptr) {
       for (int64_t e = 0; e < width; ++e) {
