@@ -21,6 +21,7 @@ import torch
 
 import shapes
 from vitkernels import ops
+from vitkernels.testing import LOW_PRECISION, assert_close
 
 Inputs = dict[str, Optional[torch.Tensor]]
 
@@ -262,3 +263,20 @@ def selected(variable: str, choices: tuple) -> list[str]:
     if unknown:
         raise ValueError(f"{variable} names unknown entries {unknown}; expected some of {list(choices)}")
     return chosen
+
+
+def outputs(result) -> list[torch.Tensor]:
+    return list(result) if isinstance(result, (tuple, list)) else [result]
+
+
+def check_against_reference(op: str, shape, fn, inputs: Inputs, dtype, eager) -> None:
+    """Asserts the forward output of ``fn`` under the tolerance policy (float64 reference: the torch backend).
+
+    fp16/bf16 outputs are bounded by the error of ``eager`` (the zoo's computation) in that dtype.
+    """
+    with torch.no_grad():
+        actual = outputs(fn(inputs))
+        expected = outputs(OPS[op].call(shape, "torch")(cast(inputs, torch.float64)))
+        low = outputs(eager(inputs)) if dtype in LOW_PRECISION else [None] * len(expected)
+    for i, (a, e, lp) in enumerate(zip(actual, expected, low)):
+        assert_close(a, e, low_precision_reference=lp, name=f"{op} {shape.name} output {i}")

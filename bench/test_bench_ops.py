@@ -33,7 +33,7 @@ import providers
 import shapes
 import timing
 from vitkernels import backends, ops
-from vitkernels.testing import LOW_PRECISION, assert_close
+from vitkernels.testing import LOW_PRECISION
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PROVIDERS = backends.BACKENDS + providers.NAMES
@@ -74,23 +74,6 @@ def provider_fn(op: str, shape, provider: str, device: str, dtype) -> Callable[[
         pytest.skip(str(err))
 
 
-def _outputs(result) -> list[torch.Tensor]:
-    return list(result) if isinstance(result, (tuple, list)) else [result]
-
-
-def check_against_reference(op: str, shape, fn, inputs: cases.Inputs, dtype, eager) -> None:
-    """Asserts the forward output of ``fn`` under the tolerance policy (float64 reference: the torch backend).
-
-    fp16/bf16 outputs are bounded by the error of ``eager`` (the zoo's computation) in that dtype.
-    """
-    with torch.no_grad():
-        actual = _outputs(fn(inputs))
-        expected = _outputs(cases.OPS[op].call(shape, "torch")(cases.cast(inputs, torch.float64)))
-        low = _outputs(eager(inputs)) if dtype in LOW_PRECISION else [None] * len(expected)
-    for i, (a, e, lp) in enumerate(zip(actual, expected, low)):
-        assert_close(a, e, low_precision_reference=lp, name=f"{op} {shape.name} output {i}")
-
-
 _CHECKED: set = set()
 
 
@@ -100,7 +83,7 @@ def _check_once(op, shape, provider, fn, inputs, device, dtype) -> None:
         return
     with _outside_failures_skip(provider):
         eager = providers.build("eager", op, shape, device, dtype) if dtype in LOW_PRECISION else None
-        check_against_reference(op, shape, fn, inputs, dtype, eager)
+        cases.check_against_reference(op, shape, fn, inputs, dtype, eager)
     _CHECKED.add(key)
 
 
@@ -131,14 +114,14 @@ def make_call(fn, pool: list[cases.Inputs], mode: str) -> Callable[[], None]:
                 fn(pool[next(entries)])
 
         return forward
-    upstream = [torch.randn_like(o) for o in _outputs(fn(pool[0]))]
+    upstream = [torch.randn_like(o) for o in cases.outputs(fn(pool[0]))]
     if mode == "fwd+bwd":
         def forward_backward():
             inputs = pool[next(entries)]
-            torch.autograd.grad(_outputs(fn(inputs)), cases.grad_inputs(inputs), upstream, allow_unused=True)
+            torch.autograd.grad(cases.outputs(fn(inputs)), cases.grad_inputs(inputs), upstream, allow_unused=True)
 
         return forward_backward
-    graphs = [(_outputs(fn(inputs)), cases.grad_inputs(inputs)) for inputs in pool]
+    graphs = [(cases.outputs(fn(inputs)), cases.grad_inputs(inputs)) for inputs in pool]
 
     def backward():
         outs, leaves = graphs[next(entries)]
