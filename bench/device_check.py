@@ -25,7 +25,8 @@ recorded and the next one runs):
 
 --sanitize replaces tests, ceilings, large and bench by two runs of a short pytest selection of
 the CUDA and Triton kernels (SANITIZE_K over tests/ops) under compute-sanitizer, one with
---tool memcheck and one with --tool racecheck; each tool's verdict (its ERROR SUMMARY) is recorded.
+--tool memcheck and one with --tool racecheck; each tool's verdict (its ERROR SUMMARY) is
+recorded. Its default budget is 540 s.
 
 Results go to RESULTS = DIR/<gpu>/<date>-<commit>/ (DIR/cpu/... with --cpu), the layout of
 bench/results/: copy DIR's contents into bench/results/ to commit them. RESULTS holds
@@ -59,6 +60,7 @@ SCRIPT = os.path.abspath(__file__)
 OPS = ("window_attention", "attention", "patch_embed", "layernorm_mlp", "layernorm", "add_layernorm")
 
 DEFAULT_BUDGET_S = 400
+SANITIZE_BUDGET_S = 540  # the build, then two passes under tools that slow kernels by 10-100x
 # Per-step caps (seconds) and the time each later step is guaranteed before an earlier one may use it.
 CAPS = {"env": 60, "build": 240, "build_check": 60, "tests_ops": 150, "tests_cuda": 120, "ceilings": 90,
         "large": 60, "bench": 300, "sanitize_memcheck": 150, "sanitize_racecheck": 200}
@@ -75,6 +77,7 @@ MODEL_PROVIDERS = "stock,cuda,triton,cpu"
 SANITIZE_K = "test_matches_reference and (cuda or triton) and fp32"
 SANITIZE_TOOLS = ("memcheck", "racecheck")
 MIN_STEP_S = 10
+INTERRUPT_GRACE_S = 10  # seconds between SIGINT and SIGKILL of a step that runs out of time
 
 
 @dataclass
@@ -300,9 +303,10 @@ def _speedup_bars(ax, rows: list[dict], op: str) -> None:
         ax.bar([j + i * width for j in range(len(shapes))], [by_shape.get(sh, 0.0) for sh in shapes], width,
                label=name)
     ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))])
     ax.set_xticklabels(shapes, fontsize=7)
-    ax.set_ylabel("speedup")
+    ax.set_ylabel("speedup (log)")
     ax.set_title(op, fontsize=9)
     ax.legend(fontsize=6, ncol=4)
 
@@ -588,26 +592,41 @@ class Runner:
         return step, data
 
 
-def run_with_timeout(command: list[str], env: dict, log, timeout: float):
+def run_with_timeout(command: list[str], env: dict, log, timeout: float, grace: float = INTERRUPT_GRACE_S):
     """Runs ``command`` in ROOT with its output appended to ``log``.
 
-    Returns the exit status, None when it ran out of time (its whole process group is then
-    killed, so that no compiler or worker it started lingers), or an error message.
+    Returns the exit status, None when it ran out of time, or an error message. At ``timeout -
+    grace`` seconds (when the timeout is long enough to spare them) the process group gets SIGINT,
+    which lets pytest finish its session and pytest-benchmark write the results measured so far;
+    at ``timeout`` the whole group is killed, so that no compiler or worker it started lingers.
     """
     try:
         proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     except OSError as err:
         return f"{type(err).__name__}: {err}"
+    grace = grace if timeout > 3 * grace else 0.0
     try:
-        return proc.wait(timeout=timeout)
+        return proc.wait(timeout=timeout - grace)
     except subprocess.TimeoutExpired:
+        pass
+    if grace:
+        _signal_group(proc, signal.SIGINT)
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            proc.kill()
-        proc.wait()
-        return None
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    _signal_group(proc, signal.SIGKILL)
+    proc.wait()
+    return None
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        if proc.poll() is None:
+            proc.send_signal(sig)
 
 
 def _git_commit() -> str:
@@ -863,7 +882,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                              "(memcheck, racecheck) instead of tests and benchmarks")
     parser.add_argument("--no-build", action="store_true", help="skip building the extension")
     parser.add_argument("--pack-logs", action="store_true", help="replace DIR/logs by DIR/logs.tar.gz at the end")
-    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, help="total seconds for every step")
+    parser.add_argument("--budget", type=float, default=None,
+                        help=f"total seconds for every step (default {DEFAULT_BUDGET_S}, "
+                             f"with --sanitize {SANITIZE_BUDGET_S})")
     parser.add_argument("--probe", choices=sorted(PROBES), help=argparse.SUPPRESS)
     parser.add_argument("--probe-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -875,6 +896,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(json.dumps(data, indent=1, default=str))
         return 0
 
+    if args.budget is None:
+        args.budget = SANITIZE_BUDGET_S if args.sanitize else DEFAULT_BUDGET_S
     date = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
     relative = results_folder("cpu" if args.cpu else (_gpu_name() or "unknown-gpu"), date, _git_commit())
     out = os.path.join(os.path.abspath(args.out), relative)

@@ -14,12 +14,15 @@ so that the same span is timed.
 * ``eager-sdpa``: the same timm modules with ``fused_attn`` on (F.scaled_dot_product_attention,
   the window bias and shift mask passed as ``attn_mask``).
 * ``sdpa``: F.scaled_dot_product_attention called directly: over all tokens, or over the
-  partitioned windows with the gathered bias (plus the shift mask) as a broadcast ``attn_mask``.
+  partitioned windows with the gathered bias (plus the shift mask) as an ``attn_mask``
+  broadcast over the images (timm's fused path instead materializes it per window).
 * ``flex``: FlexAttention (torch.nn.attention.flex_attention) with torch.compile: a ``score_mod``
   adding the relative-position bias read from the table at the computed index, and for shifted
   windows a block mask whose ``mask_mod`` compares region ids (the zoos add -100 instead of
   masking; the difference, e^-100, is below every tolerance). SwinV2's cosine logits are formed
-  by normalizing q and k and folding the per-head scale into q.
+  by normalizing q and k and folding the per-head scale into q. (With torch 2.14 on CPU the
+  compiled cosine span comes out wrong while FlexAttention's eager path is right; the check
+  before timing catches it and the case is skipped.)
 * ``compile`` / ``compile-max-autotune``: torch.compile of the ``eager`` function (max-autotune
   on GPU only).
 """
@@ -132,14 +135,19 @@ def _sdpa_window_attention(shape: shapes.WindowAttentionShape, device, dtype) ->
     n, heads = shape.window ** 2, shape.heads
 
     def span(t: cases.Inputs) -> torch.Tensor:
-        windows = _windows(t["qkv"], shape)
-        q, k, v, scale = _scaled_q_k_v(windows, heads, t["logit_scale"])
+        q, k, v, scale = _scaled_q_k_v(_windows(t["qkv"], shape), heads, t["logit_scale"])
         bias = relative_position_bias(t["bias_table"], shape.window, shape.window)  # [heads, N, N]
-        windows_per_image = windows.shape[0] // shape.batch
-        q, k, v = (x.reshape(shape.batch, windows_per_image, heads, n, -1) for x in (q, k, v))
-        attn_mask = bias if mask is None else bias + mask[:, None]  # broadcast over images (and windows)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
-        return _unwindows(_merge_heads(out.reshape(-1, heads, n, out.shape[-1])), shape)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+        else:
+            # 4-D, as the fused SDPA kernels want: an image's windows and heads form one axis, and
+            # the [nW * heads, N, N] bias plus mask broadcasts over the images.
+            per_image = mask.shape[0] * heads
+            q, k, v = (x.reshape(shape.batch, per_image, n, -1) for x in (q, k, v))
+            attn_mask = (bias + mask[:, None]).reshape(per_image, n, n)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+            out = out.reshape(-1, heads, n, out.shape[-1])
+        return _unwindows(_merge_heads(out), shape)
 
     return span
 

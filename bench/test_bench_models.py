@@ -51,17 +51,24 @@ _CHECKED: set = set()
 
 
 def _check_once(shape, provider, model, fn, images, dtype) -> None:
-    """The provider's logits against the stock model in float64."""
+    """The provider's logits against the stock model in float64.
+
+    A wrong vitkernels backend fails the test; a wrong or failing torch.compile is skipped, not timed.
+    """
     if (shape, provider) in _CHECKED:
         return
     torch.manual_seed(0)
     stock = timm.create_model(shape.model, pretrained=False).to(images.device).eval()
     model.eval()
     with torch.no_grad():
-        actual = fn(images)
         expected = copy.deepcopy(stock).double()(images.double())
         low = stock.to(dtype)(images) if dtype in LOW_PRECISION else None
-    assert_close(actual, expected, low_precision_reference=low, name=f"{shape.name} logits ({provider})")
+        try:
+            assert_close(fn(images), expected, low_precision_reference=low, name=f"{shape.name} logits ({provider})")
+        except Exception as err:  # noqa: BLE001
+            if provider in backends.BACKENDS:
+                raise
+            pytest.skip(f"{provider} not timed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
     _CHECKED.add((shape, provider))
 
 

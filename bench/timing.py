@@ -30,6 +30,8 @@ class CudaEventClock:
     benchmark so that the float milliseconds of ``elapsed_time`` stay precise.
     """
 
+    __name__ = "cuda_event_clock"  # how pytest-benchmark names a timer in its JSON
+
     def __init__(self):
         self.origin = torch.cuda.Event(enable_timing=True)
         self.origin.record()

@@ -128,6 +128,18 @@ def test_run_with_timeout_logs_and_kills(dc, tmp_path):
     assert "hello" in log_path.read_text()
 
 
+def test_a_timed_out_step_is_interrupted_before_it_is_killed(dc, tmp_path):
+    """SIGINT first, so that pytest-benchmark still writes what it measured."""
+    script = ("import signal, sys, time\n"
+              "signal.signal(signal.SIGINT, lambda *a: (print('interrupted', flush=True), sys.exit(2)))\n"
+              "print('started', flush=True)\n"
+              "time.sleep(60)\n")
+    log_path = tmp_path / "step.log"
+    with open(log_path, "w") as log:
+        assert dc.run_with_timeout([sys.executable, "-c", script], dict(os.environ), log, 4.0, grace=1.0) is None
+    assert "interrupted" in log_path.read_text()
+
+
 def test_runner_records_a_step_with_its_log(dc, tmp_path, capsys):
     runner = dc.Runner(str(tmp_path), budget=60, cpu=True, quick=True)
     step, output = runner.command("echo", [sys.executable, "-c", "print('3 passed in 0.10s')"], 30,
