@@ -25,6 +25,11 @@ so that the same span is timed.
   before timing catches it and the case is skipped.)
 * ``compile`` / ``compile-max-autotune``: torch.compile of the ``eager`` function (max-autotune
   on GPU only).
+
+torchvision's and Hugging Face's attention code keeps its projections inside the span
+(torchvision's ``shifted_window_attention`` takes the qkv and proj weights, Hugging Face Swin has
+separate q, k, v Linears), so their spans cannot be timed alone; whole models of both zoos are
+timed by ``python -m vitkernels bench --zoo torchvision|transformers``.
 """
 from __future__ import annotations
 
