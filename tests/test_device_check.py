@@ -268,3 +268,60 @@ def test_large_cases_pass_two_to_the_31_and_skip_without_memory(dc):
     text = dc.render_markdown({"env": {}, "steps": [], "benchmarks": [],
                                "large": {"layernorm cuda": {"status": "ok", "detail": "error 1e-3"}}})
     assert "## Past 2^31 elements" in text and "| layernorm cuda | ok | error 1e-3 |" in text
+
+
+PROBE_RESULTS = {
+    "env": {"device_name": "NVIDIA H100 80GB HBM3", "capability": "9.0", "torch": "2.11.0"},
+    "extension": {"unavailable_reason": None, "has_cuda": True},
+    "ceilings": CEILINGS,
+    "large": {"layernorm cuda (2.15e9 elements)": {"status": "ok", "detail": "largest relative error 3e-03"}},
+}
+
+
+def _fake_gpu_machine(dc, monkeypatch):
+    """Subprocesses that answer like a GPU machine: probes write their JSON, benchmark runs their records."""
+    seen = []
+
+    def fake(command, env, log, timeout):
+        seen.append((command, env))
+        if "--probe" in command:
+            with open(command[command.index("--probe-out") + 1], "w") as f:
+                json.dump(PROBE_RESULTS[command[command.index("--probe") + 1]], f)
+        for arg in command:
+            if arg.startswith("--benchmark-json="):
+                op = env.get("VITKERNELS_BENCH_OPS", "model").split(",")[0]
+                entries = [_bench_entry(op, "GB/s", 1e-3 * factor, bytes_=2e9, backend=backend)
+                           for factor, backend in ((1, "cuda"), (3, "eager"))]
+                for entry, kind in zip(entries, ("vitkernels", "baseline")):
+                    entry["extra_info"]["provider_kind"] = kind
+                with open(arg.split("=", 1)[1], "w") as f:
+                    json.dump({"benchmarks": entries}, f)
+        log.write("3 passed in 1.00s\n")
+        return 0
+
+    monkeypatch.setattr(dc, "run_with_timeout", fake)
+    monkeypatch.setattr(dc, "_gpu_name", lambda: "NVIDIA H100 80GB HBM3")
+    return seen
+
+
+def test_gpu_run_wires_every_step(dc, tmp_path, monkeypatch):
+    seen = _fake_gpu_machine(dc, monkeypatch)
+    assert dc.main(["--out", str(tmp_path), "--budget", "1000", "--pack-logs"]) == 0
+    (folder,) = (tmp_path / "h100-80gb-hbm3").iterdir()
+    assert folder.name.endswith(dc._git_commit()[:7])
+    report = json.loads((folder / "device_check.json").read_text())
+    names = [s["name"] for s in report["steps"]]
+    assert names[:8] == ["env", "build", "build_check", "tests_ops", "tests_cuda", "ceilings", "large",
+                         "bench:window_attention"]
+    assert "bench:models" in names and "bench:compile" in names
+    build_env = next(env for command, env in seen if "build_ext" in command)
+    assert build_env["TORCH_CUDA_ARCH_LIST"] == "9.0"
+    bench_envs = [env for command, env in seen if any(a.startswith("--benchmark-json=") for a in command)]
+    assert all(env["VITKERNELS_BENCH_CEILINGS"].endswith("ceilings.json") for env in bench_envs)
+    assert report["large"] == PROBE_RESULTS["large"]
+    gains = {(g["op"], g["provider"]): g["speedup"] for g in report["speedups"]}
+    assert gains[("layernorm", "eager")] == pytest.approx(3.0)
+    assert sorted(report["plots"]) == ["speedup_fwd.png"]
+    assert {p.name for p in folder.iterdir()} >= {"device_check.md", "device_check.json", "bench.json", "logs.tar.gz",
+                                                 "device_check.log", "speedup_fwd.png"}
+    assert "## Past 2^31 elements" in (folder / "device_check.md").read_text()
