@@ -280,3 +280,8 @@ def check_against_reference(op: str, shape, fn, inputs: Inputs, dtype, eager) ->
         low = outputs(eager(inputs)) if dtype in LOW_PRECISION else [None] * len(expected)
     for i, (a, e, lp) in enumerate(zip(actual, expected, low)):
         assert_close(a, e, low_precision_reference=lp, name=f"{op} {shape.name} output {i}")
+
+
+def failure(provider: str, err: Exception) -> str:
+    """The skip reason of an outside provider that failed or was wrong: its error's type and first line."""
+    return f"{provider} not timed: {type(err).__name__}: {next(iter(str(err).splitlines()), '')}"

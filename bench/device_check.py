@@ -456,9 +456,15 @@ def _large_all(free_bytes: int) -> dict:
             try:
                 results[key] = _large_call(name, backend)
             except torch.cuda.OutOfMemoryError as err:
-                results[key] = {"status": "skipped", "detail": f"out of memory: {str(err).splitlines()[0]}"}
+                results[key] = {"status": "skipped", "detail": f"out of memory: {_first_line(err)}"}
+            except Exception as err:  # noqa: BLE001 - a launch error (a grid past its limits) is a finding
+                results[key] = {"status": "failed", "detail": f"{type(err).__name__}: {_first_line(err)}"}
             torch.cuda.empty_cache()
     return results
+
+
+def _first_line(err: Exception) -> str:
+    return next(iter(str(err).splitlines()), "")
 
 
 def _large_call(name: str, backend: str) -> dict:

@@ -241,7 +241,8 @@ def _eager(op: str, shape, device, dtype) -> Fn:
     if op == "layernorm_mlp":
         return _timm_layernorm_mlp(shape, device, dtype)
     if op == "layernorm":
-        return lambda t: F.layer_norm(t["x"], (shape.dim,), t["weight"], t["bias"], shape.eps)
+        norm = torch.nn.LayerNorm(shape.dim, eps=shape.eps).to(device, dtype)
+        return lambda t: torch.func.functional_call(norm, {"weight": t["weight"], "bias": t["bias"]}, (t["x"],))
     if op == "add_layernorm":
         return lambda t: add_layernorm_reference(t["x"], t["residual"], t["weight"], t["bias"], eps=shape.eps)
     if op == "patch_embed":

@@ -68,7 +68,7 @@ def _check_once(shape, provider, model, fn, images, dtype) -> None:
         except Exception as err:  # noqa: BLE001
             if provider in backends.BACKENDS:
                 raise
-            pytest.skip(f"{provider} not timed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            pytest.skip(cases.failure(provider, err))
     _CHECKED.add((shape, provider))
 
 

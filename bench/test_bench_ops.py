@@ -97,8 +97,7 @@ def _outside_failures_skip(provider: str):
     except Exception as err:  # noqa: BLE001 - a vitkernels backend's error fails the test
         if provider in backends.BACKENDS:
             raise
-        first_line = str(err).splitlines()[0] if str(err) else ""
-        pytest.skip(f"{provider} not timed: {type(err).__name__}: {first_line}")
+        pytest.skip(cases.failure(provider, err))
 
 
 def _clone(inputs: cases.Inputs) -> cases.Inputs:
