@@ -3,8 +3,8 @@
 
     python bench/device_check.py [--out DIR] [--quick] [--cpu] [--sanitize] [--no-build] [--budget SECONDS]
 
-Steps (each in a subprocess with a timeout, logged to DIR/logs/<step>.log; a failing step is
-recorded and the next one runs):
+Steps (each in a subprocess with a timeout, logged to RESULTS/logs/<step>.log; a failing step is
+recorded and the next one runs; a step out of time gets SIGINT, then SIGKILL):
 
   env         GPU name and capability, torch / triton / CUDA / nvcc versions, git commit, date
   build       VITKERNELS_CUDA_ARCHS=<major>.<minor> python setup.py build_ext --inplace, then a check
@@ -17,11 +17,13 @@ recorded and the next one runs):
               more than 2^31 elements, compared with the reference on slices (skipped without the
               memory; GPU only)
   bench       the compact set: pytest bench/test_bench_ops.py with the quick shapes, the
-              vitkernels backends and the eager and SDPA providers, one op per run
-              (RESULTS/logs/bench_<op>.json); then the models (bench/test_bench_models.py); then,
-              while time remains, FlexAttention and torch.compile on one shape per op. The bench
-              runs read the measured ceilings (VITKERNELS_BENCH_CEILINGS), so each record carries
-              its fraction of the copy bandwidth or matmul rate. Merged into RESULTS/bench.json.
+              vitkernels backends and the eager and SDPA providers, forward, backward and
+              forward+backward, one op per run (RESULTS/logs/bench_<op>.json); then the quick
+              models, inference and training step (bench/test_bench_models.py); then, while time
+              remains, FlexAttention, torch.compile and last compile max-autotune (forward) on one
+              or two shapes per op. The bench runs read the measured ceilings
+              (VITKERNELS_BENCH_CEILINGS), so each record carries its fraction of the copy
+              bandwidth or matmul rate. Merged into RESULTS/bench.json.
 
 --sanitize replaces tests, ceilings, large and bench by two runs of a short pytest selection of
 the CUDA and Triton kernels (SANITIZE_K over tests/ops) under compute-sanitizer, one with
@@ -35,7 +37,8 @@ fraction of the measured ceiling), device_check.md, speedup_<mode>.png plots, be
 device_check.log (this script's own output) and logs/ (every step's raw log). The whole run keeps
 under --budget seconds (default 400); the exit status is 1 when a step failed or timed out.
 
-DIR defaults to $OUT, else ./out. --quick benchmarks fewer cases and skips slow tests.
+DIR defaults to $OUT, else ./out. --quick skips slow tests, benchmarks forward and
+forward+backward only and leaves the compiled providers out.
 --pack-logs replaces RESULTS/logs by RESULTS/logs.tar.gz at the end.
 """
 from __future__ import annotations
@@ -69,9 +72,13 @@ RESERVE = {"env": 10, "build": 30, "build_check": 10, "tests_ops": 30, "tests_cu
 # The compact benchmark set: shapes, providers and modes of each run of bench/test_bench_ops.py.
 COMPACT_PROVIDERS = "cuda,triton,torch,cpu,eager,eager-sdpa,sdpa"
 COMPACT_MODES = "fwd,bwd,fwd+bwd"
-COMPILED_RUNS = {"flex": ("window_attention,attention", "flex"),
-                 "compile": ("window_attention,attention,layernorm_mlp,layernorm", "compile,compile-max-autotune")}
-COMPILED_SHAPES_K = "swin_t.s1.w7.shifted or vit_b_224 or swin_t.s1-"
+# Runs of the compiled providers (name: ops, providers, -k shapes), slowest to compile last.
+COMPILED_RUNS = {
+    "flex": ("window_attention,attention", "flex", "swin_t.s1.w7.shifted or vit_b_224"),
+    "compile": ("window_attention,attention,layernorm_mlp,layernorm", "compile",
+                "swin_t.s1.w7.shifted or vit_b_224 or swin_t.s1-"),
+    "max-autotune": ("window_attention", "compile-max-autotune", "swin_t.s1.w7.shifted"),
+}
 MODEL_PROVIDERS = "stock,cuda,triton,cpu"
 # The kernels under compute-sanitizer: the fp32 reference comparisons of the CUDA and Triton backends.
 SANITIZE_K = "test_matches_reference and (cuda or triton) and fp32"
@@ -807,8 +814,8 @@ def bench_runs(cpu: bool, quick: bool, ceilings_path: Optional[str]) -> list[tup
     runs.append(("bench:models", ["bench/test_bench_models.py"],
                  dict(common, VITKERNELS_BENCH_MODEL_PROVIDERS=MODEL_PROVIDERS)))
     if not quick:
-        for name, (op_names, provider_names) in COMPILED_RUNS.items():
-            runs.append((f"bench:{name}", ["bench/test_bench_ops.py", "-k", COMPILED_SHAPES_K],
+        for name, (op_names, provider_names, shapes_k) in COMPILED_RUNS.items():
+            runs.append((f"bench:{name}", ["bench/test_bench_ops.py", "-k", shapes_k],
                          dict(common, VITKERNELS_BENCH_OPS=op_names, VITKERNELS_BENCH_PROVIDERS=provider_names,
                               VITKERNELS_BENCH_MODES="fwd")))
     return runs
