@@ -13,14 +13,16 @@ vitkernels' backends and the others in providers.py, reads the same tensors by n
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Callable, NamedTuple, Optional
 
+import pytest
 import torch
 
 import shapes
-from vitkernels import ops
+from vitkernels import backends, ops
 from vitkernels.testing import LOW_PRECISION, assert_close
 
 Inputs = dict[str, Optional[torch.Tensor]]
@@ -282,6 +284,15 @@ def check_against_reference(op: str, shape, fn, inputs: Inputs, dtype, eager) ->
         assert_close(a, e, low_precision_reference=lp, name=f"{op} {shape.name} output {i}")
 
 
-def failure(provider: str, err: Exception) -> str:
-    """The skip reason of an outside provider that failed or was wrong: its error's type and first line."""
-    return f"{provider} not timed: {type(err).__name__}: {next(iter(str(err).splitlines()), '')}"
+@contextlib.contextmanager
+def skip_outside_failures(provider: str):
+    """Skips the benchmark on NotSupportedError, and on any error of a provider outside vitkernels
+    (it is then not timed; the reason names the error). A vitkernels backend's error fails the test."""
+    try:
+        yield
+    except backends.NotSupportedError as err:
+        pytest.skip(str(err))
+    except Exception as err:  # noqa: BLE001
+        if provider in backends.BACKENDS:
+            raise
+        pytest.skip(f"{provider} not timed: {type(err).__name__}: {next(iter(str(err).splitlines()), '')}")

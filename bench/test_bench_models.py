@@ -63,12 +63,8 @@ def _check_once(shape, provider, model, fn, images, dtype) -> None:
     with torch.no_grad():
         expected = copy.deepcopy(stock).double()(images.double())
         low = stock.to(dtype)(images) if dtype in LOW_PRECISION else None
-        try:
+        with cases.skip_outside_failures(provider):
             assert_close(fn(images), expected, low_precision_reference=low, name=f"{shape.name} logits ({provider})")
-        except Exception as err:  # noqa: BLE001
-            if provider in backends.BACKENDS:
-                raise
-            pytest.skip(cases.failure(provider, err))
     _CHECKED.add((shape, provider))
 
 

@@ -21,7 +21,6 @@ Run: ``pytest bench/test_bench_ops.py -q``. Selection by environment variables (
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 from typing import Callable, Optional
 
@@ -81,23 +80,10 @@ def _check_once(op, shape, provider, fn, inputs, device, dtype) -> None:
     key = (op, shape, provider)
     if key in _CHECKED:
         return
-    with _outside_failures_skip(provider):
+    with cases.skip_outside_failures(provider):
         eager = providers.build("eager", op, shape, device, dtype) if dtype in LOW_PRECISION else None
         cases.check_against_reference(op, shape, fn, inputs, dtype, eager)
     _CHECKED.add(key)
-
-
-@contextlib.contextmanager
-def _outside_failures_skip(provider: str):
-    """Skips on NotSupportedError, and on any error of an outside provider (it is then not timed)."""
-    try:
-        yield
-    except backends.NotSupportedError as err:
-        pytest.skip(str(err))
-    except Exception as err:  # noqa: BLE001 - a vitkernels backend's error fails the test
-        if provider in backends.BACKENDS:
-            raise
-        pytest.skip(cases.failure(provider, err))
 
 
 def _clone(inputs: cases.Inputs) -> cases.Inputs:
@@ -153,7 +139,7 @@ def test_op(benchmark, op, shape, provider, mode, device, dtype):
     _check_once(op, shape, provider, fn, inputs, device, dtype)
     size = timing.pool_size(cases.nbytes(inputs), timing.l2_bytes(device))
     pool = [inputs] + [_clone(inputs) for _ in range(size - 1)]
-    with _outside_failures_skip(provider):
+    with cases.skip_outside_failures(provider):
         call = make_call(fn, pool, mode)
     timing.measure(benchmark, call, device)
     record(benchmark, op, shape, provider, mode, dtype, len(pool))

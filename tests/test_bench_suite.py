@@ -141,3 +141,14 @@ def test_provider_skip_reasons(bench):
     assert providers.skip_reason("eager", "patch_embed", "cpu") is None
     with pytest.raises(ValueError, match="unknown provider"):
         providers.build("numpy", "attention", None, "cpu", torch.float32)
+
+
+def test_outside_failures_are_skipped_and_backend_failures_raised(bench):
+    with pytest.raises(pytest.skip.Exception, match="sdpa not timed: RuntimeError: no kernel"):
+        with bench.cases.skip_outside_failures("sdpa"):
+            raise RuntimeError("no kernel\nfor this shape")
+    with pytest.raises(RuntimeError, match="no kernel"):
+        with bench.cases.skip_outside_failures("cuda"):
+            raise RuntimeError("no kernel")
+    with bench.cases.skip_outside_failures("eager"):
+        pass
