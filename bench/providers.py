@@ -280,6 +280,33 @@ BUILDERS = {
 assert set(BUILDERS) == set(NAMES)
 
 
+_EAGER = {
+    "window_attention": "timm WindowAttention, fused_attn off, between timm's roll and partition",
+    "attention": "timm Attention, fused_attn off",
+    "layernorm_mlp": "nn.LayerNorm and timm Mlp: x + mlp(norm(x))",
+    "layernorm": "nn.LayerNorm",
+    "add_layernorm": "plain PyTorch (x + residual, then F.layer_norm)",
+    "patch_embed": "plain PyTorch reference (conv, flatten, prefix tokens, position embedding, norm)",
+}
+
+
+def describe(name: str, op: str, shape) -> str:
+    """What provider ``name`` runs for ``op`` at ``shape``, in words (recorded with each result)."""
+    eager = _EAGER.get(op, "the op's reference")
+    if op == "window_attention" and getattr(shape, "cosine", False):
+        eager = "plain PyTorch reference of timm's SwinV2 span"
+    return {
+        "eager": eager,
+        "eager-sdpa": eager.replace("fused_attn off", "fused_attn on (F.scaled_dot_product_attention)"),
+        "sdpa": "F.scaled_dot_product_attention" + (" over the windows, bias and mask as attn_mask"
+                                                    if op == "window_attention" else ""),
+        "flex": "torch.compile of FlexAttention" + (" (score_mod: relative-position bias; block mask: shift regions)"
+                                                    if op == "window_attention" else ""),
+        "compile": f"torch.compile of: {eager}",
+        "compile-max-autotune": f"torch.compile(mode='max-autotune') of: {eager}",
+    }.get(name, name)
+
+
 def build(name: str, op: str, shape, device, dtype) -> Fn:
     """The function of provider ``name`` for ``op`` at ``shape``; raises Unsupported when it cannot run."""
     if name not in BUILDERS:

@@ -120,7 +120,9 @@ def record(benchmark, op, shape, provider, mode, dtype, pool: int) -> None:
     work = cases.work(op, shape, torch.empty((), dtype=dtype).element_size(), mode)
     benchmark.extra_info.update(
         op=op, shape=shape.name, model=shape.model, backend=provider,
-        provider_kind="vitkernels" if provider in backends.BACKENDS else "baseline", mode=mode, batch=shape.batch,
+        provider_kind="vitkernels" if provider in backends.BACKENDS else "baseline",
+        provider_detail=(f"vitkernels backend {provider}" if provider in backends.BACKENDS
+                         else providers.describe(provider, op, shape)), mode=mode, batch=shape.batch,
         dtype=str(dtype).replace("torch.", ""), device=DEVICE, bytes=work.bytes, flops=work.flops,
         metric=cases.metric(op), input_pool=pool,
     )

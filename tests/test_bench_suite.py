@@ -139,6 +139,11 @@ def test_provider_skip_reasons(bench):
     assert "GPU" in providers.skip_reason("compile-max-autotune", "attention", "cpu")
     assert providers.skip_reason("compile-max-autotune", "attention", "cuda") is None
     assert providers.skip_reason("eager", "patch_embed", "cpu") is None
+    swinv2 = bench.shapes.by_name(bench.shapes.WINDOW_ATTENTION, "swinv2_t_w8.s1.w8")
+    assert "SwinV2" in providers.describe("eager", "window_attention", swinv2)
+    assert providers.describe("eager-sdpa", "attention", None) == \
+        "timm Attention, fused_attn on (F.scaled_dot_product_attention)"
+    assert providers.describe("compile", "layernorm", None) == "torch.compile of: nn.LayerNorm"
     with pytest.raises(ValueError, match="unknown provider"):
         providers.build("numpy", "attention", None, "cpu", torch.float32)
 
