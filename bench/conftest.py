@@ -3,6 +3,8 @@
 Benchmarks never switch the Triton interpreter on: interpreted kernels are correctness checks, and
 their timings say nothing about the kernels.
 """
+import os
+
 import pytest
 import torch
 
@@ -10,12 +12,15 @@ import shapes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+SELECTION = ("VITKERNELS_BENCH_OPS", "VITKERNELS_BENCH_PROVIDERS", "VITKERNELS_BENCH_MODES",
+             "VITKERNELS_BENCH_MODEL_PROVIDERS", "VITKERNELS_BENCH_CEILINGS")
 
 
 def pytest_report_header(config):
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU"
+    chosen = ", ".join(f"{v}={os.environ[v]}" for v in SELECTION if os.environ.get(v)) or "every op and provider"
     return (f"vitkernels bench: device {DEVICE} ({name}), dtype {str(DTYPE).replace('torch.', '')}, "
-            f"shapes {shapes.default_subset(DEVICE)!r} (VITKERNELS_BENCH_SHAPES=quick|standard|all)")
+            f"shapes {shapes.default_subset(DEVICE)!r} (VITKERNELS_BENCH_SHAPES=quick|standard|all); {chosen}")
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """The one command to run on a GPU machine: build, GPU tests, measured ceilings, benchmarks, report.
 
-    python bench/device_check.py [--out DIR] [--quick] [--cpu] [--no-build] [--budget SECONDS]
+    python bench/device_check.py [--out DIR] [--quick] [--cpu] [--sanitize] [--no-build] [--budget SECONDS]
 
-Steps (each in a subprocess with a timeout, logged to DIR/logs/<step>.log; a failing step is
-recorded and the next one runs):
+Steps (each in a subprocess with a timeout, logged to RESULTS/logs/<step>.log; a failing step is
+recorded and the next one runs; a step out of time gets SIGINT, then SIGKILL):
 
   env         GPU name and capability, torch / triton / CUDA / nvcc versions, git commit, date
   build       VITKERNELS_CUDA_ARCHS=<major>.<minor> python setup.py build_ext --inplace, then a check
@@ -13,14 +13,33 @@ recorded and the next one runs):
   tests_cuda  python -m pytest tests -m cuda -q     (the GPU-only tests outside tests/ops)
   ceilings    device-to-device copy of 1 GiB (GB/s, read + write) and an 8192^3 bf16 matmul
               (TFLOP/s), medians of CUDA-event timings; --cpu: a large clone and an fp32 matmul
-  bench       pytest bench, one op per run (DIR/logs/bench_<op>.json), merged into DIR/bench.json
+  large       one call of window_attention and of layernorm per compiled backend on a tensor of
+              more than 2^31 elements, compared with the reference on slices (skipped without the
+              memory; GPU only)
+  bench       the compact set: pytest bench/test_bench_ops.py with the quick shapes, the
+              vitkernels backends and the eager and SDPA providers, forward, backward and
+              forward+backward, one op per run (RESULTS/logs/bench_<op>.json); then the quick
+              models, inference and training step (bench/test_bench_models.py); then, while time
+              remains, FlexAttention, torch.compile and last compile max-autotune (forward) on one
+              or two shapes per op. The bench runs read the measured ceilings
+              (VITKERNELS_BENCH_CEILINGS), so each record carries its fraction of the copy
+              bandwidth or matmul rate. Merged into RESULTS/bench.json.
 
-Then DIR/device_check.json (facts, ceilings, steps, benchmark medians with GB/s or TFLOP/s and
-their fraction of the measured ceiling) and DIR/device_check.md. The whole run keeps under
---budget seconds (default 400); the exit status is 1 when a step failed or timed out.
+--sanitize replaces tests, ceilings, large and bench by two runs of a short pytest selection of
+the CUDA and Triton kernels (SANITIZE_K over tests/ops) under compute-sanitizer, one with
+--tool memcheck and one with --tool racecheck; each tool's verdict (its ERROR SUMMARY) is
+recorded. Its default budget is 540 s.
 
-DIR defaults to $OUT, else ./out. --quick benchmarks the "quick" shape subset and skips slow tests.
---pack-logs replaces DIR/logs by DIR/logs.tar.gz at the end, leaving four files to copy back.
+Results go to RESULTS = DIR/<gpu>/<date>-<commit>/ (DIR/cpu/... with --cpu), the layout of
+bench/results/: copy DIR's contents into bench/results/ to commit them. RESULTS holds
+device_check.json (facts, ceilings, steps, benchmark medians with GB/s or TFLOP/s and their
+fraction of the measured ceiling), device_check.md, speedup_<mode>.png plots, bench.json,
+device_check.log (this script's own output) and logs/ (every step's raw log). The whole run keeps
+under --budget seconds (default 400); the exit status is 1 when a step failed or timed out.
+
+DIR defaults to $OUT, else ./out. --quick skips slow tests, benchmarks forward and
+forward+backward only and leaves the compiled providers out.
+--pack-logs replaces RESULTS/logs by RESULTS/logs.tar.gz at the end.
 """
 from __future__ import annotations
 
@@ -44,12 +63,28 @@ SCRIPT = os.path.abspath(__file__)
 OPS = ("window_attention", "attention", "patch_embed", "layernorm_mlp", "layernorm", "add_layernorm")
 
 DEFAULT_BUDGET_S = 400
+SANITIZE_BUDGET_S = 540  # the build, then two passes under tools that slow kernels by 10-100x
 # Per-step caps (seconds) and the time each later step is guaranteed before an earlier one may use it.
 CAPS = {"env": 60, "build": 240, "build_check": 60, "tests_ops": 150, "tests_cuda": 120, "ceilings": 90,
-        "bench": 300}
+        "large": 60, "bench": 300, "sanitize_memcheck": 150, "sanitize_racecheck": 200}
 RESERVE = {"env": 10, "build": 30, "build_check": 10, "tests_ops": 30, "tests_cuda": 20, "ceilings": 30,
-           "bench": 90}
+           "large": 15, "bench": 90, "sanitize_memcheck": 40, "sanitize_racecheck": 60}
+# The compact benchmark set: shapes, providers and modes of each run of bench/test_bench_ops.py.
+COMPACT_PROVIDERS = "cuda,triton,torch,cpu,eager,eager-sdpa,sdpa"
+COMPACT_MODES = "fwd,bwd,fwd+bwd"
+# Runs of the compiled providers (name: ops, providers, -k shapes), slowest to compile last.
+COMPILED_RUNS = {
+    "flex": ("window_attention,attention", "flex", "swin_t.s1.w7.shifted or vit_b_224"),
+    "compile": ("window_attention,attention,layernorm_mlp,layernorm", "compile",
+                "swin_t.s1.w7.shifted or vit_b_224 or swin_t.s1-"),
+    "max-autotune": ("window_attention", "compile-max-autotune", "swin_t.s1.w7.shifted"),
+}
+MODEL_PROVIDERS = "stock,cuda,triton,cpu"
+# The kernels under compute-sanitizer: the fp32 reference comparisons of the CUDA and Triton backends.
+SANITIZE_K = "test_matches_reference and (cuda or triton) and fp32"
+SANITIZE_TOOLS = ("memcheck", "racecheck")
 MIN_STEP_S = 10
+INTERRUPT_GRACE_S = 10  # seconds between SIGINT and SIGKILL of a step that runs out of time
 
 
 @dataclass
@@ -107,7 +142,8 @@ def summarize_benchmarks(bench: dict, ceilings: dict) -> list[dict]:
     """Rows of op, mode, shape, backend, median and the headline metric with its fraction of the ceiling.
 
     ``ceilings`` holds ``copy_gbps`` and ``matmul_tflops`` (either may be missing); GB/s results
-    are divided by the copy bandwidth, TFLOP/s results by the matmul rate.
+    are divided by the copy bandwidth, TFLOP/s results by the matmul rate; images/s (whole models)
+    have no ceiling.
     """
     rows = []
     for b in bench.get("benchmarks", []):
@@ -120,10 +156,13 @@ def summarize_benchmarks(bench: dict, ceilings: dict) -> list[dict]:
                 value = info["bytes"] / median / 1e9
             elif metric == "TFLOP/s" and info.get("flops") is not None:
                 value = info["flops"] / median / 1e12
-        ceiling = ceilings.get("copy_gbps") if metric == "GB/s" else ceilings.get("matmul_tflops")
+            elif metric == "images/s" and info.get("batch"):
+                value = info["batch"] / median
+        ceiling = {"GB/s": ceilings.get("copy_gbps"), "TFLOP/s": ceilings.get("matmul_tflops")}.get(metric)
         rows.append({
             "name": b.get("name"), "op": info.get("op"), "mode": info.get("mode"), "shape": info.get("shape"),
-            "backend": info.get("backend"), "batch": info.get("batch"), "dtype": info.get("dtype"),
+            "backend": info.get("backend"), "kind": info.get("provider_kind"), "batch": info.get("batch"),
+            "dtype": info.get("dtype"),
             "median_ms": None if median is None else median * 1e3, "metric": metric, "value": value,
             "fraction_of_ceiling": value / ceiling if value is not None and ceiling else None,
         })
@@ -174,7 +213,109 @@ def render_markdown(result: dict) -> str:
              for r in rows])
     else:
         lines.append("No benchmark results.")
+    gains = result.get("speedups", [])
+    if gains:
+        lines += ["", "## Speedups (a provider's median over the best vitkernels backend's)", ""]
+        lines += _table(["op", "mode", "shape", "against", "best backend", "speedup"],
+                        [[g["op"], g["mode"], g["shape"], g["provider"], g["backend"], f"{g['speedup']:.2f}x"]
+                         for g in gains])
+    large = result.get("large", {})
+    if large:
+        lines += ["", "## Past 2^31 elements", ""]
+        lines += _table(["case", "status", "detail"], [[k, v.get("status"), v.get("detail", "")]
+                                                        for k, v in large.items()])
     return "\n".join(lines) + "\n"
+
+
+def results_folder(device_name: str, date: str, commit: str) -> str:
+    """``<gpu>/<date>-<commit>``, the layout of bench/results/: 'h100-80gb-hbm3/2026-11-26-4bdc99b'."""
+    slug = re.sub(r"[^a-z0-9]+", "-", (device_name or "unknown").lower()).strip("-")
+    slug = re.sub(r"^nvidia-", "", slug) or "unknown"
+    return f"{slug}/{(date or 'undated')[:10]}-{(commit or 'unknown')[:7]}"
+
+
+def parse_sanitizer_summary(text: str) -> Optional[int]:
+    """The error count of compute-sanitizer's last ``ERROR SUMMARY: N errors`` line, or None."""
+    found = re.findall(r"ERROR SUMMARY: (\d+) error", text or "")
+    return int(found[-1]) if found else None
+
+
+def review_sanitizer(step: Step, output: str) -> None:
+    """The tool's verdict: clean only with an ERROR SUMMARY of 0 and passing tests."""
+    errors = parse_sanitizer_summary(output)
+    summary = parse_pytest_summary(output)
+    if errors is None:
+        verdict = "no ERROR SUMMARY (the tool did not finish)"
+        if step.status == "ok":
+            step.status = "failed"
+    else:
+        verdict = "clean" if errors == 0 else f"{errors} errors"
+        if errors:
+            step.status = "failed"
+    step.detail = "; ".join(x for x in (verdict, summary, step.detail) if x)
+
+
+def speedups(rows: list[dict]) -> list[dict]:
+    """Per (op, mode, shape) and baseline provider: the baseline's median over the best vitkernels backend's.
+
+    ``rows`` are :func:`summarize_benchmarks` rows with ``kind`` "vitkernels" or "baseline"; the
+    torch backend (vitkernels' unfused fallback) is not a candidate for the best backend.
+    """
+    cases: dict = {}
+    for r in rows:
+        if r.get("median_ms"):
+            cases.setdefault((r["op"], r["mode"], r["shape"]), []).append(r)
+    out = []
+    for (op, mode, shape), group in sorted(cases.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        fused = [r for r in group if r.get("kind") == "vitkernels" and r["backend"] != "torch"]
+        if not fused:
+            continue
+        best = min(fused, key=lambda r: r["median_ms"])
+        for r in group:
+            if r.get("kind") == "baseline":
+                out.append({"op": op, "mode": mode, "shape": shape, "provider": r["backend"],
+                            "backend": best["backend"], "speedup": r["median_ms"] / best["median_ms"]})
+    return out
+
+
+def plot_speedups(rows: list[dict], folder: str, title: str) -> list[str]:
+    """One PNG per mode (speedup_<mode>.png): per op, the best backend's speedup over each provider."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for mode in sorted({r["mode"] for r in rows}):
+        chosen = [r for r in rows if r["mode"] == mode]
+        ops = sorted({r["op"] for r in chosen})
+        fig, axes = plt.subplots(len(ops), 1, figsize=(9, 2.6 * len(ops)), squeeze=False)
+        for ax, op in zip(axes[:, 0], ops):
+            _speedup_bars(ax, [r for r in chosen if r["op"] == op], op)
+        fig.suptitle(f"{title}: {mode}, vitkernels' best backend against each provider (>1: vitkernels faster)")
+        fig.tight_layout()
+        path = os.path.join(folder, f"speedup_{mode.replace('+', '_')}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _speedup_bars(ax, rows: list[dict], op: str) -> None:
+    shapes = sorted({r["shape"] for r in rows})
+    names = sorted({r["provider"] for r in rows})
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        by_shape = {r["shape"]: r["speedup"] for r in rows if r["provider"] == name}
+        ax.bar([j + i * width for j in range(len(shapes))], [by_shape.get(sh, 0.0) for sh in shapes], width,
+               label=name)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))])
+    ax.set_xticklabels(shapes, fontsize=7)
+    ax.set_ylabel("speedup (log)")
+    ax.set_title(op, fontsize=9)
+    ax.legend(fontsize=6, ncol=4)
 
 
 def overall_status(steps: list[dict]) -> str:
@@ -278,8 +419,90 @@ def probe_extension() -> dict:
             "build_info": {k: str(v) for k, v in _ext.build_info().items()}}
 
 
+def _large_cases(free_bytes: int):
+    """(name, element count, bytes needed) of each large case, and why it is skipped (None: it runs)."""
+    import torch
+
+    itemsize = torch.empty((), dtype=torch.bfloat16).element_size()
+    # window_attention: Swin-T stage 1 qkv maps (56 x 56 x 288) of 2,400 images: 2.17e9 elements.
+    qkv_elements = 2400 * 56 * 56 * 288
+    # layernorm: 2^31 + 2^20 elements, rows of 768 channels.
+    ln_rows = (2 ** 31 + 2 ** 20) // 768 + 1
+    plans = [("window_attention", qkv_elements, qkv_elements * itemsize * 4 // 3),
+             ("layernorm", ln_rows * 768, ln_rows * 768 * itemsize * 2)]
+    for name, elements, needed in plans:
+        margin = int(needed * 1.25) + 2 ** 30
+        why = None if free_bytes >= margin else (f"needs about {margin / 2 ** 30:.1f} GiB free, "
+                                                 f"{free_bytes / 2 ** 30:.1f} GiB are")
+        yield name, elements, why
+
+
+def probe_large() -> dict:
+    """One call per compiled backend past 2^31 elements, compared with the reference on slices."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"all": {"status": "skipped", "detail": "no CUDA device"}}
+    with torch.no_grad():
+        return _large_all(torch.cuda.mem_get_info()[0])
+
+
+def _large_all(free_bytes: int) -> dict:
+    import torch
+
+    from vitkernels import backends, ops
+
+    results = {}
+    for name, elements, why in _large_cases(free_bytes):
+        for backend in ("cuda", "triton"):
+            key = f"{name} {backend} ({elements / 1e9:.2f}e9 elements)"
+            missing = backends.unavailable_reason(backend)
+            if why or missing or backend not in ops.backend_table(name):
+                results[key] = {"status": "skipped", "detail": why or missing or f"no {backend} {name}"}
+                continue
+            try:
+                results[key] = _large_call(name, backend)
+            except torch.cuda.OutOfMemoryError as err:
+                results[key] = {"status": "skipped", "detail": f"out of memory: {_first_line(err)}"}
+            except Exception as err:  # noqa: BLE001 - a launch error (a grid past its limits) is a finding
+                results[key] = {"status": "failed", "detail": f"{type(err).__name__}: {_first_line(err)}"}
+            torch.cuda.empty_cache()
+    return results
+
+
+def _first_line(err: Exception) -> str:
+    return next(iter(str(err).splitlines()), "")
+
+
+def _large_call(name: str, backend: str) -> dict:
+    """Runs one large case; the reference sees the first and the last slice (whole images or rows)."""
+    import torch
+
+    from vitkernels import ops
+    from vitkernels.testing import errors
+
+    torch.manual_seed(0)
+    if name == "window_attention":
+        qkv = torch.randn(2400, 56, 56, 288, device="cuda", dtype=torch.bfloat16)
+        table = torch.randn(169, 3, device="cuda", dtype=torch.bfloat16) * 0.02
+        out = ops.window_attention(qkv, 3, 7, 3, table, backend=backend)
+        slices = (slice(0, 4), slice(-4, None))
+        expected = [ops.window_attention(qkv[s].double(), 3, 7, 3, table.double(), backend="torch") for s in slices]
+    else:
+        x = torch.randn((2 ** 31 + 2 ** 20) // 768 + 1, 768, device="cuda", dtype=torch.bfloat16)
+        weight, bias = torch.randn(768, device="cuda", dtype=torch.bfloat16), torch.randn(768, device="cuda",
+                                                                                           dtype=torch.bfloat16)
+        out = ops.layernorm(x, weight, bias, backend=backend)
+        slices = (slice(0, 4096), slice(-4096, None))
+        expected = [ops.layernorm(x[s].double(), weight.double(), bias.double(), backend="torch") for s in slices]
+    worst = max(errors(out[s], e).rel for s, e in zip(slices, expected))
+    # bf16 output rounding alone is 2^-8 relative; an index error gives O(1).
+    ok = worst < 2e-2 and bool(torch.isfinite(out[slices[1]]).all())
+    return {"status": "ok" if ok else "failed", "detail": f"largest relative error on the slices {worst:.2e}"}
+
+
 PROBES = {"env": lambda args: probe_env(), "ceilings": lambda args: probe_ceilings(args.cpu, args.quick),
-          "extension": lambda args: probe_extension()}
+          "extension": lambda args: probe_extension(), "large": lambda args: probe_large()}
 
 
 # --- the runner -----------------------------------------------------------------------------------
@@ -299,7 +522,10 @@ class Runner:
         return self.budget - self.elapsed()
 
     def say(self, message: str) -> None:
-        print(f"[{self.elapsed():7.1f}s] {message}", flush=True)
+        line = f"[{self.elapsed():7.1f}s] {message}"
+        print(line, flush=True)
+        with open(os.path.join(self.out, "device_check.log"), "a") as log:
+            log.write(line + "\n")
 
     def env(self, extra: Optional[dict] = None) -> dict:
         env = dict(os.environ)
@@ -379,26 +605,41 @@ class Runner:
         return step, data
 
 
-def run_with_timeout(command: list[str], env: dict, log, timeout: float):
+def run_with_timeout(command: list[str], env: dict, log, timeout: float, grace: float = INTERRUPT_GRACE_S):
     """Runs ``command`` in ROOT with its output appended to ``log``.
 
-    Returns the exit status, None when it ran out of time (its whole process group is then
-    killed, so that no compiler or worker it started lingers), or an error message.
+    Returns the exit status, None when it ran out of time, or an error message. At ``timeout -
+    grace`` seconds (when the timeout is long enough to spare them) the process group gets SIGINT,
+    which lets pytest finish its session and pytest-benchmark write the results measured so far;
+    at ``timeout`` the whole group is killed, so that no compiler or worker it started lingers.
     """
     try:
         proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     except OSError as err:
         return f"{type(err).__name__}: {err}"
+    grace = grace if timeout > 3 * grace else 0.0
     try:
-        return proc.wait(timeout=timeout)
+        return proc.wait(timeout=timeout - grace)
     except subprocess.TimeoutExpired:
+        pass
+    if grace:
+        _signal_group(proc, signal.SIGINT)
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            proc.kill()
-        proc.wait()
-        return None
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    _signal_group(proc, signal.SIGKILL)
+    proc.wait()
+    return None
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        if proc.poll() is None:
+            proc.send_signal(sig)
 
 
 def _git_commit() -> str:
@@ -423,16 +664,25 @@ def _nvcc_version() -> Optional[str]:
         return None
 
 
-def _driver_version() -> Optional[str]:
+def _nvidia_smi(query: str) -> Optional[str]:
+    """The first GPU's ``query`` field from nvidia-smi, or None."""
     if shutil.which("nvidia-smi") is None:
         return None
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
     lines = out.stdout.strip().splitlines()
     return lines[0].strip() if out.returncode == 0 and lines else None
+
+
+def _driver_version() -> Optional[str]:
+    return _nvidia_smi("driver_version")
+
+
+def _gpu_name() -> Optional[str]:
+    return _nvidia_smi("name")
 
 
 def _pytest_step(runner: Runner, name: str, args: list[str], later: list[str]) -> Step:
@@ -452,21 +702,47 @@ def review_pytest(step: Step, output: str) -> None:
         step.detail = f"{summary}; {step.detail}" if step.detail else summary
 
 
-def run_steps(runner: Runner, no_build: bool) -> dict:
-    result: dict = {"env": {}, "ceilings": {}, "extension": {}}
-    order = ["env", "build", "build_check", "tests_ops", "tests_cuda", "ceilings", "bench"]
+ORDER = ["env", "build", "build_check", "tests_ops", "tests_cuda", "ceilings", "large", "bench"]
+SANITIZE_ORDER = ["env", "build", "build_check", "sanitize_memcheck", "sanitize_racecheck"]
+
+
+def run_steps(runner: Runner, no_build: bool, sanitize: bool = False) -> dict:
+    order = SANITIZE_ORDER if sanitize else ORDER
 
     def later(name):
         return order[order.index(name) + 1:]
 
-    # (a) environment
+    result: dict = {"env": {}, "ceilings": {}, "extension": {}}
     step, facts = runner.probe("env", "env", later("env"))
     facts.update(nvcc=_nvcc_version(), driver=_driver_version(), git_commit=_git_commit(),
                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     result["env"] = facts
+    result["extension"] = _build(runner, facts.get("capability"), no_build, later)
+    if sanitize:
+        for tool in SANITIZE_TOOLS:
+            run_sanitizer(runner, tool, later(f"sanitize_{tool}"))
+        return result
 
-    # (b) build for this device's arch only
-    capability = facts.get("capability")
+    # GPU tests, with compiled Triton (no interpreter) on a GPU
+    if os.path.isdir(os.path.join(ROOT, "tests", "ops")):
+        _pytest_step(runner, "tests_ops", ["tests/ops"], later("tests_ops"))
+    else:
+        runner.skip("tests_ops", "no tests/ops folder")
+    _pytest_step(runner, "tests_cuda", ["tests", "-m", "cuda", "--ignore=tests/ops"], later("tests_cuda"))
+    _, result["ceilings"] = runner.probe("ceilings", "ceilings", later("ceilings"))
+    if runner.cpu:
+        runner.skip("large", "--cpu: the large-tensor case runs on a GPU")
+    else:
+        step, result["large"] = runner.probe("large", "large", later("large"))
+        if any(v.get("status") == "failed" for v in result["large"].values()):
+            step.status, step.detail = "failed", "a kernel differs from the reference past 2^31 elements"
+    # benchmarks, one pytest run per op so that a timeout keeps the other runs' results
+    result["bench_parts"] = run_bench(runner)
+    return result
+
+
+def _build(runner: Runner, capability: Optional[str], no_build: bool, later) -> dict:
+    """Builds the extension for this device's arch only; returns what the extension probe found."""
     if runner.cpu:
         runner.skip("build", "--cpu: no CUDA build")
     elif no_build:
@@ -481,7 +757,6 @@ def run_steps(runner: Runner, no_build: bool) -> dict:
                        runner.timeout_for("build", later("build")), arch_env)
         # setup.py turns a failed build into a warning: check what actually loads.
         check, ext = runner.probe("build_check", "extension", later("build_check"))
-        result["extension"] = ext
         if check.status == "ok":
             if ext.get("unavailable_reason"):
                 check.status, check.detail = "failed", f"vitkernels._C not loadable: {ext['unavailable_reason']}"
@@ -490,41 +765,81 @@ def run_steps(runner: Runner, no_build: bool) -> dict:
                 check.detail = "vitkernels._C was built without CUDA kernels (see logs/build.log)"
             else:
                 check.detail = "vitkernels._C loads with CUDA kernels"
+        return ext
+    return {}
 
-    # (c) GPU tests, with compiled Triton (no interpreter) on a GPU
-    if os.path.isdir(os.path.join(ROOT, "tests", "ops")):
-        _pytest_step(runner, "tests_ops", ["tests/ops"], later("tests_ops"))
-    else:
-        runner.skip("tests_ops", "no tests/ops folder")
-    _pytest_step(runner, "tests_cuda", ["tests", "-m", "cuda", "--ignore=tests/ops"], later("tests_cuda"))
 
-    # (d) ceilings
-    _, result["ceilings"] = runner.probe("ceilings", "ceilings", later("ceilings"))
+def sanitizer_path() -> Optional[str]:
+    """compute-sanitizer on PATH, else in the CUDA toolkit's bin."""
+    found = shutil.which("compute-sanitizer")
+    if found:
+        return found
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda", "/usr/local/cuda-13.0"]
+    for home in filter(None, homes):
+        candidate = os.path.join(home, "bin", "compute-sanitizer")
+        if os.path.exists(candidate):
+            return candidate
+    return None
 
-    # (e) benchmarks, one op per pytest run so that a timeout keeps the other ops' results
-    result["bench_parts"] = run_bench(runner)
-    return result
+
+def sanitizer_command(tool: str, sanitizer: str) -> list[str]:
+    """compute-sanitizer ``tool`` over the SANITIZE_K selection of tests/ops (errors fail the run)."""
+    if tool not in SANITIZE_TOOLS:
+        raise ValueError(f"tool must be one of {SANITIZE_TOOLS}, got {tool!r}")
+    return [sanitizer, "--tool", tool, "--error-exitcode", "3", sys.executable, "-m", "pytest", "tests/ops",
+            "-q", "-p", "no:cacheprovider", "-k", SANITIZE_K]
+
+
+def run_sanitizer(runner: Runner, tool: str, later: list[str]) -> Step:
+    name = f"sanitize_{tool}"
+    sanitizer = sanitizer_path()
+    if sanitizer is None:
+        return runner.record(Step(name, "failed", 0.0, "compute-sanitizer not found (PATH, CUDA_HOME/bin)"))
+    # Triton's compile cache and the caching allocator hide nothing from the tools, but the
+    # allocator's reuse would mask out-of-bounds reads into live blocks: turn it off.
+    step, _ = runner.command(name, sanitizer_command(tool, sanitizer), runner.timeout_for(name, later),
+                             {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}, review=review_sanitizer)
+    return step
+
+
+def bench_runs(cpu: bool, quick: bool, ceilings_path: Optional[str]) -> list[tuple[str, list[str], dict]]:
+    """(name, pytest arguments, environment) of each benchmark run, in order of importance."""
+    common = {"VITKERNELS_BENCH_SHAPES": "quick"}
+    if ceilings_path:
+        common["VITKERNELS_BENCH_CEILINGS"] = ceilings_path
+    modes = "fwd,fwd+bwd" if quick else COMPACT_MODES
+    runs = [(f"bench:{op}", ["bench/test_bench_ops.py"],
+             dict(common, VITKERNELS_BENCH_OPS=op, VITKERNELS_BENCH_PROVIDERS=COMPACT_PROVIDERS,
+                  VITKERNELS_BENCH_MODES=modes)) for op in OPS]
+    runs.append(("bench:models", ["bench/test_bench_models.py"],
+                 dict(common, VITKERNELS_BENCH_MODEL_PROVIDERS=MODEL_PROVIDERS)))
+    if not quick:
+        for name, (op_names, provider_names, shapes_k) in COMPILED_RUNS.items():
+            runs.append((f"bench:{name}", ["bench/test_bench_ops.py", "-k", shapes_k],
+                         dict(common, VITKERNELS_BENCH_OPS=op_names, VITKERNELS_BENCH_PROVIDERS=provider_names,
+                              VITKERNELS_BENCH_MODES="fwd")))
+    return runs
 
 
 def run_bench(runner: Runner) -> list[str]:
+    ceilings_path = os.path.join(runner.logs, "ceilings.json")
+    runs = bench_runs(runner.cpu, runner.quick, ceilings_path if os.path.exists(ceilings_path) else None)
     parts, started, failed = [], time.monotonic(), []
-    for i, op in enumerate(OPS):
+    for i, (name, args, env) in enumerate(runs):
         available = min(runner.remaining(), CAPS["bench"] - (time.monotonic() - started))
-        timeout = op_share(available, len(OPS) - i)
-        path = os.path.join(runner.logs, f"bench_{op}.json")
-        command = [sys.executable, "-m", "pytest", "bench/test_bench_ops.py", "-q", "-p", "no:cacheprovider",
+        log_name = name.replace(":", "_")
+        path = os.path.join(runner.logs, f"{log_name}.json")
+        command = [sys.executable, "-m", "pytest", *args, "-q", "-p", "no:cacheprovider",
                    f"--benchmark-json={path}", "--benchmark-columns=min,median,max,rounds"]
-        env = {"VITKERNELS_BENCH_OPS": op}
-        if runner.quick:
-            env["VITKERNELS_BENCH_SHAPES"] = "quick"
         if os.path.exists(path):
             os.remove(path)
-        step, _ = runner.command(f"bench:{op}", command, timeout, env, log_name=f"bench_{op}", review=review_pytest)
+        step, _ = runner.command(name, command, op_share(available, len(runs) - i), env, log_name=log_name,
+                                 review=review_pytest)
         if os.path.exists(path):
             parts.append(path)
         if step.status != "ok":
-            failed.append(f"{op}: {step.status} {step.detail}".strip())
-    runner.say(f"bench: {len(parts)}/{len(OPS)} ops measured in {time.monotonic() - started:.1f}s"
+            failed.append(f"{name}: {step.status} {step.detail}".strip())
+    runner.say(f"bench: {len(parts)}/{len(runs)} runs measured in {time.monotonic() - started:.1f}s"
                + (f"; {'; '.join(failed)}" if failed else ""))
     return parts
 
@@ -541,12 +856,19 @@ def finish(runner: Runner, result: dict, mode: str) -> dict:
     with open(os.path.join(runner.out, "bench.json"), "w") as f:
         json.dump(bench, f, indent=1)
     steps = [asdict(s) for s in runner.steps]
+    rows = summarize_benchmarks(bench, result.get("ceilings", {}))
     report = {
         "date": result["env"].get("date"), "mode": mode, "total_seconds": runner.elapsed(),
         "budget_seconds": runner.budget, "status": overall_status(steps), "env": result["env"],
-        "extension": result.get("extension", {}), "ceilings": result.get("ceilings", {}), "steps": steps,
-        "benchmarks": summarize_benchmarks(bench, result.get("ceilings", {})),
+        "extension": result.get("extension", {}), "ceilings": result.get("ceilings", {}),
+        "large": result.get("large", {}), "steps": steps, "benchmarks": rows, "speedups": speedups(rows),
     }
+    if report["speedups"]:
+        try:
+            report["plots"] = [os.path.basename(p) for p in
+                               plot_speedups(report["speedups"], runner.out, result["env"].get("device_name", ""))]
+        except Exception as err:  # noqa: BLE001 - a plot never costs the report
+            runner.say(f"plots failed: {type(err).__name__}: {err}")
     with open(os.path.join(runner.out, "device_check.json"), "w") as f:
         json.dump(report, f, indent=1, default=str)
     with open(os.path.join(runner.out, "device_check.md"), "w") as f:
@@ -568,9 +890,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="output folder (default: $OUT, else ./out)")
     parser.add_argument("--quick", action="store_true", help="quick shape subset, skip slow tests, fewer reps")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU (hides GPUs; no CUDA build)")
+    parser.add_argument("--sanitize", action="store_true",
+                        help="build, then run the CUDA and Triton kernel tests under compute-sanitizer "
+                             "(memcheck, racecheck) instead of tests and benchmarks")
     parser.add_argument("--no-build", action="store_true", help="skip building the extension")
     parser.add_argument("--pack-logs", action="store_true", help="replace DIR/logs by DIR/logs.tar.gz at the end")
-    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, help="total seconds for every step")
+    parser.add_argument("--budget", type=float, default=None,
+                        help=f"total seconds for every step (default {DEFAULT_BUDGET_S}, "
+                             f"with --sanitize {SANITIZE_BUDGET_S})")
     parser.add_argument("--probe", choices=sorted(PROBES), help=argparse.SUPPRESS)
     parser.add_argument("--probe-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -582,13 +909,20 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(json.dumps(data, indent=1, default=str))
         return 0
 
-    out = os.path.abspath(args.out)
+    if args.budget is None:
+        args.budget = SANITIZE_BUDGET_S if args.sanitize else DEFAULT_BUDGET_S
+    date = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    relative = results_folder("cpu" if args.cpu else (_gpu_name() or "unknown-gpu"), date, _git_commit())
+    out = os.path.join(os.path.abspath(args.out), relative)
+    if os.path.exists(out):
+        shutil.rmtree(out)
     runner = Runner(out, args.budget, cpu=args.cpu, quick=args.quick)
-    mode = ("cpu" if args.cpu else "gpu") + (" quick" if args.quick else "")
-    runner.say(f"device check ({mode}) in {ROOT}; results in {out}; budget {args.budget:.0f}s")
+    mode = ("cpu" if args.cpu else "gpu") + (" quick" if args.quick else "") + (" sanitize" if args.sanitize else "")
+    runner.say(f"device check ({mode}) in {ROOT}; results in {out} (commit them as bench/results/{relative}/); "
+               f"budget {args.budget:.0f}s")
     result: dict = {"env": {}}
     try:
-        result = run_steps(runner, args.no_build)
+        result = run_steps(runner, args.no_build, args.sanitize)
     except Exception as err:  # noqa: BLE001 - still write what was gathered
         runner.record(Step("runner", "failed", 0.0, f"{type(err).__name__}: {err}"))
     report = finish(runner, result, mode)

@@ -13,7 +13,8 @@ heads 3-6-12-24 for T and S, 4-8-16-32 for B, window 7, every second block shift
 whose map is at most the window runs unshifted with the map as window). Swin-S has Swin-T's block
 shapes (only its depth differs). SwinV2-T at 256 (patch 4, maps 64/32/16/8, C 96, heads 3-6-12-24,
 cosine attention) with window 8 or 16. ViT-S/B/L/16 at 224 and 384 (N = 1 + 14*14 = 197 or
-1 + 24*24 = 577 tokens; dims 384/768/1024, heads 6/12/16, MLP ratio 4).
+1 + 24*24 = 577 tokens; dims 384/768/1024, heads 6/12/16, MLP ratio 4). ``MODELS`` holds the same
+models whole (bench/test_bench_models.py), under the short names of their shapes.
 """
 from __future__ import annotations
 
@@ -127,7 +128,22 @@ class PatchEmbedShape:
         return replace(self, batch=batch)
 
 
-Shape = TypeVar("Shape", WindowAttentionShape, AttentionShape, TokenShape, PatchEmbedShape)
+@dataclass(frozen=True)
+class ModelShape:
+    """A whole timm model: images [batch, 3, image, image]."""
+
+    name: str
+    model: str
+    image: int
+    batch: int = 1
+    gpu_batch: int = 128
+    subsets: frozenset[str] = frozenset({"all"})
+
+    def scaled(self, batch: int) -> "ModelShape":
+        return replace(self, batch=batch)
+
+
+Shape = TypeVar("Shape", WindowAttentionShape, AttentionShape, TokenShape, PatchEmbedShape, ModelShape)
 
 
 def scaled(shape: Shape, batch: int) -> Shape:
@@ -187,6 +203,13 @@ class _ViT:
 
     @property
     def gpu_batch(self) -> int:
+        return 128 if self.image <= 224 else 32
+
+    @property
+    def model_gpu_batch(self) -> int:
+        """Training batch that keeps activations and AdamW state well inside 80 GB (bf16)."""
+        if self.dim >= 1024:
+            return 64 if self.image <= 224 else 16
         return 128 if self.image <= 224 else 32
 
 
@@ -269,10 +292,19 @@ def _patch_embed_shapes() -> list[PatchEmbedShape]:
     return shapes
 
 
+def _model_shapes() -> list[ModelShape]:
+    shapes = [ModelShape(name=_SWIN_SHORT[swin.model], model=swin.model, image=swin.image, gpu_batch=128,
+                         subsets=_subsets(_SWIN_SHORT[swin.model])) for swin in SWIN]
+    shapes += [ModelShape(name=vit.short, model=vit.model, image=vit.image, gpu_batch=vit.model_gpu_batch,
+                          subsets=_subsets(vit.short)) for vit in VIT]
+    return shapes
+
+
 WINDOW_ATTENTION: tuple[WindowAttentionShape, ...] = tuple(_window_attention_shapes())
 ATTENTION: tuple[AttentionShape, ...] = tuple(_attention_shapes())
 TOKENS: tuple[TokenShape, ...] = tuple(_token_shapes())
 PATCH_EMBED: tuple[PatchEmbedShape, ...] = tuple(_patch_embed_shapes())
+MODELS: tuple[ModelShape, ...] = tuple(_model_shapes())
 
 # Shapes per op of vitkernels.ops.OPS.
 BY_OP = {

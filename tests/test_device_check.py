@@ -1,5 +1,6 @@
-"""The pure functions of bench/device_check.py (the script itself runs on a GPU machine, not here)."""
+"""bench/device_check.py without a GPU: its pure functions, and its runner with subprocesses replaced."""
 import importlib.util
+import json
 import os
 import sys
 
@@ -127,6 +128,18 @@ def test_run_with_timeout_logs_and_kills(dc, tmp_path):
     assert "hello" in log_path.read_text()
 
 
+def test_a_timed_out_step_is_interrupted_before_it_is_killed(dc, tmp_path):
+    """SIGINT first, so that pytest-benchmark still writes what it measured."""
+    script = ("import signal, sys, time\n"
+              "signal.signal(signal.SIGINT, lambda *a: (print('interrupted', flush=True), sys.exit(2)))\n"
+              "print('started', flush=True)\n"
+              "time.sleep(60)\n")
+    log_path = tmp_path / "step.log"
+    with open(log_path, "w") as log:
+        assert dc.run_with_timeout([sys.executable, "-c", script], dict(os.environ), log, 4.0, grace=1.0) is None
+    assert "interrupted" in log_path.read_text()
+
+
 def test_runner_records_a_step_with_its_log(dc, tmp_path, capsys):
     runner = dc.Runner(str(tmp_path), budget=60, cpu=True, quick=True)
     step, output = runner.command("echo", [sys.executable, "-c", "print('3 passed in 0.10s')"], 30,
@@ -140,3 +153,175 @@ def test_runner_records_a_step_with_its_log(dc, tmp_path, capsys):
     assert [s.name for s in runner.steps] == ["echo", "late"]
     text = dc.render_markdown({"env": {}, "steps": [vars(s) for s in runner.steps], "benchmarks": []})
     assert "| echo | ok |" in text and "| late | skipped |" in text
+
+
+def test_results_folder_names_gpu_date_and_commit(dc):
+    assert dc.results_folder("NVIDIA H100 80GB HBM3", "2026-11-26T03:00:00+00:00", "4bdc99b692ac76fc") == \
+        "h100-80gb-hbm3/2026-11-26-4bdc99b"
+    assert dc.results_folder("cpu", "2026-11-26", "unknown") == "cpu/2026-11-26-unknown"
+    assert dc.results_folder("", "", "") == "unknown/undated-unknown"
+
+
+def test_sanitizer_verdicts(dc):
+    assert dc.parse_sanitizer_summary("========= ERROR SUMMARY: 0 errors\n") == 0
+    assert dc.parse_sanitizer_summary("ERROR SUMMARY: 1 error\nERROR SUMMARY: 12 errors") == 12
+    assert dc.parse_sanitizer_summary("Traceback") is None
+    clean = dc.Step("sanitize_memcheck", "ok", 5.0)
+    dc.review_sanitizer(clean, "4 passed in 3.0s\n========= ERROR SUMMARY: 0 errors\n")
+    assert clean.status == "ok" and clean.detail == "clean; 4 passed in 3.0s"
+    racy = dc.Step("sanitize_racecheck", "failed", 5.0, "exit 3")
+    dc.review_sanitizer(racy, "4 passed in 9.0s\n========= ERROR SUMMARY: 2 errors\n")
+    assert racy.status == "failed" and racy.detail.startswith("2 errors; 4 passed")
+    unfinished = dc.Step("sanitize_memcheck", "ok", 5.0)
+    dc.review_sanitizer(unfinished, "")
+    assert unfinished.status == "failed" and "no ERROR SUMMARY" in unfinished.detail
+
+
+def test_sanitizer_command_runs_the_kernel_selection(dc):
+    command = dc.sanitizer_command("racecheck", "/cuda/bin/compute-sanitizer")
+    assert command[:3] == ["/cuda/bin/compute-sanitizer", "--tool", "racecheck"]
+    assert "tests/ops" in command and command[command.index("-k") + 1] == dc.SANITIZE_K
+    with pytest.raises(ValueError, match="initcheck"):
+        dc.sanitizer_command("initcheck", "compute-sanitizer")
+
+
+def _fake_runs(dc, monkeypatch, output: str, returncode=0):
+    """Replaces every subprocess of the runner by one that prints ``output``; returns the commands seen."""
+    seen = []
+
+    def fake(command, env, log, timeout):
+        seen.append((command, env))
+        log.write(output)
+        log.flush()
+        return returncode
+
+    monkeypatch.setattr(dc, "run_with_timeout", fake)
+    return seen
+
+
+def test_sanitize_mode_records_each_tools_verdict(dc, tmp_path, monkeypatch):
+    seen = _fake_runs(dc, monkeypatch, "5 passed in 2.0s\n========= ERROR SUMMARY: 0 errors\n")
+    monkeypatch.setattr(dc, "sanitizer_path", lambda: "/cuda/bin/compute-sanitizer")
+    monkeypatch.setattr(dc, "_gpu_name", lambda: "NVIDIA H200")
+    assert dc.main(["--sanitize", "--no-build", "--out", str(tmp_path), "--budget", "600"]) == 1  # env probe: no file
+    (folder,) = (tmp_path / "h200").iterdir()
+    report = json.loads((folder / "device_check.json").read_text())
+    steps = {s["name"]: s for s in report["steps"]}
+    assert steps["sanitize_memcheck"]["status"] == "ok" and steps["sanitize_memcheck"]["detail"].startswith("clean")
+    assert steps["sanitize_racecheck"]["status"] == "ok"
+    assert "tests_ops" not in steps and "bench" not in report["mode"]
+    tools = [c[c.index("--tool") + 1] for c, _ in seen if "--tool" in c]
+    assert tools == ["memcheck", "racecheck"]
+    assert (folder / "device_check.log").read_text().count("sanitize_") >= 2
+    assert "| sanitize_racecheck | ok |" in (folder / "device_check.md").read_text()
+
+
+def test_missing_sanitizer_fails_the_step(dc, tmp_path, monkeypatch):
+    monkeypatch.setattr(dc, "sanitizer_path", lambda: None)
+    runner = dc.Runner(str(tmp_path), budget=60, cpu=False, quick=True)
+    step = dc.run_sanitizer(runner, "memcheck", [])
+    assert step.status == "failed" and "compute-sanitizer not found" in step.detail
+
+
+def test_bench_runs_pass_the_measured_ceilings(dc):
+    runs = dc.bench_runs(cpu=False, quick=False, ceilings_path="/r/logs/ceilings.json")
+    names = [name for name, _, _ in runs]
+    assert names[:len(dc.OPS)] == [f"bench:{op}" for op in dc.OPS]
+    assert "bench:models" in names and "bench:flex" in names and "bench:compile" in names
+    assert all(env["VITKERNELS_BENCH_CEILINGS"] == "/r/logs/ceilings.json" for _, _, env in runs)
+    ops_env = runs[names.index("bench:layernorm")][2]
+    assert ops_env["VITKERNELS_BENCH_MODES"] == "fwd,bwd,fwd+bwd"
+    assert "flex" not in ops_env["VITKERNELS_BENCH_PROVIDERS"]
+    quick = dc.bench_runs(cpu=True, quick=True, ceilings_path=None)
+    assert "bench:flex" not in [name for name, _, _ in quick]
+    assert all("VITKERNELS_BENCH_CEILINGS" not in env for _, _, env in quick)
+
+
+def test_speedups_compare_the_best_fused_backend_with_each_provider(dc, tmp_path):
+    def row(backend, kind, ms, shape="vit_b_224", mode="fwd"):
+        return {"op": "attention", "mode": mode, "shape": shape, "backend": backend, "kind": kind, "median_ms": ms}
+
+    rows = [row("torch", "vitkernels", 0.5), row("triton", "vitkernels", 2.0), row("cuda", "vitkernels", 1.0),
+            row("eager", "baseline", 4.0), row("sdpa", "baseline", 1.5), row("eager", "baseline", None, mode="bwd")]
+    gains = {g["provider"]: g for g in dc.speedups(rows)}
+    assert set(gains) == {"eager", "sdpa"}
+    assert gains["eager"]["backend"] == "cuda" and gains["eager"]["speedup"] == pytest.approx(4.0)
+    assert gains["sdpa"]["speedup"] == pytest.approx(1.5)
+    (path,) = dc.plot_speedups(list(gains.values()), str(tmp_path), "test")
+    assert path.endswith("speedup_fwd.png") and os.path.getsize(path) > 1000
+    assert dc.speedups([row("eager", "baseline", 4.0)]) == []
+
+
+def test_summary_of_model_records_in_images_per_second(dc):
+    bench = {"benchmarks": [{"name": "m", "stats": {"median": 0.5}, "extra_info": {
+        "op": "model", "mode": "train", "shape": "swin_t", "backend": "cuda", "provider_kind": "vitkernels",
+        "batch": 128, "metric": "images/s"}}]}
+    (row,) = dc.summarize_benchmarks(bench, CEILINGS)
+    assert row["value"] == pytest.approx(256.0) and row["fraction_of_ceiling"] is None and row["kind"] == "vitkernels"
+
+
+def test_large_cases_pass_two_to_the_31_and_skip_without_memory(dc):
+    cases = list(dc._large_cases(free_bytes=200 * 2 ** 30))
+    assert [name for name, _, _ in cases] == ["window_attention", "layernorm"]
+    assert all(elements > 2 ** 31 and why is None for _, elements, why in cases)
+    assert all("GiB free" in why for _, _, why in dc._large_cases(free_bytes=2 * 2 ** 30))
+    text = dc.render_markdown({"env": {}, "steps": [], "benchmarks": [],
+                               "large": {"layernorm cuda": {"status": "ok", "detail": "error 1e-3"}}})
+    assert "## Past 2^31 elements" in text and "| layernorm cuda | ok | error 1e-3 |" in text
+
+
+PROBE_RESULTS = {
+    "env": {"device_name": "NVIDIA H100 80GB HBM3", "capability": "9.0", "torch": "2.11.0"},
+    "extension": {"unavailable_reason": None, "has_cuda": True},
+    "ceilings": CEILINGS,
+    "large": {"layernorm cuda (2.15e9 elements)": {"status": "ok", "detail": "largest relative error 3e-03"}},
+}
+
+
+def _fake_gpu_machine(dc, monkeypatch):
+    """Subprocesses that answer like a GPU machine: probes write their JSON, benchmark runs their records."""
+    seen = []
+
+    def fake(command, env, log, timeout):
+        seen.append((command, env))
+        if "--probe" in command:
+            with open(command[command.index("--probe-out") + 1], "w") as f:
+                json.dump(PROBE_RESULTS[command[command.index("--probe") + 1]], f)
+        for arg in command:
+            if arg.startswith("--benchmark-json="):
+                op = env.get("VITKERNELS_BENCH_OPS", "model").split(",")[0]
+                entries = [_bench_entry(op, "GB/s", 1e-3 * factor, bytes_=2e9, backend=backend)
+                           for factor, backend in ((1, "cuda"), (3, "eager"))]
+                for entry, kind in zip(entries, ("vitkernels", "baseline")):
+                    entry["extra_info"]["provider_kind"] = kind
+                with open(arg.split("=", 1)[1], "w") as f:
+                    json.dump({"benchmarks": entries}, f)
+        log.write("3 passed in 1.00s\n")
+        return 0
+
+    monkeypatch.setattr(dc, "run_with_timeout", fake)
+    monkeypatch.setattr(dc, "_gpu_name", lambda: "NVIDIA H100 80GB HBM3")
+    return seen
+
+
+def test_gpu_run_wires_every_step(dc, tmp_path, monkeypatch):
+    seen = _fake_gpu_machine(dc, monkeypatch)
+    assert dc.main(["--out", str(tmp_path), "--budget", "1000", "--pack-logs"]) == 0
+    (folder,) = (tmp_path / "h100-80gb-hbm3").iterdir()
+    assert folder.name.endswith(dc._git_commit()[:7])
+    report = json.loads((folder / "device_check.json").read_text())
+    names = [s["name"] for s in report["steps"]]
+    assert names[:8] == ["env", "build", "build_check", "tests_ops", "tests_cuda", "ceilings", "large",
+                         "bench:window_attention"]
+    assert "bench:models" in names and "bench:compile" in names
+    build_env = next(env for command, env in seen if "build_ext" in command)
+    assert build_env["TORCH_CUDA_ARCH_LIST"] == "9.0"
+    bench_envs = [env for command, env in seen if any(a.startswith("--benchmark-json=") for a in command)]
+    assert all(env["VITKERNELS_BENCH_CEILINGS"].endswith("ceilings.json") for env in bench_envs)
+    assert report["large"] == PROBE_RESULTS["large"]
+    gains = {(g["op"], g["provider"]): g["speedup"] for g in report["speedups"]}
+    assert gains[("layernorm", "eager")] == pytest.approx(3.0)
+    assert sorted(report["plots"]) == ["speedup_fwd.png"]
+    assert {p.name for p in folder.iterdir()} >= {"device_check.md", "device_check.json", "bench.json", "logs.tar.gz",
+                                                 "device_check.log", "speedup_fwd.png"}
+    assert "## Past 2^31 elements" in (folder / "device_check.md").read_text()

@@ -47,6 +47,18 @@ def test_bench_one_model_with_plot(capsys, tmp_path):
     assert plot.stat().st_size > 0
 
 
+def test_bench_training_step(capsys, monkeypatch):
+    monkeypatch.setitem(backends._UNAVAILABLE, "cpu", "left out of this test (time)")
+    assert cli.main(["bench", "--model", "test_vit", "--batch", "2", "--repeats", "1", "--device", "cpu",
+                     "--train"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("training step (forward, backward, AdamW), timm test_vit, batch 2")
+    rows = [line.split() for line in out.splitlines() if line.startswith("test_vit ")]
+    assert {row[1] for row in rows} == {"stock", "torch"}
+    # each backend trains its own copy from the same weights: the first forward matches the stock one
+    assert all(float(row[3]) < 1e-4 for row in rows if row[1] != "stock"), out
+
+
 def test_bench_rejects_bad_batch():
     with pytest.raises(SystemExit):
         cli.main(["bench", "--model", "vit_tiny_patch16_224", "--batch", "0"])

@@ -58,11 +58,12 @@ def _bench(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    title = f"{args.zoo} {args.model}, batch {args.batch}, {args.dtype}, {device}"
-    print(f"inference of {title}: stock and patched with each available backend, median of {args.repeats}",
-          flush=True)
+    what = "training step (forward, backward, AdamW)" if args.train else "inference"
+    title = f"{what}, {args.zoo} {args.model}, batch {args.batch}, {args.dtype}, {device}"
+    print(f"{title}: stock and patched with each available backend, median of {args.repeats}", flush=True)
     rows = _models.run([args.model], zoo=args.zoo, device=device, batch=args.batch, dtype=DTYPES[args.dtype],
-                       repeats=args.repeats, progress=lambda jobs: tqdm(jobs, desc="runs", unit="run"))
+                       repeats=args.repeats, train=args.train,
+                       progress=lambda jobs: tqdm(jobs, desc="runs", unit="run"))
     print(_models.format_rows(rows))
     if args.plot:
         _models.plot(rows, args.plot, title)
@@ -87,13 +88,15 @@ def main(argv: list[str] | None = None) -> int:
                        ("check", "like demo, exit non-zero when a backend disagrees with the reference")):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when present")
-    bench = sub.add_parser("bench", help="inference speed of one model, stock against patched with each backend")
+    bench = sub.add_parser("bench", help="inference (or training-step) speed of one model, stock against patched "
+                                         "with each backend")
     bench.add_argument("--model", required=True, help="timm name, torchvision builder or Hugging Face model type")
     bench.add_argument("--zoo", choices=_models.ZOOS, default="timm")
     bench.add_argument("--batch", type=int, default=8)
     bench.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     bench.add_argument("--repeats", type=int, default=5)
     bench.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when present")
+    bench.add_argument("--train", action="store_true", help="time a training step (forward, backward, AdamW)")
     bench.add_argument("--plot", metavar="PNG", help="also write a bar chart of images/s")
     args = parser.parse_args(argv)
     if args.command == "info":

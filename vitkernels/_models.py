@@ -89,13 +89,41 @@ class ModelRow:
         return self.batch / self.ms * 1e3 if self.ms else 0.0
 
 
+def _train_step(model: torch.nn.Module, x: torch.Tensor, classes: int) -> Callable[[], None]:
+    """One training step on ``x``: forward, cross-entropy against fixed random labels, backward, AdamW."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    labels = torch.randint(0, classes, (x.shape[0],), generator=torch.Generator().manual_seed(0)).to(x.device)
+
+    def step() -> None:
+        torch.nn.functional.cross_entropy(model(x).float(), labels).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _time(model: torch.nn.Module, x: torch.Tensor, repeats: int, train: bool) -> tuple[torch.Tensor, float]:
+    """The logits of ``model`` on ``x`` (before any training step) and the median ms of inference or a step."""
+    with torch.inference_mode():
+        logits = model(x)
+        if not train:
+            return logits, _median_ms(lambda: model(x), repeats, x.device)
+    step = _train_step(model, x, logits.shape[-1])
+    step()  # warm-up: AdamW creates its state on the first step
+    return logits, _median_ms(step, repeats, x.device)
+
+
 def run(models: Iterable[str] = DEMO_MODELS, *, zoo: str = "timm", device: str | None = None, batch: int = 1,
-        dtype: torch.dtype = torch.float32, repeats: int = 3,
+        dtype: torch.dtype = torch.float32, repeats: int = 3, train: bool = False,
         progress: Callable[[Iterable], Iterable] = lambda it: it) -> list[ModelRow]:
-    """Inference of each model on the photo, stock and patched with every backend available here.
+    """Inference (or, with ``train``, a training step) of each model on the photo, stock and patched
+    with every backend available here.
 
     Rows carry the median time, the largest logit difference to the stock model and how many
-    modules were replaced; a backend that cannot run a model gets a row with the reason.
+    modules were replaced; a backend that cannot run a model gets a row with the reason. A
+    training step is forward, cross-entropy against random labels, backward and an AdamW update,
+    each run on its own copy of the model.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     names = [n for n in backends.PRIORITY[device.type] if backends.unavailable_reason(n) is None]
@@ -109,18 +137,17 @@ def run(models: Iterable[str] = DEMO_MODELS, *, zoo: str = "timm", device: str |
         model, x, reference = stock[model_name]
         row = ModelRow(model_name, backend, batch)
         rows.append(row)
-        if backend != "stock":
+        if backend != "stock" or train:
             model = copy.deepcopy(model)
+        if backend != "stock":
             row.replaced = len(apply(model, backend=backend))
-        with torch.inference_mode():
-            try:
-                logits = model(x)
-                row.ms = _median_ms(lambda: model(x), repeats, device)
-            except backends.NotSupportedError as err:
-                row.note = str(err).splitlines()[0]
-                continue
+        try:
+            logits, row.ms = _time(model, x, repeats, train)
+        except backends.NotSupportedError as err:
+            row.note = str(err).splitlines()[0]
+            continue
         if reference is None:
-            stock[model_name] = (model, x, logits)
+            stock[model_name] = (stock[model_name][0], x, logits)
         else:
             row.max_logit_diff = (logits.float() - reference.float()).abs().max().item()
     return rows
