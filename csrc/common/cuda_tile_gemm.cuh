@@ -6,9 +6,13 @@
 // computes one 64 x 64 tile of C, staging 64 x 32 slices of A and B through shared memory in the
 // compute type, converted from the fp32 the functors return: __half and __nv_bfloat16 run on tensor
 // cores (WMMA 16x16x16, fp32 accumulation), float on the CUDA cores (4 x 4 outputs per thread).
-// The finished tile goes through shared memory to store(m, n, value), called once per element of C
-// with n the fastest-varying index across threads. One slice is staged at a time (no double
-// buffering): simple rather than fast.
+// The finished tile goes through shared memory to store(m, n, value, split), called once per element
+// of C and split with n the fastest-varying index across threads. One slice is staged at a time (no
+// double buffering): simple rather than fast.
+//
+// With splits > 1 the depth is cut into that many consecutive ranges (grid z), each giving its own
+// partial C to store(..., split): for a C too small to fill the GPU over a long depth. The caller
+// adds the partials in a fixed order, which keeps the result deterministic.
 //
 // Operand functors provide `__device__ float operator()(int64_t row, int64_t k) const`, called for
 // row < rows (or cols) and k < depth only, and `static constexpr bool kRowsContiguous`: whether
@@ -44,6 +48,7 @@ constexpr int kTile = 64;  // rows and columns of C per block
 constexpr int kStep = 32;  // depth of one shared-memory slice
 constexpr int kThreads = 256;
 constexpr int64_t kMaxColumnTiles = 65535;  // gridDim.y
+constexpr int kMaxSplits = 256;
 
 // The type the products are computed in for tensors of dtype scalar_t.
 template <typename scalar_t>
@@ -177,19 +182,22 @@ __device__ void load_slice(const Operand& operand, T* dst, int ld, int64_t first
   }
 }
 
-// grid (row tiles, column tiles), kThreads threads.
+// grid (row tiles, column tiles, splits), kThreads threads; split z covers depth
+// [z * split_depth, (z + 1) * split_depth).
 template <typename T, typename OperandA, typename OperandB, typename Store>
-__global__ void __launch_bounds__(kThreads)
-    tile_gemm_kernel(OperandA a, OperandB b, Store store, int64_t rows, int64_t cols, int64_t depth) {
+__global__ void __launch_bounds__(kThreads) tile_gemm_kernel(OperandA a, OperandB b, Store store, int64_t rows,
+                                                             int64_t cols, int64_t depth, int64_t split_depth) {
   using Tiles = SharedTiles<T>;
   __shared__ Tiles s;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTile;
   const int64_t col0 = static_cast<int64_t>(blockIdx.y) * kTile;
+  const int64_t k_begin = static_cast<int64_t>(blockIdx.z) * split_depth;
+  const int64_t k_end = k_begin + split_depth < depth ? k_begin + split_depth : depth;
   Accumulator<T> acc;
   acc.zero();
-  for (int64_t k0 = 0; k0 < depth; k0 += kStep) {
-    load_slice(a, s.a, Tiles::kLd, row0, rows, k0, depth);
-    load_slice(b, s.b, Tiles::kLd, col0, cols, k0, depth);
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kStep) {
+    load_slice(a, s.a, Tiles::kLd, row0, rows, k0, k_end);
+    load_slice(b, s.b, Tiles::kLd, col0, cols, k0, k_end);
     __syncthreads();
     acc.multiply(s);
     __syncthreads();
@@ -199,26 +207,39 @@ __global__ void __launch_bounds__(kThreads)
   for (int idx = threadIdx.x; idx < kTile * kTile; idx += kThreads) {
     const int r = idx / kTile, c = idx % kTile;
     if (row0 + r < rows && col0 + c < cols) {
-      store(row0 + r, col0 + c, s.c[r * Tiles::kLdC + c]);
+      store(row0 + r, col0 + c, s.c[r * Tiles::kLdC + c], static_cast<int>(blockIdx.z));
     }
   }
 }
 
-// Launches the GEMM on stream, computing in compute type T; nothing to do when C is empty. A
-// depth of 0 stores zeros.
+// Launches the GEMM on stream, computing in compute type T, in `splits` depth ranges (each a
+// multiple of kStep; a split past the depth stores zeros); nothing to do when C is empty. A depth
+// of 0 stores zeros.
 template <typename T, typename OperandA, typename OperandB, typename Store>
 void launch(const OperandA& a, const OperandB& b, const Store& store, int64_t rows, int64_t cols, int64_t depth,
-            cudaStream_t stream) {
+            cudaStream_t stream, int splits = 1) {
   if (rows == 0 || cols == 0) {
     return;
   }
   const int64_t row_tiles = (rows + kTile - 1) / kTile, col_tiles = (cols + kTile - 1) / kTile;
   TORCH_CHECK(row_tiles <= INT32_MAX && col_tiles <= kMaxColumnTiles, "tile GEMM of ", rows, " x ", cols,
               " is too large for one launch");
-  tile_gemm_kernel<T><<<dim3(static_cast<unsigned>(row_tiles), static_cast<unsigned>(col_tiles)), kThreads, 0,
-                        stream>>>(a, b, store, rows, cols, depth);
+  TORCH_CHECK(1 <= splits && splits <= kMaxSplits, "tile GEMM splits must be in [1, ", kMaxSplits, "], got ", splits);
+  const int64_t steps = (depth + kStep - 1) / kStep;
+  const int64_t split_depth = (steps + splits - 1) / splits * kStep;
+  const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(col_tiles), static_cast<unsigned>(splits));
+  tile_gemm_kernel<T><<<grid, kThreads, 0, stream>>>(a, b, store, rows, cols, depth, split_depth);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
+
+// A store into row-major fp32 matrices, one per split: data[split * split_stride + row * ld + col].
+struct MatrixStore {
+  float* data;
+  int64_t ld, split_stride;
+  __device__ void operator()(int64_t row, int64_t col, float v, int split) const {
+    data[split * split_stride + row * ld + col] = v;
+  }
+};
 
 // Operand (or column_sums value) of a row-major matrix: data[row * ld + k].
 struct Matrix {

@@ -38,12 +38,17 @@ namespace {
 using patch_embed::PatchGeometry;
 using patch_embed::PatchInputs;
 using tile_gemm::Matrix;
+using tile_gemm::MatrixStore;
 using tile_gemm::Transposed;
 
 constexpr int kThreads = 256;
 constexpr int kWarpsPerBlock = kThreads / 32;
 // Grid-stride loops cover what this many blocks do not.
 constexpr int64_t kMaxBlocks = int64_t{1} << 16;
+// The weight gradient's GEMM aims at this many blocks, splitting its depth (the patches) in ranges
+// of at least kMinSplitPatches.
+constexpr int64_t kTargetBlocks = 512;
+constexpr int64_t kMinSplitPatches = 1024;
 
 // Where element k = (c, i, j) of patch m lies in the image [B, Cin, H, W].
 struct PatchLayout {
@@ -109,7 +114,7 @@ struct TokenStore {
   const float* pos;   // [L, E] or null
   int64_t patches, tokens, num_prefix, pos_offset, dim;
 
-  __device__ void operator()(int64_t m, int64_t e, float v) const {
+  __device__ void operator()(int64_t m, int64_t e, float v, int = 0) const {
     if (bias != nullptr) {
       v += bias[e];
     }
@@ -130,19 +135,13 @@ struct ImageScatter {
   float* image;
   PatchLayout layout;
 
-  __device__ void operator()(int64_t m, int64_t k, float v) const {
+  __device__ void operator()(int64_t m, int64_t k, float v, int) const {
     int64_t c;
     const int64_t at = layout.offset(m, k, c);
     if (at >= 0) {
       image[at] = v;
     }
   }
-};
-
-struct MatrixStore {
-  float* data;
-  int64_t ld;
-  __device__ void operator()(int64_t row, int64_t col, float v) const { data[row * ld + col] = v; }
 };
 
 // Mean and 1 / sqrt(var + eps) of row[dim], in every lane of the warp (two passes for accuracy).
@@ -325,17 +324,36 @@ at::Tensor patch_norm_backward(const PatchInputs& in, const at::Tensor& weight, 
   return dpre;
 }
 
-// dW [E, K] fp32 = dZ^T A, reduced over the M patches inside each block.
+// Depth ranges of the weight gradient's GEMM: enough blocks for a large GPU when [E, K] has few
+// tiles (Swin: one or two), each range at least kMinSplitPatches long. A function of the shape
+// only, so the result does not depend on the device.
+int weight_gradient_splits(const PatchGeometry& g) {
+  const int64_t tiles = ((g.dim + tile_gemm::kTile - 1) / tile_gemm::kTile) *
+                        ((g.depth() + tile_gemm::kTile - 1) / tile_gemm::kTile);
+  const int64_t wanted = (kTargetBlocks + tiles - 1) / tiles;
+  const int64_t affordable = g.rows() / kMinSplitPatches;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({wanted, affordable, tile_gemm::kMaxSplits})));
+}
+
+// dW [E, K] fp32 = dZ^T A, reduced over the M patches: per depth range inside each block, then the
+// ranges' partial products added in order.
 at::Tensor weight_gradient(const PatchInputs& in, const at::Tensor& weight, const PatchRows& dz, cudaStream_t stream) {
-  at::Tensor dweight = at::empty({in.g.dim, in.g.depth()}, in.weight.options());
+  const PatchGeometry& g = in.g;
+  const int splits = weight_gradient_splits(g);
+  at::Tensor partial = at::empty({splits, g.dim, g.depth()}, in.weight.options());
   dispatch_patch_types(in, weight, [&](auto weight_type, auto image_type) {
     using scalar_t = decltype(weight_type);
     using image_t = decltype(image_type);
     tile_gemm::launch<tile_gemm::compute_t<scalar_t>>(
         Transposed<PatchRows>{dz}, Transposed<PatchPixels<image_t>>{patch_pixels<image_t>(in)},
-        MatrixStore{dweight.mutable_data_ptr<float>(), in.g.depth()}, in.g.dim, in.g.depth(), in.g.rows(), stream);
+        MatrixStore{partial.mutable_data_ptr<float>(), g.depth(), g.dim * g.depth()}, g.dim, g.depth(), g.rows(),
+        stream, splits);
   });
-  return dweight;
+  if (splits == 1) {
+    return partial[0];
+  }
+  const int64_t size = g.dim * g.depth();
+  return column_sums(Matrix{partial.const_data_ptr<float>(), size}, splits, size, partial, stream);
 }
 
 // d image [B, Cin, H, W] fp32 = dZ W scattered back to the pixels (x is floating point here).
