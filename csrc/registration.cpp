@@ -81,6 +81,8 @@ TORCH_LIBRARY_IMPL(vitkernels, CPU, m) {
 #ifdef VITKERNELS_WITH_CUDA
 TORCH_LIBRARY_IMPL(vitkernels, CUDA, m) {
   m.impl("gather_relative_position_bias", &vitkernels::gather_relative_position_bias_cuda);
+  m.impl("patch_embed_fwd", &vitkernels::patch_embed_fwd_cuda);
+  m.impl("patch_embed_bwd", &vitkernels::patch_embed_bwd_cuda);
 }
 #endif
 

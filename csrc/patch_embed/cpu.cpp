@@ -19,32 +19,24 @@
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/full.h>
-#include <ATen/ops/ones_like.h>
 #include <ATen/ops/zeros.h>
-#include <ATen/ops/zeros_like.h>
 
 #include <algorithm>
 
 #include "common/cpu_math.h"
 #include "common/cpu_tensor.h"
 #include "layernorm_mlp/layernorm_mlp.h"
+#include "patch_embed/inputs.h"
 #include "patch_embed/patch_embed.h"
 
 namespace vitkernels {
 namespace {
 
+using patch_embed::PatchGeometry;
+using patch_embed::PatchInputs;
+
 // Output rows per parallel task in the epilogue: a task should touch tens of kilobytes.
 constexpr int64_t kRowsPerTask = 16;
-
-struct PatchGeometry {
-  int64_t batch, channels, height, width, patch_h, patch_w, grid_h, grid_w, dim;
-
-  int64_t patches() const { return grid_h * grid_w; }
-  int64_t rows() const { return batch * patches(); }
-  int64_t depth() const { return channels * patch_h * patch_w; }
-  bool padded() const { return grid_h * patch_h != height || grid_w * patch_w != width; }
-};
 
 // Calls fn(c, image_offset, a_offset, n) for each run of n pixels that is one patch's row i of
 // channel c in grid row gy of image b: contiguous at image_offset in x [B, Cin, H, W] and at
@@ -106,85 +98,6 @@ at::Tensor unpack_patches(const at::Tensor& da, const PatchGeometry& g) {
   return image;
 }
 
-// The checked inputs, small operands as contiguous fp32 (undefined when absent).
-struct PatchInputs {
-  PatchGeometry g;
-  at::Tensor x;                             // [B, Cin, H, W] contiguous, uint8 or the weight's dtype
-  at::Tensor weight;                        // [E, K]
-  at::Tensor scale, shift;                  // [Cin]: normalized pixel = x * scale + shift
-  at::Tensor bias, norm_weight, norm_bias;  // [E]
-  at::Tensor prefix, pos;                   // [P, E], [L, E]
-  int64_t num_prefix = 0;
-  int64_t pos_offset = 0;  // patch n adds pos row pos_offset + n: P when pos covers the prefix, else 0
-};
-
-// A [rows, E] table (prefix tokens or positions) given as [rows, E] or [1, rows, E].
-at::Tensor token_table(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& weight, int64_t dim) {
-  if (!t.has_value()) {
-    return at::Tensor();
-  }
-  check_same_device(*t, name, weight, "weight");
-  check_floating(*t, name);
-  TORCH_CHECK((t->dim() == 2 || (t->dim() == 3 && t->size(0) == 1)) && t->size(-1) == dim, name,
-              " must be [L, ", dim, "] or [1, L, ", dim, "], got ", t->sizes());
-  return contiguous_float(t->reshape({-1, dim}));
-}
-
-PatchGeometry geometry(const at::Tensor& x, const at::Tensor& weight) {
-  check_device(x, "x", c10::DeviceType::CPU);
-  check_same_device(weight, "weight", x, "x");
-  check_cpu_floating(weight, "weight");
-  check_dim(x, "x", 4);
-  check_dim(weight, "weight", 4);
-  TORCH_CHECK(x.scalar_type() == weight.scalar_type() || x.scalar_type() == at::kByte,
-              "x must be uint8 or the weight's dtype ", weight.scalar_type(), ", got ", x.scalar_type());
-  check_size(x, "x", 1, weight.size(1));
-  TORCH_CHECK(weight.size(0) > 0 && weight.size(2) > 0 && weight.size(3) > 0,
-              "weight must have non-empty E, ph and pw, got shape ", weight.sizes());
-  const int64_t ph = weight.size(2), pw = weight.size(3);
-  return {x.size(0), x.size(1), x.size(2), x.size(3), ph, pw, (x.size(2) + ph - 1) / ph, (x.size(3) + pw - 1) / pw,
-          weight.size(0)};
-}
-
-// (scale, shift) of the input normalization ((x / 255 for uint8) - mean) / std, per channel.
-void input_affine(PatchInputs& in, const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std_dev) {
-  const at::Tensor m = float_parameter(mean, "mean", in.x, in.g.channels);
-  const at::Tensor s = float_parameter(std_dev, "std", in.x, in.g.channels);
-  const double unit = in.x.scalar_type() == at::kByte ? 1.0 / 255.0 : 1.0;
-  in.scale = at::full({in.g.channels}, unit, in.x.options().dtype(at::kFloat));
-  in.shift = m.defined() ? -m : at::zeros_like(in.scale);
-  if (s.defined()) {
-    in.scale = in.scale / s;
-    in.shift = in.shift / s;
-  }
-}
-
-PatchInputs checked_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                           const std::optional<at::Tensor>& prefix_tokens, const std::optional<at::Tensor>& pos,
-                           const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& norm_bias,
-                           const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std_dev) {
-  PatchInputs in;
-  in.g = geometry(x, weight);
-  const int64_t dim = in.g.dim;
-  in.x = x.contiguous();
-  in.weight = weight.reshape({dim, in.g.depth()}).to(at::kFloat).contiguous();
-  input_affine(in, mean, std_dev);
-  in.bias = float_parameter(bias, "bias", x, dim);
-  in.norm_weight = float_parameter(norm_weight, "norm_weight", x, dim);
-  in.norm_bias = float_parameter(norm_bias, "norm_bias", x, dim);
-  in.prefix = token_table(prefix_tokens, "prefix_tokens", weight, dim);
-  in.num_prefix = in.prefix.defined() ? in.prefix.size(0) : 0;
-  in.pos = token_table(pos, "pos", weight, dim);
-  if (in.pos.defined()) {
-    const int64_t patches = in.g.patches();
-    TORCH_CHECK(in.pos.size(0) == patches || in.pos.size(0) == in.num_prefix + patches, "pos must have ", patches,
-                " rows (the patches) or ", in.num_prefix + patches, " (prefix tokens and patches), got ",
-                in.pos.size(0));
-    in.pos_offset = in.pos.size(0) - patches;
-  }
-  return in;
-}
-
 void add_row(float* row, const float* other, int64_t n) {
   if (other != nullptr) {
     for (int64_t e = 0; e < n; ++e) {
@@ -241,15 +154,6 @@ void epilogue_rows(const PatchInputs& in, float* z, out_t* out, bool patch_norm,
   }
 }
 
-// A wanted gradient in its input's shape and dtype, else an empty tensor.
-at::Tensor typed_gradient(const at::Tensor& grad, const std::optional<at::Tensor>& input, bool wanted,
-                          const at::Tensor& grad_out) {
-  if (!wanted || !input.has_value() || !grad.defined()) {
-    return at::empty({0}, grad_out.options());
-  }
-  return grad.to(input->scalar_type()).reshape(input->sizes()).contiguous();
-}
-
 // dz [M, E] of the patch rows before the patch norm, from dz after it; sets the norm's parameter
 // gradients (fp32 sums reduced in a fixed order) where needed.
 at::Tensor patch_norm_backward(const PatchInputs& in, const at::Tensor& a, const at::Tensor& dz,
@@ -266,24 +170,6 @@ at::Tensor patch_norm_backward(const PatchInputs& in, const at::Tensor& a, const
   return dpre;
 }
 
-// (dx, dmean, dstd) from d image [B, Cin, H, W] fp32, the gradient of the normalized image
-// (x * scale + shift = (x' - mean) / std); each only where its input takes one.
-void image_gradients(const PatchInputs& in, const at::Tensor& dimage, const std::optional<at::Tensor>& mean,
-                     const std::optional<at::Tensor>& std_dev, at::Tensor& dx, at::Tensor& dmean, at::Tensor& dstd) {
-  const at::Tensor scale = in.scale.view({1, -1, 1, 1});
-  if (in.x.is_floating_point()) {
-    dx = dimage * scale;
-  }
-  const at::Tensor inv_std = std_dev.has_value() ? std_dev->to(at::kFloat).reciprocal() : at::ones_like(in.scale);
-  if (mean.has_value()) {
-    dmean = -dimage.sum({0, 2, 3}) * inv_std;
-  }
-  if (std_dev.has_value()) {
-    const at::Tensor normalized = in.x.to(at::kFloat) * scale + in.shift.view({1, -1, 1, 1});
-    dstd = -(dimage * normalized).sum({0, 2, 3}) * inv_std;
-  }
-}
-
 }  // namespace
 
 at::Tensor patch_embed_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -292,7 +178,8 @@ at::Tensor patch_embed_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, co
                                const std::optional<at::Tensor>& norm_bias, double norm_eps, bool patch_norm,
                                const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std_dev) {
   TORCH_CHECK(norm_eps > 0, "norm_eps must be positive, got ", norm_eps);
-  const PatchInputs in = checked_inputs(x, weight, bias, prefix_tokens, pos, norm_weight, norm_bias, mean, std_dev);
+  const PatchInputs in = patch_embed::checked_inputs(c10::DeviceType::CPU, x, weight, bias, prefix_tokens, pos,
+                                                     norm_weight, norm_bias, mean, std_dev);
   const PatchGeometry& g = in.g;
   at::Tensor z = pack_patches(in.x, g, in.scale, in.shift).mm(in.weight.t());
   at::Tensor out = at::empty({g.batch, in.num_prefix + g.patches(), g.dim}, weight.options());
@@ -314,12 +201,11 @@ std::vector<at::Tensor> patch_embed_bwd_cpu(const at::Tensor& grad_out, const at
                                             bool patch_norm, const std::optional<at::Tensor>& mean,
                                             const std::optional<at::Tensor>& std_dev, const c10::List<bool>& needs) {
   TORCH_CHECK(needs.size() == 9, "needs must hold 9 flags, got ", needs.size());
-  const PatchInputs in = checked_inputs(x, weight, bias, prefix_tokens, pos, norm_weight, norm_bias, mean, std_dev);
+  const PatchInputs in = patch_embed::checked_inputs(c10::DeviceType::CPU, x, weight, bias, prefix_tokens, pos,
+                                                     norm_weight, norm_bias, mean, std_dev);
   const PatchGeometry& g = in.g;
   const int64_t tokens = in.num_prefix + g.patches();
-  TORCH_CHECK(grad_out.numel() == g.batch * tokens * g.dim, "grad_out must hold [", g.batch, ", ", tokens, ", ",
-              g.dim, "], got shape ", grad_out.sizes());
-  const at::Tensor dout = grad_out.reshape({g.batch, tokens, g.dim}).to(at::kFloat);
+  const at::Tensor dout = patch_embed::float_grad_out(grad_out, g, tokens);
   std::vector<at::Tensor> grads(9);
   if (needs[3] && prefix_tokens.has_value()) {
     grads[3] = dout.narrow(1, 0, in.num_prefix).sum(0);
@@ -339,12 +225,10 @@ std::vector<at::Tensor> patch_embed_bwd_cpu(const at::Tensor& grad_out, const at
     grads[1] = dz.t().mm(a);
   }
   if (needs[0] || needs[7] || needs[8]) {
-    image_gradients(in, unpack_patches(dz.mm(in.weight), g), mean, std_dev, grads[0], grads[7], grads[8]);
+    patch_embed::image_gradients(in, unpack_patches(dz.mm(in.weight), g), mean, std_dev, grads[0], grads[7], grads[8]);
   }
-  const std::optional<at::Tensor> inputs[9] = {x, weight, bias, prefix_tokens, pos, norm_weight, norm_bias, mean, std_dev};
-  for (size_t i = 0; i < grads.size(); ++i) {
-    grads[i] = typed_gradient(grads[i], inputs[i], needs[i], grad_out);
-  }
+  patch_embed::type_gradients(grads, {x, weight, bias, prefix_tokens, pos, norm_weight, norm_bias, mean, std_dev},
+                              needs, grad_out);
   return grads;
 }
 

@@ -1,4 +1,4 @@
-// Patch embedding (ViT, DeiT, Swin): declarations shared by cpu.cpp and registration.cpp.
+// Patch embedding (ViT, DeiT, Swin): declarations shared by cpu.cpp, cuda.cu and registration.cpp.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -35,5 +35,24 @@ std::vector<at::Tensor> patch_embed_bwd_cpu(const at::Tensor& grad_out, const at
                                             const std::optional<at::Tensor>& norm_bias, double norm_eps,
                                             bool patch_norm, const std::optional<at::Tensor>& mean,
                                             const std::optional<at::Tensor>& std_dev, const c10::List<bool>& needs);
+
+#ifdef VITKERNELS_WITH_CUDA
+// The same ops for CUDA tensors (cuda.cu): fp32 weights computed in fp32, fp16 and bf16 ones on
+// tensor cores in their dtype with fp32 accumulation; a deterministic backward.
+at::Tensor patch_embed_fwd_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                const std::optional<at::Tensor>& prefix_tokens, const std::optional<at::Tensor>& pos,
+                                const std::optional<at::Tensor>& norm_weight,
+                                const std::optional<at::Tensor>& norm_bias, double norm_eps, bool patch_norm,
+                                const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std_dev);
+
+std::vector<at::Tensor> patch_embed_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& x,
+                                             const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                             const std::optional<at::Tensor>& prefix_tokens,
+                                             const std::optional<at::Tensor>& pos,
+                                             const std::optional<at::Tensor>& norm_weight,
+                                             const std::optional<at::Tensor>& norm_bias, double norm_eps,
+                                             bool patch_norm, const std::optional<at::Tensor>& mean,
+                                             const std::optional<at::Tensor>& std_dev, const c10::List<bool>& needs);
+#endif
 
 }  // namespace vitkernels

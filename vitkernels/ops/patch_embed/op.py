@@ -249,7 +249,7 @@ from .reference import resample_pos_embed  # noqa: E402
 
 # positions in patch_embed_fwd's schema of the tensors that can take a gradient, in patch_embed_bwd's
 # output order
-_CPU_GRAD_INPUTS = (0, 1, 2, 3, 4, 5, 6, 9, 10)
+_COMPILED_GRAD_INPUTS = (0, 1, 2, 3, 4, 5, 6, 9, 10)
 
 if _ext.unavailable_reason() is None:
 
@@ -266,27 +266,27 @@ if _ext.unavailable_reason() is None:
         return [t.new_empty(t.shape) if need and t is not None and t.is_floating_point() else grad_out.new_empty(0)
                 for t, need in zip(inputs, needs)]
 
-    def _patch_embed_cpu_setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*(inputs[i] for i in _CPU_GRAD_INPUTS))
+    def _patch_embed_compiled_setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*(inputs[i] for i in _COMPILED_GRAD_INPUTS))
         ctx.norm = inputs[7:9]
 
-    def _patch_embed_cpu_backward(ctx, grad_out):
+    def _patch_embed_compiled_backward(ctx, grad_out):
         saved = ctx.saved_tensors
         needs = [bool(ctx.needs_input_grad[i]) and t is not None and t.is_floating_point()
-                 for i, t in zip(_CPU_GRAD_INPUTS, saved)]
+                 for i, t in zip(_COMPILED_GRAD_INPUTS, saved)]
         x, weight, bias, prefix_tokens, pos, norm_weight, norm_bias, mean, std = saved
         grads = torch.ops.vitkernels.patch_embed_bwd(grad_out, x, weight, bias, prefix_tokens, pos, norm_weight,
                                                      norm_bias, *ctx.norm, mean, std, needs)
         out: list = [None] * len(ctx.needs_input_grad)
-        for k, i in enumerate(_CPU_GRAD_INPUTS):
+        for k, i in enumerate(_COMPILED_GRAD_INPUTS):
             out[i] = grads[k] if needs[k] else None
         return tuple(out)
 
-    torch.library.register_autograd("vitkernels::patch_embed_fwd", _patch_embed_cpu_backward,
-                                    setup_context=_patch_embed_cpu_setup_context)
+    torch.library.register_autograd("vitkernels::patch_embed_fwd", _patch_embed_compiled_backward,
+                                    setup_context=_patch_embed_compiled_setup_context)
 
 
-def _cpu_position_table(pos_embed, pos_embed_grid, grid):
+def _position_table(pos_embed, pos_embed_grid, grid):
     """pos_embed as an [L, E] table for the input's grid: resampled in fp32 when pos_embed_grid differs."""
     table = pos_embed.reshape(-1, pos_embed.shape[-1])
     if pos_embed_grid is None or tuple(pos_embed_grid) == tuple(grid):
@@ -295,21 +295,34 @@ def _cpu_position_table(pos_embed, pos_embed_grid, grid):
     return resample_pos_embed(table.float()[None], grid, pos_embed_grid, covered)[0]
 
 
-def _patch_embed_cpu(x, weight, bias, prefix_tokens, pos_embed, pos_embed_grid, norm_weight, norm_bias, norm_eps,
-                     patch_norm, mean, std, dynamic_pad, output_format):
+def _patch_embed_compiled(x, weight, bias, prefix_tokens, pos_embed, pos_embed_grid, norm_weight, norm_bias,
+                          norm_eps, patch_norm, mean, std, dynamic_pad, output_format):
     grid = _grid(x, tuple(weight.shape[-2:]), dynamic_pad=True)
-    pos = None if pos_embed is None else _cpu_position_table(pos_embed, pos_embed_grid, grid)
+    pos = None if pos_embed is None else _position_table(pos_embed, pos_embed_grid, grid)
     out = torch.ops.vitkernels.patch_embed_fwd(x, weight, bias, prefix_tokens, pos, norm_weight, norm_bias, norm_eps,
                                                patch_norm, mean, std)
     return out.view(x.shape[0], *grid, weight.shape[0]) if output_format == "map" else out
 
+
+_COMPILED_FEATURES = frozenset({"prefix_tokens", "pos_embed", "resample_pos_embed", "patch_norm", "uint8", "normalize",
+                                "dynamic_pad", "map", "backward"})
 
 # The C++ kernels of csrc/patch_embed/cpu.cpp: fp16 and bf16 are computed in fp32 (the GEMMs too, by
 # ATen's fp32 GEMM); a pos_embed_grid resample runs in torch before the kernel.
 BACKENDS["cpu"] = backends.Capability(
     devices=frozenset({"cpu"}),
     dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
-    features=frozenset({"prefix_tokens", "pos_embed", "resample_pos_embed", "patch_norm", "uint8", "normalize",
-                        "dynamic_pad", "map", "backward"}),
+    features=_COMPILED_FEATURES,
 )
-IMPLEMENTATIONS["cpu"] = _patch_embed_cpu
+IMPLEMENTATIONS["cpu"] = _patch_embed_compiled
+
+# The CUDA kernels of csrc/patch_embed/cuda.cu, the same op on CUDA tensors: implicit GEMMs on tensor
+# cores in fp16 / bf16 with fp32 accumulation (fp32 on the CUDA cores; a uint8 image is normalized in
+# fp32, then converted), LayerNorm and sums in fp32, a deterministic backward; a pos_embed_grid
+# resample runs in torch before the kernel.
+BACKENDS["cuda"] = backends.Capability(
+    devices=frozenset({"cuda"}),
+    dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+    features=_COMPILED_FEATURES,
+)
+IMPLEMENTATIONS["cuda"] = _patch_embed_compiled
