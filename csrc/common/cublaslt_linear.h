@@ -11,6 +11,7 @@
 #include <cublasLt.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <memory>
 #include <type_traits>
 
@@ -71,9 +72,34 @@ inline Owned<cublasLtMatrixLayout_t> layout(cudaDataType_t type, int64_t rows, i
   return Owned<cublasLtMatrixLayout_t>(raw, &cublasLtMatrixLayoutDestroy);
 }
 
+// The same product through ATen in fp32: for shapes linear() does not hand to cuBLASLt.
+inline void linear_fallback(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                            at::Tensor& out) {
+  const at::Tensor input32 = input.to(at::kFloat);
+  const at::Tensor weight32 = weight.to(at::kFloat);
+  if (bias.defined()) {
+    at::addmm_out(out, bias, input32, weight32.t());
+  } else {
+    at::mm_out(out, input32, weight32.t());
+  }
+}
+
+// Sizes cuBLASLt's bias epilogue is used for: PyTorch's own addmm takes its cuBLASLt path only
+// for dimensions in (1, 65535 * 32), and so does linear().
+inline bool epilogue_friendly(int64_t m, int64_t n, int64_t k) {
+  constexpr int64_t kLimit = int64_t{65535} * 32;
+  for (const int64_t size : {m, n, k}) {
+    if (size <= 1 || size >= kLimit) {
+      return false;
+    }
+  }
+  return true;
+}
+
 // out = input @ weight^T (+ bias) for contiguous input [M, K] and weight [N, K] of one dtype
 // (fp16 and bf16 on the tensor cores; fp32 as plain fp32, never TF32), fp32 accumulation, fp32
-// contiguous out [M, N] and fp32 bias [N] (undefined: none), on the current stream.
+// contiguous out [M, N] and fp32 bias [N] (undefined: none), on the current stream. Shapes outside
+// epilogue_friendly(), or that cuBLASLt's heuristic finds no kernel for, take linear_fallback().
 //
 // cuBLASLt is column-major: the row-major [M, N] output is the column-major [N, M] matrix
 // weight (column-major [K, N], transposed) times input (column-major [K, M]), and the bias runs
@@ -83,6 +109,10 @@ inline void linear(const at::Tensor& input, const at::Tensor& weight, const at::
   const int64_t k = input.size(1);
   const int64_t n = weight.size(0);
   if (m == 0 || n == 0) {
+    return;
+  }
+  if (!epilogue_friendly(m, n, k)) {
+    linear_fallback(input, weight, bias, out);
     return;
   }
   const cudaDataType_t operand = data_type(input.scalar_type());
@@ -114,14 +144,7 @@ inline void linear(const at::Tensor& input, const at::Tensor& weight, const at::
   const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(handle, desc.get(), a.get(), b.get(), d.get(),
                                                                d.get(), preference.get(), 1, &heuristic, &found);
   if (status == CUBLAS_STATUS_NOT_SUPPORTED || (status == CUBLAS_STATUS_SUCCESS && found == 0)) {
-    // No cuBLASLt kernel for this shape and alignment: the same product through ATen in fp32.
-    const at::Tensor input32 = input.to(at::kFloat);
-    const at::Tensor weight32 = weight.to(at::kFloat);
-    if (bias.defined()) {
-      at::addmm_out(out, bias, input32, weight32.t());
-    } else {
-      at::mm_out(out, input32, weight32.t());
-    }
+    linear_fallback(input, weight, bias, out);
     return;
   }
   VITKERNELS_CUBLASLT_CHECK(status);

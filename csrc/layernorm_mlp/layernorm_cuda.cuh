@@ -40,7 +40,7 @@ using cuda::store_floats;
 
 constexpr int kThreads = 128;  // threads of every LayerNorm block
 constexpr int kWarps = kThreads / kWarpSize;
-// Elements of a row each thread holds in registers on the fast paths (as 16 / pack packs): a warp
+// Elements of a row each thread holds in registers on the fast paths (in 16-byte packs): a warp
 // takes rows of up to 512 elements, a block rows of up to 2048.
 constexpr int kElementsPerThread = 16;
 // The backward's grid stops growing here (its blocks then take several rows each), which bounds
