@@ -81,6 +81,11 @@ TORCH_LIBRARY_IMPL(vitkernels, CPU, m) {
 #ifdef VITKERNELS_WITH_CUDA
 TORCH_LIBRARY_IMPL(vitkernels, CUDA, m) {
   m.impl("gather_relative_position_bias", &vitkernels::gather_relative_position_bias_cuda);
+  m.impl("layernorm_fwd", &vitkernels::layernorm_fwd_cuda);
+  m.impl("add_layernorm_fwd", &vitkernels::add_layernorm_fwd_cuda);
+  m.impl("layernorm_bwd", &vitkernels::layernorm_bwd_cuda);
+  m.impl("layernorm_mlp_fwd", &vitkernels::layernorm_mlp_fwd_cuda);
+  m.impl("layernorm_mlp_bwd", &vitkernels::layernorm_mlp_bwd_cuda);
   m.impl("patch_embed_fwd", &vitkernels::patch_embed_fwd_cuda);
   m.impl("patch_embed_bwd", &vitkernels::patch_embed_bwd_cuda);
 }

@@ -53,4 +53,34 @@ std::vector<at::Tensor> layernorm_mlp_bwd_cpu(
     const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias, double eps,
     const std::optional<at::Tensor>& gamma, c10::string_view approximate);
 
+#ifdef VITKERNELS_WITH_CUDA
+// The same ops for CUDA tensors (cuda.cu), fp16, bf16 and fp32. LayerNorm statistics and the
+// saved pre-activation and fc2 output are fp32 as on the CPU; the MLP's matrix products run in x's
+// dtype (tensor cores for fp16 and bf16) with fp32 accumulation, its weights cast to x's dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_fwd_cuda(const at::Tensor& x,
+                                                                  const std::optional<at::Tensor>& weight,
+                                                                  const std::optional<at::Tensor>& bias, double eps);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layernorm_fwd_cuda(
+    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_bwd_cuda(
+    const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_extra, const at::Tensor& x,
+    const at::Tensor& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& weight, bool bias_grad);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_mlp_fwd_cuda(
+    const at::Tensor& x, const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias,
+    const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
+    const std::optional<at::Tensor>& fc2_bias, double eps, const std::optional<at::Tensor>& gamma,
+    c10::string_view approximate);
+
+std::vector<at::Tensor> layernorm_mlp_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+    const at::Tensor& pre, const at::Tensor& fc2_out, const std::optional<at::Tensor>& ln_weight,
+    const std::optional<at::Tensor>& ln_bias, const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
+    const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias, double eps,
+    const std::optional<at::Tensor>& gamma, c10::string_view approximate);
+#endif
+
 }  // namespace vitkernels

@@ -148,3 +148,130 @@ def test_triton_bf16(backend, shape, channels):
                            lambda x, r, w, b: add_layernorm_reference(x, r, w, b), inputs, torch.bfloat16)
     compare_with_reference(lambda x, w, b: ops.layernorm(x, w, b, backend=backend),
                            lambda x, w, b: layernorm_reference(x, w, b), inputs[:1] + inputs[2:], torch.bfloat16)
+
+
+# --- the cuda backend (csrc/layernorm_mlp/cuda.cu) ----------------------------------------------
+
+CUDA_BACKEND = [p for p in backend_params("layernorm_mlp") if p.id == "cuda"]
+LOW = [torch.bfloat16, torch.float16]
+
+
+def _misaligned(t):
+    """t's values in a contiguous tensor whose data starts one element past an aligned address."""
+    return torch.cat([t.new_zeros(1), t.flatten()])[1:].view(t.shape)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", CUDA_BACKEND)
+@pytest.mark.parametrize("shape,channels", [((4, 197), 192), ((2, 197), 768), ((2, 50), 1280), ((2, 49), 1536)])
+@pytest.mark.parametrize("dtype", LOW, ids=["bf16", "fp16"])
+def test_cuda_model_sizes(backend, shape, channels, dtype):
+    for approximate, gamma in (("none", True), ("tanh", False)):
+        inputs = _mlp_inputs(shape, channels, 4 * channels, gamma=gamma)
+        compare_with_reference(
+            lambda *t: ops.layernorm_mlp(*t[:7], gamma=t[7], approximate=approximate, backend=backend),
+            lambda *t: layernorm_mlp_reference(*t[:7], gamma=t[7], approximate=approximate), inputs, dtype)
+    inputs = [random(*shape, channels), random(*shape, channels), 1 + random(channels), random(channels)]
+    compare_with_reference(lambda x, r, w, b: ops.add_layernorm(x, r, w, b, backend=backend),
+                           lambda x, r, w, b: add_layernorm_reference(x, r, w, b), inputs, dtype)
+    compare_with_reference(lambda x, w, b: ops.layernorm(x, w, b, backend=backend),
+                           lambda x, w, b: layernorm_reference(x, w, b), inputs[:1] + inputs[2:], dtype)
+
+
+# 96-512: a warp per row; 768-2048: a block per row; 100 (not a multiple of the 16-byte pack of
+# 16-bit types) and 2056 (over the register budget): the general path, as is a misaligned row.
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", CUDA_BACKEND)
+@pytest.mark.parametrize("channels", [96, 100, 512, 768, 2048, 2056])
+@pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_cuda_layernorm_paths(backend, channels, misaligned, dtype):
+    move = _misaligned if misaligned else (lambda t: t)
+    x, r, w, b = random(3, 7, channels), random(3, 7, channels), 1 + random(channels), random(channels)
+    compare_with_reference(lambda x, w, b: ops.layernorm(move(x), w, b, eps=1e-5, backend=backend),
+                           lambda x, w, b: layernorm_reference(x, w, b, eps=1e-5), [x, w, b], dtype)
+    compare_with_reference(lambda x, r, w, b: ops.add_layernorm(move(x), move(r), w, b, backend=backend),
+                           lambda x, r, w, b: add_layernorm_reference(x, r, w, b), [x, r, w, b], dtype)
+
+
+# A single row takes the ATen fallback of the cuBLASLt product; 100 x 37 gives operands whose rows
+# are not 16-byte aligned and element counts that are not multiples of a pack.
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", CUDA_BACKEND)
+@pytest.mark.parametrize("shape,channels,hidden", [((3, 11), 100, 37), ((3, 11), 64, 256), ((1,), 64, 256)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_cuda_mlp_odd_sizes_and_misaligned(backend, shape, channels, hidden, dtype):
+    inputs = _mlp_inputs(shape, channels, hidden)
+    compare_with_reference(lambda x, *t: ops.layernorm_mlp(_misaligned(x), *t[:6], gamma=t[6], backend=backend),
+                           lambda *t: layernorm_mlp_reference(*t[:7], gamma=t[7]), inputs, dtype)
+
+
+def _cuda_args(*shape_channels_hidden):
+    return [None if t is None else t.float().requires_grad_() for t in _mlp_inputs(*shape_channels_hidden)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", CUDA_BACKEND)
+def test_cuda_ops_opcheck_and_compile(backend):
+    x, lw, lb, w1, b1, w2, b2, gamma = _cuda_args((2, 9), 16, 64)
+    mlp_fwd = torch.ops.vitkernels.layernorm_mlp_fwd.default
+    torch.library.opcheck(mlp_fwd, (x, lw, lb, w1, b1, w2, b2, 1e-6, gamma, "none"))
+    torch.library.opcheck(mlp_fwd, (x, None, None, w1, None, w2, None, 1e-6, None, "tanh"))
+    torch.library.opcheck(mlp_fwd, (x.detach().bfloat16(), lw, lb, w1, b1, w2, b2, 1e-6, gamma, "none"))
+    backward_checks = ("test_schema", "test_faketensor")  # the backward ops have no autograd of their own
+    xd, lwd, lbd, w1d, b1d, w2d, b2d, gd = (t.detach() for t in (x, lw, lb, w1, b1, w2, b2, gamma))
+    _out, mean, rstd, pre, fc2_out = mlp_fwd(xd, lwd, lbd, w1d, b1d, w2d, b2d, 1e-6, gd, "none")
+    torch.library.opcheck(torch.ops.vitkernels.layernorm_mlp_bwd.default,
+                          (torch.randn_like(xd), xd, mean, rstd, pre, fc2_out, None, lbd, w1d, None, w2d, b2d, 1e-6,
+                           gd, "none"), test_utils=backward_checks)
+    torch.library.opcheck(torch.ops.vitkernels.layernorm_fwd.default, (x, lw, lb, 1e-6))
+    torch.library.opcheck(torch.ops.vitkernels.add_layernorm_fwd.default, (x, x.detach() * 2, lw, lb, 1e-6))
+    _y, mean, rstd = torch.ops.vitkernels.layernorm_fwd(xd, lwd, lbd, 1e-6)
+    torch.library.opcheck(torch.ops.vitkernels.layernorm_bwd.default,
+                          (torch.randn_like(xd), torch.randn_like(xd), xd, mean, rstd, lwd, True),
+                          test_utils=backward_checks)
+
+    def block_end(x, r):
+        s, h = ops.add_layernorm(x, r, lw, lb, backend=backend)
+        h = ops.layernorm(h, lw, None, backend=backend)
+        return ops.layernorm_mlp(h, lw, lb, w1, b1, w2, b2, gamma=gamma, backend=backend) + s
+
+    r = torch.randn_like(x)
+    compiled = torch.compile(block_end, fullgraph=True)(x, r)
+    eager = block_end(x, r)
+    torch.testing.assert_close(compiled, eager)
+    upstream = torch.randn_like(eager)
+    grads = [torch.autograd.grad(out, (x, w1, gamma), upstream) for out in (compiled, eager)]
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", CUDA_BACKEND)
+@pytest.mark.parametrize("channels", [192, 1536, 2056])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_backward_is_deterministic(backend, channels, dtype):
+    x, lw, lb, w1, b1, w2, b2, gamma = (t.to(dtype).requires_grad_() for t in _mlp_inputs((8, 197), channels, 256))
+    upstream = torch.randn_like(x)
+    leaves = (x, lw, lb, w1, b1, w2, b2, gamma)
+
+    def grads():
+        y = ops.layernorm(x, lw, lb, backend=backend) + ops.layernorm_mlp(x, lw, lb, w1, b1, w2, b2, gamma=gamma,
+                                                                          backend=backend)
+        return torch.autograd.grad(y, leaves, upstream)
+
+    first, second = grads(), grads()
+    for i, (a, b) in enumerate(zip(first, second)):
+        assert torch.equal(a, b), f"gradient {i} differs between runs: max diff {(a - b).abs().max().item()}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", CUDA_BACKEND)
+def test_cuda_empty_batch(backend):
+    x, lw, lb, w1, b1, w2, b2, gamma = (t.float().requires_grad_() for t in _mlp_inputs((0,), 192, 768))
+    outputs = [ops.layernorm_mlp(x, lw, lb, w1, b1, w2, b2, gamma=gamma, backend=backend),
+               ops.layernorm(x, lw, lb, backend=backend), *ops.add_layernorm(x, x, lw, lb, backend=backend)]
+    assert all(o.shape == x.shape for o in outputs)
+    leaves = (x, lw, lb, w1, b1, w2, b2, gamma)
+    grads = torch.autograd.grad(sum(o.sum() for o in outputs), leaves)
+    for leaf, grad in zip(leaves, grads):
+        assert grad.shape == leaf.shape and not grad.any(), f"gradient of a {tuple(leaf.shape)} input: {grad}"

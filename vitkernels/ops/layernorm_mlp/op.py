@@ -453,3 +453,16 @@ BACKENDS["add_layernorm"]["cpu"] = _CPU_CAPABILITY
 IMPLEMENTATIONS["layernorm_mlp"]["cpu"] = _layernorm_mlp_cpu
 IMPLEMENTATIONS["layernorm"]["cpu"] = _layernorm_cpu
 IMPLEMENTATIONS["add_layernorm"]["cpu"] = _add_layernorm_cpu
+
+# The CUDA kernels of csrc/layernorm_mlp/cuda.cu: fp32 statistics; the MLP's matrix products run
+# in x's dtype through cuBLASLt (tensor cores for fp16 and bf16, fp32 accumulation, no TF32 for
+# fp32). The compiled ops dispatch on the tensors' device, so the entry points are the CPU ones.
+_CUDA_CAPABILITY = dataclasses.replace(_CPU_CAPABILITY, devices=frozenset({"cuda"}))
+BACKENDS["layernorm_mlp"]["cuda"] = dataclasses.replace(
+    _CUDA_CAPABILITY, features=frozenset({"backward", "gamma", "tanh"})
+)
+BACKENDS["layernorm"]["cuda"] = _CUDA_CAPABILITY
+BACKENDS["add_layernorm"]["cuda"] = _CUDA_CAPABILITY
+IMPLEMENTATIONS["layernorm_mlp"]["cuda"] = _layernorm_mlp_cpu
+IMPLEMENTATIONS["layernorm"]["cuda"] = _layernorm_cpu
+IMPLEMENTATIONS["add_layernorm"]["cuda"] = _add_layernorm_cpu

@@ -1,0 +1,513 @@
+// LayerNorm (and residual-add + LayerNorm) forward and backward kernels for CUDA tensors, with
+// their launchers; included by layernorm_mlp/cuda.cu only.
+//
+// Schedule: a row is handled by a group of threads that keeps it in registers as 16-byte packs
+// (one read of each input, one write of each output): a warp per row up to 512 elements, the
+// whole 128-thread block per row up to 2048 (16 elements per thread either way). Rows
+// whose width is not a multiple of the pack, or whose pointers are not 16-byte aligned, or that
+// are wider than that take a general block-per-row path that reads scalars and re-reads the row
+// from cache for each of its passes. Statistics are fp32; the variance is the mean squared
+// deviation from the mean, as the CPU kernels compute it.
+//
+// The backward's weight and bias gradients are deterministic: every row group keeps fp32 partial
+// sums for the columns it owns, writes them to its own row of a [parts, C] buffer, and a second
+// kernel sums the parts of each column in order. The number of parts depends only on the row
+// count, never on the device.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+#include <limits>
+
+#include "common/checks.h"
+#include "common/cuda_utils.cuh"
+
+namespace vitkernels {
+namespace layernorm_cuda {
+
+using cuda::kWarpSize;
+using cuda::load_floats;
+using cuda::pack_size;
+using cuda::store_floats;
+
+constexpr int kThreads = 128;  // threads of every LayerNorm block
+constexpr int kWarps = kThreads / kWarpSize;
+// Elements of a row each thread holds in registers on the fast paths (in 16-byte packs): a warp
+// takes rows of up to 512 elements, a block rows of up to 2048.
+constexpr int kElementsPerThread = 16;
+// The backward's grid stops growing here (its blocks then take several rows each), which bounds
+// the partial-sum buffer and the length of the final per-column sums.
+constexpr int64_t kMaxBackwardBlocks = 512;
+
+// The threads of a block that share one row: a warp (kWarpsPerRow = 1, four rows per block) or
+// the whole block (kWarpsPerRow = kWarps, one row per block).
+template <int kWarpsPerRow>
+struct RowGroup {
+  static constexpr int kThreadsPerRow = kWarpsPerRow * kWarpSize;
+  static constexpr int kRowsPerBlock = kWarps / kWarpsPerRow;
+  int lane;  // this thread's index among its row's threads
+  int slot;  // which of the block's rows
+
+  __device__ RowGroup() : lane(threadIdx.x % kThreadsPerRow), slot(threadIdx.x / kThreadsPerRow) {}
+
+  // v[k] summed over the row's threads, bitwise the same in all of them. With a block per row,
+  // every thread of the block must call it (it synchronizes the block).
+  template <int K>
+  __device__ void sum(float (&v)[K], float (&shared)[kWarps][2]) const {
+    static_assert(K <= 2, "shared holds two sums per warp");
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      v[k] = cuda::warp_sum(v[k]);
+    }
+    if constexpr (kWarpsPerRow > 1) {
+      const int warp = threadIdx.x / kWarpSize;
+      if (threadIdx.x % kWarpSize == 0) {
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          shared[warp][k] = v[k];
+        }
+      }
+      __syncthreads();
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        float total = 0.0f;
+        for (int w = 0; w < kWarpsPerRow; ++w) {
+          total += shared[slot * kWarpsPerRow + w][k];
+        }
+        v[k] = total;
+      }
+      __syncthreads();  // shared is reused by the next sum
+    }
+  }
+};
+
+__device__ __forceinline__ float affine(float normalized, const float* weight, const float* bias, int col) {
+  return normalized * (weight != nullptr ? weight[col] : 1.0f) + (bias != nullptr ? bias[col] : 0.0f);
+}
+
+// y = LayerNorm(x + residual) of [rows, c] rows; residual and sum are null for a plain LayerNorm.
+template <typename scalar_t>
+struct ForwardArgs {
+  const scalar_t* x;         // [rows, c]
+  const scalar_t* residual;  // [rows, c] or null
+  const float* weight;       // [c] or null
+  const float* bias;         // [c] or null
+  scalar_t* sum;             // [rows, c] or null: x + residual
+  scalar_t* y;               // [rows, c]
+  float* mean;               // [rows]
+  float* rstd;               // [rows]
+  int64_t rows;
+  int c;
+  float eps;
+};
+
+// The forward with a row per group, held in registers. c is a multiple of the pack, the row
+// pointers 16-byte aligned, and c <= kElementsPerThread * the group's threads.
+template <typename scalar_t, int kWarpsPerRow>
+__global__ void __launch_bounds__(kThreads) layernorm_fwd_kernel(ForwardArgs<scalar_t> a) {
+  constexpr int kVec = pack_size<scalar_t>();
+  constexpr int kItems = kElementsPerThread / kVec;
+  using Group = RowGroup<kWarpsPerRow>;
+  __shared__ float shared[kWarps][2];
+  const Group group;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * Group::kRowsPerBlock + group.slot;
+  if (row >= a.rows) {
+    return;  // a whole warp, or (one row per block) the whole block: no thread is left waiting
+  }
+  const int packs = a.c / kVec;
+  const int64_t base = row * a.c;
+  float v[kItems][kVec];
+  float total[1] = {0.0f};
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int p = group.lane + i * Group::kThreadsPerRow;
+    if (p < packs) {
+      load_floats(a.x + base + p * kVec, v[i]);
+      if (a.residual != nullptr) {
+        float r[kVec];
+        load_floats(a.residual + base + p * kVec, r);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          v[i][j] += r[j];
+        }
+        store_floats(a.sum + base + p * kVec, v[i]);
+      }
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        total[0] += v[i][j];
+      }
+    }
+  }
+  group.sum(total, shared);
+  const float mu = total[0] / static_cast<float>(a.c);
+  float squares[1] = {0.0f};
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    if (group.lane + i * Group::kThreadsPerRow < packs) {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        squares[0] += (v[i][j] - mu) * (v[i][j] - mu);
+      }
+    }
+  }
+  group.sum(squares, shared);
+  const float r = 1.0f / sqrtf(squares[0] / static_cast<float>(a.c) + a.eps);
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int p = group.lane + i * Group::kThreadsPerRow;
+    if (p < packs) {
+      float out[kVec];
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        out[j] = affine((v[i][j] - mu) * r, a.weight, a.bias, p * kVec + j);
+      }
+      store_floats(a.y + base + p * kVec, out);
+    }
+  }
+  if (group.lane == 0) {
+    a.mean[row] = mu;
+    a.rstd[row] = r;
+  }
+}
+
+// The general forward: any width and alignment, a block per row, scalar accesses; each pass
+// re-reads the row (from cache) instead of holding it.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) layernorm_fwd_general_kernel(ForwardArgs<scalar_t> a) {
+  using Group = RowGroup<kWarps>;
+  __shared__ float shared[kWarps][2];
+  const Group group;
+  const int64_t row = blockIdx.x;
+  const int64_t base = row * a.c;
+  const auto value = [&](int col) {
+    const float v = static_cast<float>(a.x[base + col]);
+    return a.residual != nullptr ? v + static_cast<float>(a.residual[base + col]) : v;
+  };
+  float total[1] = {0.0f};
+  for (int col = group.lane; col < a.c; col += kThreads) {
+    const float v = value(col);
+    if (a.sum != nullptr) {
+      a.sum[base + col] = static_cast<scalar_t>(v);
+    }
+    total[0] += v;
+  }
+  group.sum(total, shared);
+  const float mu = total[0] / static_cast<float>(a.c);
+  float squares[1] = {0.0f};
+  for (int col = group.lane; col < a.c; col += kThreads) {
+    const float d = value(col) - mu;
+    squares[0] += d * d;
+  }
+  group.sum(squares, shared);
+  const float r = 1.0f / sqrtf(squares[0] / static_cast<float>(a.c) + a.eps);
+  for (int col = group.lane; col < a.c; col += kThreads) {
+    a.y[base + col] = static_cast<scalar_t>(affine((value(col) - mu) * r, a.weight, a.bias, col));
+  }
+  if (group.lane == 0) {
+    a.mean[row] = mu;
+    a.rstd[row] = r;
+  }
+}
+
+// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) + extra with g = dy * weight, for [rows, c]
+// rows taken by row groups in a grid-stride loop. Each group sums dy * xhat and dy over its rows
+// for the columns it owns and writes them to its own row `part` of partial_weight and
+// partial_bias.
+template <typename scalar_t>
+struct BackwardArgs {
+  const scalar_t* dy;     // [rows, c]
+  const scalar_t* extra;  // [rows, c] or null
+  const scalar_t* x;      // [rows, c]
+  const float* mean;      // [rows]
+  const float* rstd;      // [rows]
+  const float* weight;    // [c] or null
+  scalar_t* dx;           // [rows, c]
+  float* partial_weight;  // [parts, c] or null
+  float* partial_bias;    // [parts, c] or null
+  int64_t rows;
+  int c;
+};
+
+// The backward with the row in registers; layout conditions as for layernorm_fwd_kernel. Parts
+// are (block, slot): every thread writes its columns of its part, zeros when it had no row.
+template <typename scalar_t, int kWarpsPerRow>
+__global__ void __launch_bounds__(kThreads) layernorm_bwd_kernel(BackwardArgs<scalar_t> a) {
+  constexpr int kVec = pack_size<scalar_t>();
+  constexpr int kItems = kElementsPerThread / kVec;
+  using Group = RowGroup<kWarpsPerRow>;
+  __shared__ float shared[kWarps][2];
+  const Group group;
+  const int packs = a.c / kVec;
+  float dweight[kItems][kVec] = {};
+  float dbias[kItems][kVec] = {};
+  const int64_t step = static_cast<int64_t>(gridDim.x) * Group::kRowsPerBlock;
+  // With a block per row the loop bounds are the same for the whole block, as sum() requires.
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * Group::kRowsPerBlock + group.slot; row < a.rows;
+       row += step) {
+    const int64_t base = row * a.c;
+    const float mu = a.mean[row];
+    const float r = a.rstd[row];
+    float grad[kItems][kVec];
+    float xhat[kItems][kVec];
+    float sums[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int p = group.lane + i * Group::kThreadsPerRow;
+      if (p < packs) {
+        float d[kVec];
+        load_floats(a.dy + base + p * kVec, d);
+        load_floats(a.x + base + p * kVec, xhat[i]);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          xhat[i][j] = (xhat[i][j] - mu) * r;
+          dweight[i][j] += d[j] * xhat[i][j];
+          dbias[i][j] += d[j];
+          grad[i][j] = d[j] * (a.weight != nullptr ? a.weight[p * kVec + j] : 1.0f);
+          sums[0] += grad[i][j];
+          sums[1] += grad[i][j] * xhat[i][j];
+        }
+      }
+    }
+    group.sum(sums, shared);
+    const float mean_g = sums[0] / static_cast<float>(a.c);
+    const float mean_g_xhat = sums[1] / static_cast<float>(a.c);
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int p = group.lane + i * Group::kThreadsPerRow;
+      if (p < packs) {
+        float out[kVec];
+        float e[kVec] = {};
+        if (a.extra != nullptr) {
+          load_floats(a.extra + base + p * kVec, e);
+        }
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          out[j] = r * (grad[i][j] - mean_g - xhat[i][j] * mean_g_xhat) + e[j];
+        }
+        store_floats(a.dx + base + p * kVec, out);
+      }
+    }
+  }
+  const int64_t part = static_cast<int64_t>(blockIdx.x) * Group::kRowsPerBlock + group.slot;
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int p = group.lane + i * Group::kThreadsPerRow;
+    if (p < packs) {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        if (a.partial_weight != nullptr) {
+          a.partial_weight[part * a.c + p * kVec + j] = dweight[i][j];
+        }
+        if (a.partial_bias != nullptr) {
+          a.partial_bias[part * a.c + p * kVec + j] = dbias[i][j];
+        }
+      }
+    }
+  }
+}
+
+// The general backward: a block per row (grid-stride), scalar accesses, the row re-read per
+// pass; block b adds its sums straight into row b of the zeroed partials (each column belongs to
+// one thread of the block, so there is no race).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) layernorm_bwd_general_kernel(BackwardArgs<scalar_t> a) {
+  using Group = RowGroup<kWarps>;
+  __shared__ float shared[kWarps][2];
+  const Group group;
+  const int64_t part = static_cast<int64_t>(blockIdx.x) * a.c;
+  for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
+    const int64_t base = row * a.c;
+    const float mu = a.mean[row];
+    const float r = a.rstd[row];
+    const auto xhat = [&](int col) { return (static_cast<float>(a.x[base + col]) - mu) * r; };
+    const auto grad = [&](int col) {
+      return static_cast<float>(a.dy[base + col]) * (a.weight != nullptr ? a.weight[col] : 1.0f);
+    };
+    float sums[2] = {0.0f, 0.0f};
+    for (int col = group.lane; col < a.c; col += kThreads) {
+      const float d = static_cast<float>(a.dy[base + col]);
+      sums[0] += grad(col);
+      sums[1] += grad(col) * xhat(col);
+      if (a.partial_weight != nullptr) {
+        a.partial_weight[part + col] += d * xhat(col);
+      }
+      if (a.partial_bias != nullptr) {
+        a.partial_bias[part + col] += d;
+      }
+    }
+    group.sum(sums, shared);
+    const float mean_g = sums[0] / static_cast<float>(a.c);
+    const float mean_g_xhat = sums[1] / static_cast<float>(a.c);
+    for (int col = group.lane; col < a.c; col += kThreads) {
+      const float e = a.extra != nullptr ? static_cast<float>(a.extra[base + col]) : 0.0f;
+      a.dx[base + col] = static_cast<scalar_t>(r * (grad(col) - mean_g - xhat(col) * mean_g_xhat) + e);
+    }
+  }
+}
+
+// out[col] = sum over p in order of partials[p, col], for partials [parts, c].
+__global__ void __launch_bounds__(kThreads)
+    sum_parts_kernel(const float* __restrict__ partials, int64_t parts, int c, float* __restrict__ out) {
+  const int col = blockIdx.x * kThreads + threadIdx.x;
+  if (col >= c) {
+    return;
+  }
+  float total = 0.0f;
+  for (int64_t p = 0; p < parts; ++p) {
+    total += partials[p * c + col];
+  }
+  out[col] = total;
+}
+
+// The dtypes of the CUDA kernels of this op (fp64 is left to the reference backend).
+#define VITKERNELS_LAYERNORM_DISPATCH(TYPE, NAME, ...)                 \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+// Which kernel a [rows, c] problem takes, given the row tensors the kernel reads or writes
+// (undefined ones are absent); the first one sets the element size.
+enum class Path { kWarpPerRow, kBlockPerRow, kGeneral };
+
+inline Path choose_path(int64_t c, std::initializer_list<const at::Tensor*> tensors) {
+  const int64_t vec = 16 / (*tensors.begin())->element_size();
+  bool aligned = c % vec == 0;
+  for (const at::Tensor* t : tensors) {
+    aligned = aligned && (!t->defined() || cuda::is_aligned(t->const_data_ptr(), 16));
+  }
+  if (aligned && c <= kElementsPerThread * kWarpSize) {
+    return Path::kWarpPerRow;
+  }
+  if (aligned && c <= kElementsPerThread * kThreads) {
+    return Path::kBlockPerRow;
+  }
+  return Path::kGeneral;
+}
+
+template <typename T>
+const T* pointer_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+T* mutable_pointer_or_null(const at::Tensor& t) {
+  return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
+}
+
+inline void check_launch_size(int64_t rows, int64_t c) {
+  TORCH_CHECK(c <= std::numeric_limits<int>::max(), "the cuda LayerNorm takes rows of at most 2^31 - 1 elements, got ",
+              c);
+  TORCH_CHECK(rows <= std::numeric_limits<int>::max(), "the cuda LayerNorm takes at most 2^31 - 1 rows, got ", rows);
+}
+
+// LayerNorm(x + residual) of contiguous [rows, c] x (residual and sum undefined: plain
+// LayerNorm) with fp32 weight and bias [c] or undefined; writes sum, y, mean and rstd.
+inline void layernorm_forward(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                              const at::Tensor& bias, const at::Tensor& sum, const at::Tensor& y,
+                              const at::Tensor& mean, const at::Tensor& rstd, double eps) {
+  const int64_t rows = x.size(0);
+  const int64_t c = x.size(1);
+  check_launch_size(rows, c);
+  if (rows == 0) {
+    return;
+  }
+  const Path path = choose_path(c, {&x, &residual, &sum, &y});
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  VITKERNELS_LAYERNORM_DISPATCH(x.scalar_type(), "layernorm_fwd_cuda", [&] {
+    const ForwardArgs<scalar_t> args{x.const_data_ptr<scalar_t>(), pointer_or_null<scalar_t>(residual),
+                                     pointer_or_null<float>(weight), pointer_or_null<float>(bias),
+                                     mutable_pointer_or_null<scalar_t>(sum), y.mutable_data_ptr<scalar_t>(),
+                                     mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>(), rows,
+                                     static_cast<int>(c), static_cast<float>(eps)};
+    switch (path) {
+      case Path::kWarpPerRow:
+        layernorm_fwd_kernel<scalar_t, 1>
+            <<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(args);
+        break;
+      case Path::kBlockPerRow:
+        layernorm_fwd_kernel<scalar_t, kWarps><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(args);
+        break;
+      case Path::kGeneral:
+        layernorm_fwd_general_kernel<scalar_t><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(args);
+        break;
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// Sums the [parts, c] partials into a new fp32 [c] tensor.
+inline at::Tensor sum_parts(const at::Tensor& partials, cudaStream_t stream) {
+  const int64_t c = partials.size(1);
+  at::Tensor out = at::empty({c}, partials.options());
+  sum_parts_kernel<<<static_cast<unsigned>((c + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+      partials.const_data_ptr<float>(), partials.size(0), static_cast<int>(c), out.mutable_data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+struct LayerNormGrads {
+  at::Tensor dx, dweight, dbias;  // dx in x's dtype; dweight and dbias fp32 [c], empty where not wanted
+};
+
+// Backward of layernorm_forward for contiguous [rows, c] dy, extra (undefined: none) and x of one
+// dtype, from the fp32 statistics [rows]; fp32 weight [c] or undefined.
+inline LayerNormGrads layernorm_backward(const at::Tensor& dy, const at::Tensor& extra, const at::Tensor& x,
+                                         const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& weight,
+                                         bool bias_grad) {
+  const int64_t rows = x.size(0);
+  const int64_t c = x.size(1);
+  check_launch_size(rows, c);
+  LayerNormGrads grads{at::empty_like(x), at::Tensor(), at::Tensor()};
+  const Path path = choose_path(c, {&x, &dy, &extra, &grads.dx});
+  const int64_t rows_per_block = path == Path::kWarpPerRow ? kWarps : 1;
+  const int64_t blocks = std::min((rows + rows_per_block - 1) / rows_per_block, kMaxBackwardBlocks);
+  const int64_t parts = std::max<int64_t>(blocks * rows_per_block, 1);
+  const auto options = x.options().dtype(at::kFloat);
+  // The fast kernels write every partial; the general one (and no rows at all) needs zeros.
+  const auto partials = [&](bool wanted) {
+    if (!wanted) {
+      return at::Tensor();
+    }
+    return path == Path::kGeneral || blocks == 0 ? at::zeros({parts, c}, options) : at::empty({parts, c}, options);
+  };
+  at::Tensor partial_weight = partials(weight.defined());
+  at::Tensor partial_bias = partials(bias_grad);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (blocks > 0) {
+    VITKERNELS_LAYERNORM_DISPATCH(x.scalar_type(), "layernorm_bwd_cuda", [&] {
+      const BackwardArgs<scalar_t> args{
+          dy.const_data_ptr<scalar_t>(),    pointer_or_null<scalar_t>(extra),
+          x.const_data_ptr<scalar_t>(),     mean.const_data_ptr<float>(),
+          rstd.const_data_ptr<float>(),     pointer_or_null<float>(weight),
+          grads.dx.mutable_data_ptr<scalar_t>(), mutable_pointer_or_null<float>(partial_weight),
+          mutable_pointer_or_null<float>(partial_bias), rows, static_cast<int>(c)};
+      const auto grid = static_cast<unsigned>(blocks);
+      switch (path) {
+        case Path::kWarpPerRow:
+          layernorm_bwd_kernel<scalar_t, 1><<<grid, kThreads, 0, stream>>>(args);
+          break;
+        case Path::kBlockPerRow:
+          layernorm_bwd_kernel<scalar_t, kWarps><<<grid, kThreads, 0, stream>>>(args);
+          break;
+        case Path::kGeneral:
+          layernorm_bwd_general_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(args);
+          break;
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  const auto empty = at::empty({0}, options);
+  grads.dweight = weight.defined() ? sum_parts(partial_weight, stream) : empty;
+  grads.dbias = bias_grad ? sum_parts(partial_bias, stream) : empty;
+  return grads;
+}
+
+}  // namespace layernorm_cuda
+}  // namespace vitkernels
