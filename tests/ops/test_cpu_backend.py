@@ -189,6 +189,18 @@ def test_layernorm_ops_opcheck():
                           test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.parametrize("with_weight", [False, True], ids=["no-weight", "weight"])
+@pytest.mark.parametrize("bias_grad", [False, True], ids=["no-bias-grad", "bias-grad"])
+def test_layernorm_bwd_fake_matches_for_absent_gradients(with_weight, bias_grad):
+    """Absent gradients come back as empty tensors of x's dtype, distinct from each other."""
+    x = torch.randn(2, 7, 40).bfloat16()
+    weight = torch.randn(40) if with_weight else None
+    y, mean, rstd = torch.ops.vitkernels.layernorm_fwd(x, weight, None, 1e-6)
+    torch.library.opcheck(torch.ops.vitkernels.layernorm_bwd.default,
+                          (torch.randn_like(y), None, x, mean, rstd, weight, bias_grad),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 def test_layernorm_parameter_gradients_are_reproducible():
     x, weight, bias = (t.float().requires_grad_() for t in _layernorm_inputs(192, 8, 197))
     upstream = torch.randn(8, 197, 192)

@@ -350,9 +350,9 @@ if _ext.unavailable_reason() is None:
 
     @torch.library.register_fake("vitkernels::layernorm_bwd")
     def _layernorm_bwd_fake(grad_y, grad_extra, x, mean, rstd, weight, bias_grad):
-        empty = x.new_empty(0, dtype=torch.float32)
-        return (torch.empty_like(x), empty if weight is None else torch.empty_like(weight),
-                x.new_empty(x.shape[-1]) if bias_grad else empty)
+        # the kernels return absent gradients as (distinct) empty tensors of x's dtype
+        return (torch.empty_like(x), x.new_empty(0) if weight is None else torch.empty_like(weight),
+                x.new_empty(x.shape[-1] if bias_grad else 0))
 
     def _layernorm_cpu_setup_context(ctx, inputs, output):
         x, weight, bias, _eps = inputs
