@@ -19,36 +19,69 @@ namespace vitkernels {
 namespace cpu {
 namespace {
 
-// exp(x) by 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2: written branch-free so that the
-// compiler vectorizes the loops calling it (std::exp does not vectorize without -ffast-math).
-// Relative error about 2 ulp. Below -70 it returns 0: such a probability (e^-70 ~ 4e-31, say a key
-// behind the -100 shift mask) changes no fp32 sum, while its denormal products would slow every
-// later operation on it many times over.
+constexpr int64_t kTileRows = 4;
+constexpr int64_t kTileCols = kGemmTileCols;
+
+// Sixteen floats as one value (GNU vector extension, which gcc and clang lower to one AVX-512,
+// two AVX2 or four SSE registers per clone); loaded and stored unaligned through memcpy. The
+// helpers taking them by value are always inlined into a clone compiled for its own instruction
+// set, so the AVX-512 argument ABI gcc warns about never applies.
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float Float16 __attribute__((vector_size(kTileCols * sizeof(float))));
+typedef float Float8 __attribute__((vector_size(8 * sizeof(float))));
+typedef float Float4 __attribute__((vector_size(4 * sizeof(float))));
+typedef int32_t Int16 __attribute__((vector_size(kTileCols * sizeof(int32_t))));
+
+// x as a float, or in every lane of a Float16.
+template <typename T>
+VITKERNELS_INLINE T splat(float x) {
+  return T{} + x;
+}
+
+VITKERNELS_INLINE Float16 splat16(float x) { return splat<Float16>(x); }
+
+// 2^n for integral n in [-127, 128], by the exponent bits.
+VITKERNELS_INLINE float exp2_integral(float n) {
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
+VITKERNELS_INLINE Float16 exp2_integral(Float16 n) {
+  const Int16 bits = (__builtin_convertvector(n, Int16) + 127) << 23;
+  return (Float16)bits;  // a vector cast reinterprets the bits
+}
+
+// exp(x) by 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2, for a float or 16 lanes: written
+// branch-free so that the compiler vectorizes the loops calling it (std::exp does not vectorize
+// without -ffast-math); n is rounded to nearest even by adding and subtracting 1.5 * 2^23.
+// Relative error about 2 ulp; NaN stays NaN. Below -70 it returns 0: such a probability
+// (e^-70 ~ 4e-31, say a key behind the -100 shift mask) changes no fp32 sum, while its denormal
+// products would slow every later operation on it many times over.
 constexpr float kExpFlushBelow = -70.0f;
 
-VITKERNELS_INLINE float fast_exp(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = std::nearbyint(x * 1.44269504088896341f);
-  const float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
-  float p = 1.9875691500e-4f;
+template <typename T>
+VITKERNELS_INLINE T exp_by_parts(T x) {
+  x = x < -87.0f ? splat<T>(-87.0f) : x;
+  x = x > 88.0f ? splat<T>(88.0f) : x;
+  const T n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const T r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
+  T p = splat<T>(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(two_n));
-  return x < kExpFlushBelow ? 0.0f : p * two_n;
+  return x < kExpFlushBelow ? splat<T>(0.0f) : p * exp2_integral(n);
 }
 
-constexpr int64_t kTileRows = 4;
-constexpr int64_t kTileCols = kGemmTileCols;
+VITKERNELS_INLINE float fast_exp(float x) { return exp_by_parts(x); }
 
-// Sixteen floats as one value (GNU vector extension, which gcc and clang lower to one AVX-512,
-// two AVX2 or four SSE registers per clone); loaded and stored unaligned through memcpy.
-typedef float Float16 __attribute__((vector_size(kTileCols * sizeof(float))));
+VITKERNELS_INLINE Float16 fast_exp16(Float16 x) { return exp_by_parts(x); }
+
+
 
 // c[rows, tiles * kTileCols] (+)= alpha * a b for one block of c held in registers across the
 // whole depth k; a's element (r, p) is at a[r * row_step + p * depth_step]. Two column tiles give
@@ -143,13 +176,6 @@ constexpr float kTanhCubic = 0.044715f;
 // tanh(u) = 1 - 2 / (exp(2u) + 1), through the vectorizable exp.
 VITKERNELS_INLINE float fast_tanh(float u) { return 1.0f - 2.0f / (fast_exp(2.0f * u) + 1.0f); }
 
-// The vector helpers below pass 16-float vectors by value; they are always inlined into a clone
-// compiled for its own instruction set, so the AVX-512 argument ABI gcc warns about never applies.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
-typedef float Float8 __attribute__((vector_size(8 * sizeof(float))));
-typedef float Float4 __attribute__((vector_size(4 * sizeof(float))));
-typedef int32_t Int16 __attribute__((vector_size(kTileCols * sizeof(int32_t))));
 
 VITKERNELS_INLINE Float16 load16(const float* p) {
   Float16 v;
@@ -159,7 +185,6 @@ VITKERNELS_INLINE Float16 load16(const float* p) {
 
 VITKERNELS_INLINE void store16(float* p, Float16 v) { std::memcpy(p, &v, sizeof(v)); }
 
-VITKERNELS_INLINE Float16 splat16(float x) { return Float16{} + x; }
 
 VITKERNELS_INLINE Float16 max16(Float16 a, Float16 b) { return a > b ? a : b; }
 
@@ -179,26 +204,6 @@ VITKERNELS_INLINE float max_lanes(Float16 v) {
   const Float4 b1 = __builtin_shufflevector(a, a, 4, 5, 6, 7);
   const Float4 b = b0 > b1 ? b0 : b1;
   return std::max(std::max(b[0], b[2]), std::max(b[1], b[3]));
-}
-
-// fast_exp on 16 lanes: the same polynomial and flush, with rounding by the 1.5 * 2^23 trick. The
-// clamps are written so that NaN lanes stay NaN.
-VITKERNELS_INLINE Float16 fast_exp16(Float16 x) {
-  x = x < -87.0f ? splat16(-87.0f) : x;
-  x = x > 88.0f ? splat16(88.0f) : x;
-  const Float16 round = splat16(12582912.0f);
-  const Float16 n = (x * 1.44269504088896341f + round) - round;
-  const Float16 r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
-  Float16 p = splat16(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const Int16 bits = (__builtin_convertvector(n, Int16) + 127) << 23;
-  const Float16 value = p * (Float16)bits;  // a vector cast reinterprets the bits
-  return x < kExpFlushBelow ? Float16{} : value;
 }
 
 // log on 16 lanes, for the positive sums of exponentials of the softmax statistics: x = 2^e * m
