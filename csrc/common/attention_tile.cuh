@@ -199,8 +199,7 @@ __device__ void warp_accumulate(const T* p, const T* b, float* c) {
   __syncwarp();
 }
 
-// Tokens first .. first + 63 of problem `group`: pixel and tag, kOutside past N. Block-wide;
-// optionally the statistics of those rows (queries) too.
+// Tokens first .. first + 63 of problem `group`: pixel and tag, kOutside past N. Block-wide.
 template <class Policy>
 __device__ void load_tokens(const Policy& policy, int64_t group, int first, int n, int64_t* pixel, int32_t* tag) {
   for (int t = threadIdx.x; t < kTile; t += kThreads) {
@@ -216,6 +215,7 @@ __device__ void load_tokens(const Policy& policy, int64_t group, int first, int 
   }
 }
 
+// lse and delta of queries first .. first + 63 (zeros past N), for the key kernel. Block-wide.
 __device__ inline void load_row_stats(const float* lse, const float* delta, int64_t problem, int first, int n,
                                       float* lse_tile, float* delta_tile) {
   for (int t = threadIdx.x; t < kTile; t += kThreads) {
@@ -761,6 +761,18 @@ inline int64_t backward_chunks(int64_t groups, int64_t n, int64_t heads) {
   return std::max<int64_t>(1, std::min(groups, (kTargetCtas + per_group - 1) / per_group));
 }
 
+template <typename T, int D, class Policy>
+auto kernel_entry(Kernel kernel) -> void (*)(const Policy, const TileArgs<T>) {
+  switch (kernel) {
+    case Kernel::kForward:
+      return attention_fwd_kernel<Policy, T, D>;
+    case Kernel::kQuery:
+      return attention_bwd_query_kernel<Policy, T, D>;
+    default:
+      return attention_bwd_key_kernel<Policy, T, D>;
+  }
+}
+
 // Launches `kernel` over grid (chunks, tiles of N, heads) with the shared memory its layout needs,
 // opting in above 48 KB; refuses shapes whose layout exceeds the device's opt-in limit.
 template <typename T, int D, class Policy>
@@ -773,9 +785,7 @@ void launch_tiles(Kernel kernel, const Policy& policy, const TileArgs<T>& a, int
   TORCH_CHECK(layout.total <= static_cast<size_t>(limit), "the cuda attention kernel needs ", layout.total,
               " bytes of shared memory for these shapes (the bias-table gradient of a large window), more than the ",
               limit, " this device allows");
-  void (*entry)(const Policy, const TileArgs<T>) = kernel == Kernel::kForward ? attention_fwd_kernel<Policy, T, D>
-                                                    : kernel == Kernel::kQuery ? attention_bwd_query_kernel<Policy, T, D>
-                                                                               : attention_bwd_key_kernel<Policy, T, D>;
+  void (*entry)(const Policy, const TileArgs<T>) = kernel_entry<T, D, Policy>(kernel);
   C10_CUDA_CHECK(cudaFuncSetAttribute(entry, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(layout.total)));
   const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(tiles_of(a.n)), static_cast<unsigned>(a.heads));
