@@ -1,18 +1,19 @@
-// Global attention kernels for CUDA tensors: the shared attention tiles (common/attention_tile.cuh)
-// with every token of an image in one problem and an optional additive bias.
+// Global attention kernels for CUDA tensors: the shared attention kernels
+// (common/attention_kernels.cuh, schedule in common/attention_tile.cuh) with every token of an
+// image in one problem and an optional additive bias.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <tuple>
-#include <vector>
 
 #include "attention/attention.h"
-#include "common/attention_tile.cuh"
+#include "common/attention_kernels.cuh"
 
 namespace vitkernels {
 namespace {

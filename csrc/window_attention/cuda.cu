@@ -1,8 +1,8 @@
 // Window attention kernels for CUDA tensors: the relative-position bias gather, and fused window
-// attention on the shared attention tiles (common/attention_tile.cuh, where the schedule is
-// described) with a token policy that does the shift, padding and window partition as index
-// arithmetic. A CTA owns 64 query rows of one window and head: a 7x7 window (49 tokens) is one
-// 64x64 tile, four warps of 16 rows, instead of a 128-row block.
+// attention on the shared attention kernels (common/attention_kernels.cuh, schedule in
+// common/attention_tile.cuh) with a token policy that does the shift, padding and window
+// partition as index arithmetic. A CTA owns 64 query rows of one window and head: a 7x7 window
+// (49 tokens) is one 64x64 tile, four warps of 16 rows, instead of a 128-row block.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
@@ -19,7 +19,7 @@
 #include <tuple>
 #include <vector>
 
-#include "common/attention_tile.cuh"
+#include "common/attention_kernels.cuh"
 #include "window_attention/window_attention.h"
 
 namespace vitkernels {
