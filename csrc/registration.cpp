@@ -81,6 +81,10 @@ TORCH_LIBRARY_IMPL(vitkernels, CPU, m) {
 #ifdef VITKERNELS_WITH_CUDA
 TORCH_LIBRARY_IMPL(vitkernels, CUDA, m) {
   m.impl("gather_relative_position_bias", &vitkernels::gather_relative_position_bias_cuda);
+  m.impl("window_attention_fwd", &vitkernels::window_attention_fwd_cuda);
+  m.impl("window_attention_bwd", &vitkernels::window_attention_bwd_cuda);
+  m.impl("attention_fwd", &vitkernels::attention_fwd_cuda);
+  m.impl("attention_bwd", &vitkernels::attention_bwd_cuda);
   m.impl("layernorm_fwd", &vitkernels::layernorm_fwd_cuda);
   m.impl("add_layernorm_fwd", &vitkernels::add_layernorm_fwd_cuda);
   m.impl("layernorm_bwd", &vitkernels::layernorm_bwd_cuda);

@@ -4,8 +4,6 @@ import torch
 import vitkernels
 from vitkernels import backends, ops
 
-QKV = torch.randn(1, 8, 8, 3 * 16)
-
 
 def _capability(**overrides):
     fields = {"devices": frozenset({"cpu"}), "dtypes": frozenset({torch.float32})}
@@ -50,8 +48,9 @@ def test_explicit_backend_never_falls_back(monkeypatch):
 
 
 def test_unimplemented_backend_is_refused_with_reason():
-    with pytest.raises(vitkernels.NotSupportedError, match="no cuda implementation of window_attention"):
-        ops.window_attention(QKV, 2, 4, backend="cuda")
+    table = {"torch": backends.reference_capability()}
+    with pytest.raises(vitkernels.NotSupportedError, match="no cuda implementation of myop"):
+        backends.select("myop", table, backends.Query(device="cpu", dtype=torch.float32), "cuda")
 
 
 def test_use_backend_nests_and_argument_wins(monkeypatch):

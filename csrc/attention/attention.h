@@ -1,4 +1,4 @@
-// Global multi-head attention (ViT, DeiT): declarations shared by cpu.cpp and registration.cpp.
+// Global multi-head attention (ViT, DeiT): declarations shared by cpu.cpp, cuda.cu and registration.cpp.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -23,5 +23,18 @@ std::tuple<at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tensor& grad_out,
                                                      const at::Tensor& lse, int64_t num_heads,
                                                      const std::optional<at::Tensor>& bias,
                                                      std::optional<double> scale, bool bias_grad);
+
+#ifdef VITKERNELS_WITH_CUDA
+// The CUDA kernels of attention_fwd/_bwd: same arguments and results as the CPU ones, for fp16
+// and bf16 qkv with head_dim up to 64 (tensor cores; other inputs are refused).
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& qkv, int64_t num_heads,
+                                                      const std::optional<at::Tensor>& bias,
+                                                      std::optional<double> scale);
+
+std::tuple<at::Tensor, at::Tensor> attention_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& qkv,
+                                                      const at::Tensor& lse, int64_t num_heads,
+                                                      const std::optional<at::Tensor>& bias,
+                                                      std::optional<double> scale, bool bias_grad);
+#endif
 
 }  // namespace vitkernels

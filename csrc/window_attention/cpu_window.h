@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "window_attention/window_attention.h"
+
 namespace vitkernels {
 namespace window_cpu {
 
@@ -28,25 +30,6 @@ struct Geometry {
 // Checks qkv and the window arguments and derives the padded, windowed frame.
 Geometry make_geometry(const at::Tensor& qkv, int64_t num_heads, at::IntArrayRef window_size,
                        at::IntArrayRef shift_size, bool pad_first);
-
-// Coordinate in the un-shifted, un-padded map of frame coordinate y (a row or a column) of the
-// shifted, padded map, or -1 where the frame holds padding. pad_first=false: shift then pad (timm);
-// true: pad then shift (original Swin, Hugging Face, torchvision).
-inline int64_t source_coordinate(int64_t y, int64_t size, int64_t padded, int64_t shift, bool pad_first) {
-  if (pad_first) {
-    const int64_t p = (y + shift) % padded;
-    return p < size ? p : -1;
-  }
-  return y < size ? (y + shift) % size : -1;
-}
-
-// Shift-mask region (0, 1 or 2) of frame coordinate y, as the zoos' masks slice the padded map.
-inline int32_t shift_region(int64_t y, int64_t padded, int64_t window, int64_t shift) {
-  if (shift == 0) {
-    return 0;
-  }
-  return static_cast<int32_t>(y >= padded - window) + static_cast<int32_t>(y >= padded - shift);
-}
 
 // For every token of window `window` of image `image`: its pixel (image * H + row) * W + col in
 // the un-shifted map, or -1 for padding, and its shift region (row region * 3 + column region).

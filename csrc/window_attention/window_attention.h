@@ -25,6 +25,26 @@ C10_HOST_DEVICE inline int64_t relative_position_row(int64_t ri, int64_t ci, int
   return (ri - rj + window_h - 1) * (2 * window_w - 1) + (ci - cj + window_w - 1);
 }
 
+// Coordinate in the un-shifted, un-padded map of frame coordinate y (a row or a column) of the
+// shifted, padded map, or -1 where the frame holds padding. pad_first=false: shift then pad (timm);
+// true: pad then shift (original Swin, Hugging Face, torchvision).
+C10_HOST_DEVICE inline int64_t source_coordinate(int64_t y, int64_t size, int64_t padded, int64_t shift,
+                                                 bool pad_first) {
+  if (pad_first) {
+    const int64_t p = (y + shift) % padded;
+    return p < size ? p : -1;
+  }
+  return y < size ? (y + shift) % size : -1;
+}
+
+// Shift-mask region (0, 1 or 2) of frame coordinate y, as the zoos' masks slice the padded map.
+C10_HOST_DEVICE inline int32_t shift_region(int64_t y, int64_t padded, int64_t window, int64_t shift) {
+  if (shift == 0) {
+    return 0;
+  }
+  return static_cast<int32_t>(y >= padded - window) + static_cast<int32_t>(y >= padded - shift);
+}
+
 // Device-independent checks of gather_relative_position_bias's arguments.
 inline void check_gather_relative_position_bias(const at::Tensor& bias_table, int64_t window_h, int64_t window_w) {
   check_range(window_h, "window_h", 1, kMaxWindowSide);
@@ -59,6 +79,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_bwd_
 
 #ifdef VITKERNELS_WITH_CUDA
 at::Tensor gather_relative_position_bias_cuda(const at::Tensor& bias_table, int64_t window_h, int64_t window_w);
+
+// The CUDA kernels of window_attention_fwd/_bwd: same arguments and results as the CPU ones, for
+// fp16 and bf16 qkv with head_dim up to 64 (tensor cores; other inputs are refused).
+std::tuple<at::Tensor, at::Tensor> window_attention_fwd_cuda(
+    const at::Tensor& qkv, int64_t num_heads, at::IntArrayRef window_size, at::IntArrayRef shift_size,
+    const std::optional<at::Tensor>& bias_table, const std::optional<at::Tensor>& qkv_bias,
+    const std::optional<at::Tensor>& logit_scale, std::optional<double> scale, bool pad_first, double mask_value);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& lse, int64_t num_heads,
+    at::IntArrayRef window_size, at::IntArrayRef shift_size, const std::optional<at::Tensor>& bias_table,
+    const std::optional<at::Tensor>& qkv_bias, const std::optional<at::Tensor>& logit_scale,
+    std::optional<double> scale, bool pad_first, double mask_value);
 #endif
 
 }  // namespace vitkernels

@@ -20,6 +20,12 @@ CASES = [
 ]
 
 
+def skip_refused_dtype(backend, dtype):
+    """Shared tests run a dtype only on the backends that declare it (cuda: fp16 and bf16)."""
+    if dtype not in ops.backend_table("window_attention")[backend].dtypes:
+        pytest.skip(f"{backend} does not compute {dtype} (its refusal is tested on its own)")
+
+
 def _make(batch, height, width, heads, head_dim, window):
     channels = heads * head_dim
     rows = (2 * window[0] - 1) * (2 * window[1] - 1)
@@ -31,6 +37,7 @@ def _make(batch, height, width, heads, head_dim, window):
 @pytest.mark.parametrize("batch,height,width,heads,head_dim,window,shift", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_matches_reference(backend, pad_first, batch, height, width, heads, head_dim, window, shift, dtype):
+    skip_refused_dtype(backend, dtype)
     qkv, table, qkv_bias = _make(batch, height, width, heads, head_dim, window)
 
     def run(qkv, table, qkv_bias):
@@ -46,6 +53,7 @@ def test_matches_reference(backend, pad_first, batch, height, width, heads, head
 @pytest.mark.parametrize("backend", backend_params("window_attention"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_swinv2_cosine(backend, dtype):
+    skip_refused_dtype(backend, dtype)
     heads, window, shift = 3, (4, 4), (2, 2)
     qkv, table, qkv_bias = _make(2, 9, 8, heads, 8, window)
     table = 16 * torch.sigmoid(table)
@@ -66,6 +74,7 @@ def test_swinv2_cosine(backend, dtype):
 
 @pytest.mark.parametrize("backend", backend_params("window_attention"))
 def test_no_bias_and_custom_scale(backend):
+    skip_refused_dtype(backend, torch.float32)
     qkv, _, _ = _make(1, 8, 8, 2, 8, (4, 4))
 
     def run(qkv):
@@ -260,3 +269,156 @@ def test_fp16_map_with_fp32_parameters(backend):
         return window_attention_reference(qkv, heads, window, shift, table, qkv_bias=qkv_bias)
 
     compare_with_reference(run, reference, [qkv, table, qkv_bias], torch.float16)
+
+
+# --- the cuda backend beyond the shared tests: bf16, real model sizes, the compiled ops ----------
+
+def _cuda_run(heads, window, shift, pad_first=False, **options):
+    def run(qkv, table, qkv_bias, *logit_scale):
+        return ops.window_attention(qkv, heads, window, shift, table, qkv_bias=qkv_bias, pad_first=pad_first,
+                                    logit_scale=logit_scale[0] if logit_scale else None, backend="cuda", **options)
+
+    def reference(qkv, table, qkv_bias, *logit_scale):
+        return window_attention_reference(qkv, heads, window, shift, table, qkv_bias=qkv_bias, pad_first=pad_first,
+                                          logit_scale=logit_scale[0] if logit_scale else None, **options)
+
+    return run, reference
+
+
+# (batch, H, W, heads, head_dim, window, shift): Swin-T stage 1 and 3 (7x7, 49 tokens in one
+# 64-row tile), SwinV2 windows of 8 (one full tile), 12 (144 tokens: three query and key tiles)
+# and 16, head_dim 64 (Swin-L's last stages) and a padded map in both zoo orders.
+CUDA_CASES = [
+    pytest.param(2, 56, 56, 3, 32, (7, 7), (3, 3), id="swin-t-stage1"),
+    pytest.param(2, 14, 14, 12, 32, (7, 7), (3, 3), id="swin-t-stage3"),
+    pytest.param(1, 17, 20, 4, 32, (7, 7), (3, 3), id="padded"),
+    pytest.param(2, 16, 16, 4, 32, (8, 8), (4, 4), id="window8"),
+    pytest.param(1, 24, 24, 2, 32, (12, 12), (6, 6), id="window12-multi-tile"),
+    pytest.param(1, 32, 32, 2, 64, (16, 16), (8, 8), id="window16-head64"),
+    pytest.param(1, 13, 13, 2, 48, (7, 7), (3, 3), id="head48-padded"),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("pad_first", [False, True], ids=["timm-order", "hf-tv-order"])
+@pytest.mark.parametrize("batch,height,width,heads,head_dim,window,shift", CUDA_CASES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cuda_matches_reference(batch, height, width, heads, head_dim, window, shift, pad_first, dtype):
+    run, reference = _cuda_run(heads, window, shift, pad_first)
+    compare_with_reference(run, reference, list(_make(batch, height, width, heads, head_dim, window)), dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("window,shift", [((8, 8), (4, 4)), ((12, 12), (6, 6))], ids=["window8", "window12"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cuda_swinv2_cosine(window, shift, dtype):
+    heads = 4
+    qkv, table, qkv_bias = _make(2, 2 * window[0] + 3, 2 * window[1], heads, 32, window)
+    # two heads above the log(100) clamp, two below; the HF Swinv2 doubled mask
+    logit_scale = torch.tensor([5.0, 2.3, 3.9, 4.7], dtype=torch.float64, device=DEVICE).reshape(heads, 1, 1)
+    run, reference = _cuda_run(heads, window, shift, pad_first=True, mask_value=-200.0)
+    compare_with_reference(run, reference, [qkv, 16 * torch.sigmoid(table), qkv_bias, logit_scale], dtype)
+
+
+@pytest.mark.cuda
+def test_cuda_no_bias_and_custom_scale():
+    qkv, _, _ = _make(2, 15, 15, 3, 32, (7, 7))
+
+    def run(qkv):
+        return ops.window_attention(qkv, 3, 7, 3, scale=0.3, backend="cuda")
+
+    def reference(qkv):
+        return window_attention_reference(qkv, 3, (7, 7), (3, 3), scale=0.3)
+
+    compare_with_reference(run, reference, [qkv], torch.float16)
+
+
+@pytest.mark.cuda
+def test_cuda_statistics_match_the_cpu_op():
+    """The lse the forward saves has the CPU op's shape and values; the gradients have the CPU op's
+    shapes, dtypes and values (fp16 inputs, computed in fp32 on the CPU)."""
+    heads, window, shift = 3, [7, 7], [3, 3]
+    qkv, table, qkv_bias = (t.half() for t in _make(2, 17, 15, heads, 32, tuple(window)))
+    args = (heads, window, shift, table, qkv_bias, None, None, True, -100.0)
+    out, lse = torch.ops.vitkernels.window_attention_fwd(qkv, *args)
+    cpu_args = (heads, window, shift, table.cpu(), qkv_bias.cpu(), None, None, True, -100.0)
+    cpu_out, cpu_lse = torch.ops.vitkernels.window_attention_fwd(qkv.cpu(), *cpu_args)
+    assert lse.shape == cpu_lse.shape and lse.dtype == cpu_lse.dtype == torch.float32
+    torch.testing.assert_close(lse.cpu(), cpu_lse, atol=2e-2, rtol=0)
+    torch.testing.assert_close(out.cpu(), cpu_out, atol=1e-2, rtol=0)
+    grad = torch.randn_like(out)
+    grads = torch.ops.vitkernels.window_attention_bwd(grad, qkv, lse, *args)
+    cpu_grads = torch.ops.vitkernels.window_attention_bwd(grad.cpu(), qkv.cpu(), cpu_lse, *cpu_args)
+    for name, g, expected in zip(("qkv", "bias_table", "qkv_bias", "logit_scale"), grads, cpu_grads):
+        assert g.shape == expected.shape and g.dtype == expected.dtype, name
+        if expected.numel() == 0:
+            continue
+        scale = max(expected.float().abs().max().item(), 1.0)
+        error = (g.cpu().float() - expected.float()).abs().max().item()
+        assert error <= 2e-2 * scale, f"{name}: max abs error {error:.3e} against the cpu op (scale {scale:.3e})"
+
+
+@pytest.mark.cuda
+def test_cuda_backward_is_deterministic():
+    """The bias table, qkv_bias and logit_scale gradients sum over windows without atomics."""
+    heads, window = 3, (7, 7)
+    qkv, table, qkv_bias = (t.half().requires_grad_() for t in _make(4, 23, 21, heads, 32, window))
+    logit_scale = torch.rand(heads, device=DEVICE, requires_grad=True)
+    out = ops.window_attention(qkv, heads, window, 3, table, qkv_bias=qkv_bias, logit_scale=logit_scale,
+                               backend="cuda")
+    grad = torch.randn_like(out)
+    inputs = (qkv, table, qkv_bias, logit_scale)
+    first = torch.autograd.grad(out, inputs, grad, retain_graph=True)
+    for _ in range(3):
+        for a, b in zip(first, torch.autograd.grad(out, inputs, grad, retain_graph=True)):
+            assert torch.equal(a, b)
+
+
+def _cuda_opcheck_args():
+    qkv, table, qkv_bias = (t.half().requires_grad_() for t in _make(2, 9, 10, 2, 32, (4, 4)))
+    logit_scale = torch.rand(2, device=DEVICE, requires_grad=True)
+    return [
+        (qkv, 2, [4, 4], [2, 2], table, qkv_bias, None, None, False, -100.0),
+        (qkv, 2, [4, 4], [2, 2], 16 * table.sigmoid(), qkv_bias, logit_scale, None, True, -200.0),
+        (qkv.detach().bfloat16(), 2, [4, 4], [0, 0], None, None, None, 0.2, False, -100.0),
+    ]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", range(3))
+def test_cuda_fwd_opcheck(case):
+    torch.library.opcheck(torch.ops.vitkernels.window_attention_fwd.default, _cuda_opcheck_args()[case])
+
+
+@pytest.mark.cuda
+def test_cuda_bwd_opcheck():
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in _cuda_opcheck_args()[1])
+    out, lse = torch.ops.vitkernels.window_attention_fwd(*args)
+    # the backward has no gradient of its own: the autograd checks do not apply
+    bwd_args = (torch.randn_like(out), args[0], lse, *args[1:])
+    torch.library.opcheck(torch.ops.vitkernels.window_attention_bwd.default, bwd_args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.cuda
+def test_cuda_compile_fullgraph():
+    qkv, table, qkv_bias = (t.half().requires_grad_() for t in _make(2, 9, 10, 2, 32, (4, 4)))
+
+    def span(qkv, table, qkv_bias):
+        return ops.window_attention(qkv, 2, 4, 2, table, qkv_bias=qkv_bias, pad_first=True, backend="cuda")
+
+    eager = span(qkv, table, qkv_bias)
+    compiled = torch.compile(span, fullgraph=True)(qkv, table, qkv_bias)
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(torch.autograd.grad(compiled.sum(), (qkv, table, qkv_bias)),
+                    torch.autograd.grad(eager.sum(), (qkv, table, qkv_bias))):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,head_dim,match", [(torch.float32, 32, "float32: the CUDA kernels"),
+                                                  (torch.float16, 128, "head_dim 128 outside")])
+def test_cuda_refuses_with_reasons(dtype, head_dim, match):
+    qkv = torch.randn(1, 7, 7, 3 * head_dim, dtype=dtype, device="cuda")
+    with pytest.raises(vitkernels.NotSupportedError, match=match):
+        ops.window_attention(qkv, 1, 7, backend="cuda")

@@ -8,7 +8,7 @@ import torch
 from ... import backends
 from .. import _checks
 from .._library import define_reference_op
-from ..window_attention.op import triton_devices, triton_interpreter_reasons
+from ..window_attention.op import cuda_kernel_reasons, triton_devices, triton_interpreter_reasons
 from .reference import attention_reference
 
 SCHEMA = "(Tensor qkv, int num_heads, Tensor? bias, float? scale) -> Tensor"
@@ -180,3 +180,15 @@ BACKENDS["cpu"] = backends.Capability(
     features=frozenset({"bias", "backward"}),
 )
 IMPLEMENTATIONS["cpu"] = _cpu_impl
+
+
+# The CUDA kernels of csrc/attention/cuda.cu (the same compiled op as "cpu", dispatched on the
+# device): tensor cores in fp16/bf16 with fp32 softmax, head dims up to 64.
+BACKENDS["cuda"] = backends.Capability(
+    devices=frozenset({"cuda"}),
+    dtypes=frozenset({torch.float16, torch.bfloat16}),
+    head_dims=(1, 64),
+    features=frozenset({"bias", "backward"}),
+    extra=cuda_kernel_reasons,
+)
+IMPLEMENTATIONS["cuda"] = _cpu_impl

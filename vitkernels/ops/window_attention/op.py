@@ -288,3 +288,25 @@ BACKENDS["cpu"] = backends.Capability(
     features=frozenset({"shift", "padding", "pad_first", "bias_table", "qkv_bias", "cosine", "backward"}),
 )
 IMPLEMENTATIONS["cpu"] = _cpu_impl
+
+
+def cuda_kernel_reasons(query: backends.Query) -> list[str]:
+    """Why the CUDA C++ attention kernels refuse a float32 input, beyond the dtype list."""
+    if query.dtype == torch.float32:
+        return ["float32: the CUDA kernels run on tensor cores in float16/bfloat16 (use 'triton' or 'torch')"]
+    return []
+
+
+# The CUDA kernels of csrc/window_attention/cuda.cu (the same compiled op as "cpu", dispatched on
+# the device): tensor cores (WMMA) in fp16/bf16 with fp32 softmax, head dims up to 64 zero-padded
+# to 32 or 64 in shared memory; windows up to 32 keep the bias-table gradient's per-warp partial
+# sums within the shared memory of sm_80 and sm_90.
+BACKENDS["cuda"] = backends.Capability(
+    devices=frozenset({"cuda"}),
+    dtypes=frozenset({torch.float16, torch.bfloat16}),
+    head_dims=(1, 64),
+    window=(1, 32),
+    features=frozenset({"shift", "padding", "pad_first", "bias_table", "qkv_bias", "cosine", "backward"}),
+    extra=cuda_kernel_reasons,
+)
+IMPLEMENTATIONS["cuda"] = _cpu_impl
