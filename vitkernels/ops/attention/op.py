@@ -153,23 +153,23 @@ if _ext.unavailable_reason() is None:
             0, dtype=torch.float32)
         return torch.empty_like(qkv), dbias
 
-    def _cpu_setup_context(ctx, inputs, output):
+    def _compiled_setup_context(ctx, inputs, output):
         qkv, num_heads, bias, scale = inputs
         ctx.save_for_backward(qkv, bias, output[1])
         ctx.arguments = (num_heads, scale)
         ctx.mark_non_differentiable(output[1])
 
-    def _cpu_backward(ctx, grad_out, _grad_lse):
+    def _compiled_backward(ctx, grad_out, _grad_lse):
         qkv, bias, lse = ctx.saved_tensors
         num_heads, scale = ctx.arguments
         bias_grad = bias is not None and ctx.needs_input_grad[2]
         dqkv, dbias = torch.ops.vitkernels.attention_bwd(grad_out, qkv, lse, num_heads, bias, scale, bias_grad)
         return dqkv if ctx.needs_input_grad[0] else None, None, dbias if bias_grad else None, None
 
-    torch.library.register_autograd("vitkernels::attention_fwd", _cpu_backward, setup_context=_cpu_setup_context)
+    torch.library.register_autograd("vitkernels::attention_fwd", _compiled_backward, setup_context=_compiled_setup_context)
 
 
-def _cpu_impl(*args):
+def _compiled_impl(*args):
     return torch.ops.vitkernels.attention_fwd(*args)[0]
 
 
@@ -179,7 +179,7 @@ BACKENDS["cpu"] = backends.Capability(
     dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
     features=frozenset({"bias", "backward"}),
 )
-IMPLEMENTATIONS["cpu"] = _cpu_impl
+IMPLEMENTATIONS["cpu"] = _compiled_impl
 
 
 # The CUDA kernels of csrc/attention/cuda.cu (the same compiled op as "cpu", dispatched on the
@@ -191,4 +191,4 @@ BACKENDS["cuda"] = backends.Capability(
     features=frozenset({"bias", "backward"}),
     extra=cuda_kernel_reasons,
 )
-IMPLEMENTATIONS["cuda"] = _cpu_impl
+IMPLEMENTATIONS["cuda"] = _compiled_impl

@@ -254,14 +254,14 @@ if _ext.unavailable_reason() is None:
         return tuple(qkv.new_empty(0, dtype=torch.float32) if t is None else torch.empty_like(t)
                      for t in (qkv, bias_table, qkv_bias, logit_scale))
 
-    def _cpu_setup_context(ctx, inputs, output):
+    def _compiled_setup_context(ctx, inputs, output):
         qkv, num_heads, window_size, shift_size, bias_table, qkv_bias, logit_scale, scale, pad_first, mask_value = (
             inputs)
         ctx.save_for_backward(qkv, bias_table, qkv_bias, logit_scale, output[1])
         ctx.arguments = (num_heads, window_size, shift_size, scale, pad_first, mask_value)
         ctx.mark_non_differentiable(output[1])
 
-    def _cpu_backward(ctx, grad_out, _grad_lse):
+    def _compiled_backward(ctx, grad_out, _grad_lse):
         qkv, bias_table, qkv_bias, logit_scale, lse = ctx.saved_tensors
         num_heads, window_size, shift_size, scale, pad_first, mask_value = ctx.arguments
         grads = torch.ops.vitkernels.window_attention_bwd(
@@ -274,10 +274,10 @@ if _ext.unavailable_reason() is None:
         )
         return dqkv, None, None, None, dtable, dqkv_bias, dlogit_scale, None, None, None
 
-    torch.library.register_autograd("vitkernels::window_attention_fwd", _cpu_backward, setup_context=_cpu_setup_context)
+    torch.library.register_autograd("vitkernels::window_attention_fwd", _compiled_backward, setup_context=_compiled_setup_context)
 
 
-def _cpu_impl(*args):
+def _compiled_impl(*args):
     return torch.ops.vitkernels.window_attention_fwd(*args)[0]
 
 
@@ -287,7 +287,7 @@ BACKENDS["cpu"] = backends.Capability(
     dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
     features=frozenset({"shift", "padding", "pad_first", "bias_table", "qkv_bias", "cosine", "backward"}),
 )
-IMPLEMENTATIONS["cpu"] = _cpu_impl
+IMPLEMENTATIONS["cpu"] = _compiled_impl
 
 
 def cuda_kernel_reasons(query: backends.Query) -> list[str]:
@@ -309,4 +309,4 @@ BACKENDS["cuda"] = backends.Capability(
     features=frozenset({"shift", "padding", "pad_first", "bias_table", "qkv_bias", "cosine", "backward"}),
     extra=cuda_kernel_reasons,
 )
-IMPLEMENTATIONS["cuda"] = _cpu_impl
+IMPLEMENTATIONS["cuda"] = _compiled_impl
