@@ -512,7 +512,7 @@ def _table_chunks(launch: _Launch) -> tuple[int, int]:
     """(windows per chunk, chunks) for summing dS into [chunks, heads, N, N] within the buffer budget."""
     heads = launch.sizes[7]
     per_chunk = triton.cdiv(launch.grid_windows, max(1, DTABLE_BUFFER_ELEMENTS // (heads * launch.tokens ** 2)))
-    return per_chunk, triton.cdiv(launch.grid_windows, per_chunk)
+    return per_chunk, triton.cdiv(launch.grid_windows, max(per_chunk, 1))
 
 
 def _recompute_dsum(stats, tensors, launch, config):
