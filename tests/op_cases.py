@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from vitkernels import backends, ops
+from vitkernels.testing import GRAD_RTOL, LOW_PRECISION, assert_close, errors
 
 
 @dataclass(frozen=True)
@@ -119,3 +120,33 @@ def run(case: Case, backend: str, tensors: dict, dtype: Optional[torch.dtype] = 
     found = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
     grads = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), found)}
     return outs, grads
+
+
+def compare(case: Case, backend: str, tensors: dict, dtype: Optional[torch.dtype] = None):
+    """Outputs and gradients of ``backend`` against the reference in float64 on the same values.
+
+    ``dtype`` casts the tensors first (None: as given). fp16 / bf16 results follow the relative rule
+    against the reference run in that precision. Returns the backend's (outputs, gradients).
+    """
+    upstream = [torch.randn_like(o) for o in run(case, "torch", tensors, torch.float64, grad=False)[0]]
+    outs, grads = run(case, backend, tensors, dtype, upstream=upstream)
+    ref_outs, ref_grads = run(case, "torch", tensors, torch.float64, upstream=upstream)
+    low_outs, low_grads = ([None] * len(outs), {}) if outs[0].dtype not in LOW_PRECISION else run(
+        case, "torch", tensors, dtype, upstream=upstream)
+    for i, out in enumerate(outs):
+        assert_close(out, ref_outs[i], low_precision_reference=low_outs[i], name=f"{case.op} output {i}")
+    for name, grad in grads.items():
+        if name in case.shared and grad.dtype not in LOW_PRECISION:
+            _assert_reduced_close(grad, ref_grads[name], outs[0].numel() // grad.numel(), f"{case.op} grad of {name}")
+        else:
+            assert_close(grad, ref_grads[name], low_precision_reference=low_grads.get(name), grad=True,
+                         name=f"{case.op} grad of {name}")
+    return outs, grads
+
+
+def _assert_reduced_close(actual, expected, rows: int, name: str) -> None:
+    """A weight's gradient sums about ``rows`` terms per element; its fp32 rounding error may grow with
+    sqrt(rows), which DESIGN.md's tolerance policy allows for."""
+    err, bound = errors(actual, expected), GRAD_RTOL * max(1.0, rows) ** 0.5
+    same_nan = torch.equal(actual.isnan(), expected.isnan())
+    assert err.rel <= bound and same_nan, f"{name} differs from the reference: {err}; bound {bound:.1e} (sqrt of {rows} rows)"

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from op_cases import CASES, op_backend_params, run
+from op_cases import CASES, compare, op_backend_params, run
 from vitkernels import ops
 from vitkernels.testing import assert_close
 
@@ -13,22 +13,6 @@ from vitkernels.testing import assert_close
 # squares reach 1e8, past fp16's 65504; the inputs themselves stay representable.
 LARGE = {"window_attention": ("qkv", 100.0), "attention": ("qkv", 100.0), "layernorm": ("x", 2e4),
          "add_layernorm": ("x", 2e4), "layernorm_mlp": ("x", 2e4)}
-
-
-def _compare(op, backend, tensors, dtype):
-    """Outputs and gradients of ``backend`` against the fp64 reference, fp16 under the relative rule."""
-    case = CASES[op]
-    upstream = [torch.randn_like(o) for o in run(case, "torch", tensors, torch.float64, grad=False)[0]]
-    kernel = run(case, backend, tensors, dtype, upstream=upstream)
-    ref64 = run(case, "torch", tensors, torch.float64, upstream=upstream)
-    low = run(case, "torch", tensors, dtype, upstream=upstream) if dtype == torch.float16 else (None, None)
-    for i, out in enumerate(kernel[0]):
-        assert_close(out, ref64[0][i], low_precision_reference=None if low[0] is None else low[0][i],
-                     name=f"output {i}")
-    for name, grad in kernel[1].items():
-        assert_close(grad, ref64[1][name], low_precision_reference=None if low[1] is None else low[1][name],
-                     grad=True, name=f"grad of {name}")
-    return kernel
 
 
 @pytest.mark.parametrize("op,backend", [p for p in op_backend_params() if p.values[0] in LARGE])
@@ -39,7 +23,7 @@ def test_fp16_large_values_stay_finite(op, backend):
     q, k = tensors["qkv"].chunk(3, -1)[:2] if "qkv" in tensors else (None, None)
     if q is not None:
         assert (q.unflatten(-1, (2, 8)) * k.unflatten(-1, (2, 8))).sum(-1).abs().max() > 65504
-    outs, grads = _compare(op, backend, tensors, torch.float16)
+    outs, grads = compare(CASES[op], backend, tensors, torch.float16)
     assert all(torch.isfinite(o).all() for o in outs)
     assert all(torch.isfinite(g).all() for g in grads.values())
 
