@@ -88,6 +88,11 @@ CASES = {
 }
 
 
+def batch_for(backend: str) -> int:
+    """Batch of a case: 2, or 1 under the slow Triton interpreter (one sample still spans many programs)."""
+    return 1 if backend == "triton" else 2
+
+
 def op_backend_params(backend_names=None) -> list:
     """(op, backend) pairs for every op and every backend in its table, unavailable ones skipped."""
     params = []
@@ -149,4 +154,5 @@ def _assert_reduced_close(actual, expected, rows: int, name: str) -> None:
     sqrt(rows), which DESIGN.md's tolerance policy allows for."""
     err, bound = errors(actual, expected), GRAD_RTOL * max(1.0, rows) ** 0.5
     same_nan = torch.equal(actual.isnan(), expected.isnan())
-    assert err.rel <= bound and same_nan, f"{name} differs from the reference: {err}; bound {bound:.1e} (sqrt of {rows} rows)"
+    assert err.rel <= bound and same_nan, (f"{name} differs from the reference: {err}; "
+                                           f"bound {bound:.1e} (sqrt of {rows} rows)")

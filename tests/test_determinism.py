@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from op_cases import CASES, op_backend_params, run
+from op_cases import CASES, batch_for, op_backend_params, run
 
 
 @pytest.fixture
@@ -27,8 +27,7 @@ def _assert_bitwise_equal(first, second, what):
 
 @pytest.mark.parametrize("op,backend", op_backend_params())
 def test_backward_is_bitwise_reproducible(op, backend, deterministic):
-    batch = 1 if backend == "triton" else 4  # the interpreter is slow; one sample still spans many programs
-    tensors = CASES[op].make(batch)
+    tensors = CASES[op].make(batch_for(backend))
     upstream = [torch.randn_like(o) for o in run(CASES[op], "torch", tensors, torch.float64, grad=False)[0]]
     first = _results(op, backend, tensors, upstream)
     second = _results(op, backend, tensors, upstream)

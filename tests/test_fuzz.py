@@ -13,8 +13,8 @@ from vitkernels import ops
 # examples per backend: the reference against itself in float64 (its fp32, fp16 and bf16 paths) gets few,
 # the C++ kernels many, the slow Triton interpreter a few tiny ones
 EXAMPLES = {"torch": 4, "cpu": 40, "triton": 5}
-DTYPES = {"torch": [torch.float32, torch.float16, torch.bfloat16], "cpu": [torch.float32, torch.float16, torch.bfloat16],
-          "triton": [torch.float32, torch.float16]}  # the interpreter computes bf16 wrongly
+ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPES = {"torch": ALL_DTYPES, "cpu": ALL_DTYPES, "triton": ALL_DTYPES[:2]}  # the interpreter computes bf16 wrongly
 
 
 def _fuzz(backend):
@@ -106,7 +106,8 @@ def _mlp_case(data, backend):
     tensors = {"x": _r(*lead, channels), "ln_weight": 1 + _r(channels) if flags["ln"] else None,
                "ln_bias": _r(channels) if flags["ln"] else None, "fc1_weight": _r(hidden, channels) / channels**0.5,
                "fc1_bias": _r(hidden) if flags["fc1_bias"] else None, "fc2_weight": _r(channels, hidden) / hidden**0.5,
-               "fc2_bias": _r(channels) if flags["fc2_bias"] else None, "gamma": _r(channels) if flags["gamma"] else None}
+               "fc2_bias": _r(channels) if flags["fc2_bias"] else None,
+               "gamma": _r(channels) if flags["gamma"] else None}
 
     def call(backend, x, fc1_weight, fc2_weight, ln_weight=None, ln_bias=None, fc1_bias=None, fc2_bias=None,
              gamma=None):
@@ -126,8 +127,10 @@ def _patch_case(data, backend):
     prefix = data.draw(st.integers(0, 3))
     pos = data.draw(st.sampled_from(["none", "all", "patches"]))
     patch_norm, normalize = data.draw(st.booleans()), data.draw(st.booleans())
-    tensors = {"x": _r(data.draw(st.integers(1, 2)), cin, height, width), "weight": _r(dim, cin, ph, pw) / (cin * ph * pw) ** 0.5,
-               "bias": _r(dim) if data.draw(st.booleans()) else None, "prefix_tokens": _r(prefix, dim) if prefix else None,
+    tensors = {"x": _r(data.draw(st.integers(1, 2)), cin, height, width),
+               "weight": _r(dim, cin, ph, pw) / (cin * ph * pw) ** 0.5,
+               "bias": _r(dim) if data.draw(st.booleans()) else None,
+               "prefix_tokens": _r(prefix, dim) if prefix else None,
                "pos_embed": {"none": None, "all": _r(1, prefix + gh * gw, dim), "patches": _r(gh * gw, dim)}[pos],
                "norm_weight": 1 + _r(dim) if patch_norm else None, "norm_bias": _r(dim) if patch_norm else None,
                "mean": _r(cin) if normalize else None, "std": 1 + _r(cin).abs() if normalize else None}

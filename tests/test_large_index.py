@@ -3,7 +3,8 @@
 The inputs are fp16 strided views into one lazily allocated buffer of more than 2^31 elements:
 only the pages the views cover are ever touched. Either the batch stride puts the last sample past
 element 2^31 (a 32-bit batch offset would wrap), or, within one image, the row stride fits in 32 bits
-but row * stride does not. Each backend computes on the view itself, the reference on the same view, both forward and backward.
+but row * stride does not. Each backend computes on the view itself, the reference on the same view,
+forward and backward.
 """
 import os
 

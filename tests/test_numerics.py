@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from op_cases import CASES, compare, op_backend_params, run
+from op_cases import CASES, batch_for, compare, op_backend_params, run
 from vitkernels import ops
 from vitkernels.testing import assert_close
 
@@ -18,7 +18,7 @@ LARGE = {"window_attention": ("qkv", 100.0), "attention": ("qkv", 100.0), "layer
 @pytest.mark.parametrize("op,backend", [p for p in op_backend_params() if p.values[0] in LARGE])
 def test_fp16_large_values_stay_finite(op, backend):
     name, scale = LARGE[op]
-    tensors = CASES[op].make(2)
+    tensors = CASES[op].make(batch_for(backend))
     tensors[name] = tensors[name] * scale
     q, k = tensors["qkv"].chunk(3, -1)[:2] if "qkv" in tensors else (None, None)
     if q is not None:
@@ -88,7 +88,7 @@ def test_fully_masked_rows_match_reference(op, backend):
 def test_infinite_shift_mask_gives_no_nan(op, backend):
     """mask_value=-inf hides other regions' keys entirely; a query always sees its own region."""
     case = CASES[op]
-    tensors = case.make(2)
+    tensors = case.make(batch_for(backend))
 
     def call(backend, qkv, bias_table, qkv_bias):
         return ops.window_attention(qkv, 2, 4, 2, bias_table, qkv_bias=qkv_bias, mask_value=float("-inf"),

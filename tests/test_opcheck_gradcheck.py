@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from op_cases import CASES, op_backend_params, run
+from op_cases import CASES, batch_for, op_backend_params, run
 from vitkernels import ops
 
 
@@ -35,7 +35,7 @@ def test_triton_backward_ops_opcheck(op, backend):
     case = CASES[op]
     recorder = _RecordOps("_backward")
     with recorder:
-        run(case, backend, case.make(2), torch.float32)
+        run(case, backend, case.make(batch_for(backend)), torch.float32)
     assert recorder.calls, f"{op} on {backend} called no backward op"
     for func, args, kwargs in recorder.calls:
         torch.library.opcheck(func, _detached(args), _detached(kwargs))
@@ -66,7 +66,8 @@ def _float64_backends(op):
     return [name for name, capability in ops.backend_table(op).items() if torch.float64 in capability.dtypes]
 
 
-@pytest.mark.parametrize("op,backend", [p for p in op_backend_params() if p.values[1] in _float64_backends(p.values[0])])
+@pytest.mark.parametrize("op,backend", [p for p in op_backend_params()
+                                       if p.values[1] in _float64_backends(p.values[0])])
 def test_gradcheck_float64(op, backend):
     case = CASES[op]
     tensors = {k: t.requires_grad_() for k, t in case.make(1).items()}
