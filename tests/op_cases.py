@@ -94,13 +94,16 @@ def batch_for(backend: str) -> int:
 
 
 def op_backend_params(backend_names=None) -> list:
-    """(op, backend) pairs for every op and every backend in its table, unavailable ones skipped."""
+    """(op, backend) pairs for every op and every backend in its table; the cases hold CPU tensors, so a
+    backend unavailable here or without CPU support (Triton outside the interpreter, CUDA) is skipped."""
     params = []
     for op in ops.OPS:
-        for name in ops.backend_table(op):
+        for name, capability in ops.backend_table(op).items():
             if backend_names is not None and name not in backend_names:
                 continue
             reason = backends.unavailable_reason(name)
+            if reason is None and "cpu" not in capability.devices:
+                reason = "runs CUDA tensors only; these cases are CPU tensors"
             marks = [pytest.mark.skip(reason=f"{name}: {reason}")] if reason else []
             params.append(pytest.param(op, name, marks=marks, id=f"{op}-{name}"))
     return params
