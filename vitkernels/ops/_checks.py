@@ -1,6 +1,7 @@
 """Boundary checks shared by the functional API: each raises TypeError or ValueError naming the values."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -65,12 +66,35 @@ def pair(name: str, value: object, *, minimum: int = 1) -> tuple[int, int]:
     return int(items[0]), int(items[1])
 
 
-def optional_float(name: str, value: object) -> Optional[float]:
+def optional_float(name: str, value: object, *, finite: bool = False) -> Optional[float]:
+    """None, or ``value`` as a float; with ``finite``, NaN and infinities are refused."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
+    if finite and not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
     return float(value)
+
+
+def positive_float(name: str, value: object) -> float:
+    """A finite float above zero (an epsilon)."""
+    value = optional_float(name, value, finite=True)
+    if value is None or value <= 0:
+        raise ValueError(f"{name} must be a positive float, got {value!r}")
+    return value
+
+
+def flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def nonempty_dims(name: str, value: torch.Tensor, dims: Sequence[int], labels: str) -> None:
+    """Refuses a tensor whose size is zero along any of ``dims`` (named by ``labels``)."""
+    if any(value.shape[d] == 0 for d in dims):
+        raise ValueError(f"{name} must have non-empty {labels}, got shape {tuple(value.shape)}")
 
 
 def choice(name: str, value: object, choices: Sequence[str]) -> str:

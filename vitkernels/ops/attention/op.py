@@ -90,6 +90,7 @@ IMPLEMENTATIONS = {"torch": attention_torch, "triton": _triton_impl}
 
 def validate(qkv, num_heads, bias, scale):
     _checks.tensor("qkv", qkv, ndim=3)
+    _checks.nonempty_dims("qkv", qkv, (2,), "last dim")
     num_heads = _checks.positive_int("num_heads", num_heads)
     batch, tokens, three_c = qkv.shape
     if three_c % 3 or (three_c // 3) % num_heads:
@@ -103,7 +104,7 @@ def validate(qkv, num_heads, bias, scale):
             torch.broadcast_shapes(bias.shape, full)
         except RuntimeError:
             raise ValueError(f"bias of shape {tuple(bias.shape)} does not broadcast to [B, heads, N, N] = {full}") from None
-    scale = _checks.optional_float("scale", scale)
+    scale = _checks.optional_float("scale", scale, finite=True)
     features = {n for n, on in (("bias", bias is not None), ("backward", _checks.needs_grad(qkv, bias))) if on}
     query = backends.Query(device=qkv.device.type, dtype=qkv.dtype, head_dim=three_c // 3 // num_heads,
                            features=frozenset(features))

@@ -36,4 +36,4 @@ def attention_reference(
     if bias is not None:
         attn = attn + bias.to(attn.dtype)
     out = attn.softmax(dim=-1) @ v
-    return out.transpose(1, 2).reshape(batch, tokens, -1).to(out_dtype)
+    return out.transpose(1, 2).reshape(batch, tokens, three_c // 3).to(out_dtype)

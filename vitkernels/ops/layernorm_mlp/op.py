@@ -226,10 +226,7 @@ def _check_input(x) -> int:
 
 
 def _check_eps(eps) -> float:
-    eps = _checks.optional_float("eps", eps)
-    if eps is None or eps <= 0:
-        raise ValueError(f"eps must be a positive float, got {eps!r}")
-    return eps
+    return _checks.positive_float("eps", eps)
 
 
 def _query(x, *tensors, features=()) -> backends.Query:

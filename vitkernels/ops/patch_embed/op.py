@@ -194,7 +194,9 @@ def patch_embed(
         [B, P + N, E] or [B, H', W', E] in the weight's dtype.
     """
     _checks.tensor("weight", weight, ndim=4)
+    _checks.nonempty_dims("weight", weight, (0, 1, 2, 3), "E, Cin, ph and pw")
     _checks.tensor("x", x, ndim=4, like=weight, dtypes=(weight.dtype, torch.uint8))
+    _checks.nonempty_dims("x", x, (2, 3), "H and W")
     dim, in_chans, ph, pw = weight.shape
     if x.shape[1] != in_chans:
         raise ValueError(f"x has {x.shape[1]} channels but weight expects {in_chans} (weight {tuple(weight.shape)})")
@@ -208,7 +210,8 @@ def patch_embed(
     output_format = _checks.choice("output_format", output_format, ("tokens", "map"))
     if output_format == "map" and num_prefix:
         raise ValueError(f"output_format='map' cannot hold {num_prefix} prefix tokens")
-    grid = _grid(x, (ph, pw), bool(dynamic_pad))
+    patch_norm, dynamic_pad = _checks.flag("patch_norm", patch_norm), _checks.flag("dynamic_pad", dynamic_pad)
+    grid = _grid(x, (ph, pw), dynamic_pad)
     if pos_embed is not None:
         _checks.tensor("pos_embed", pos_embed, ndim=(2, 3), **like)
         pos_embed_grid = _pos_embed_coverage(pos_embed, grid, pos_embed_grid, num_prefix, dim)
@@ -220,18 +223,16 @@ def patch_embed(
     _checks.optional_tensor("norm_bias", norm_bias, ndim=1, shape=(dim,), **like)
     if (norm_weight is not None or norm_bias is not None) and not patch_norm:
         raise ValueError("norm_weight / norm_bias given but patch_norm=False")
-    norm_eps = _checks.optional_float("norm_eps", norm_eps)
-    if norm_eps is None or norm_eps <= 0:
-        raise ValueError(f"norm_eps must be a positive float, got {norm_eps!r}")
+    norm_eps = _checks.positive_float("norm_eps", norm_eps)
     _checks.optional_tensor("mean", mean, ndim=1, like=weight, shape=(in_chans,))
     _checks.optional_tensor("std", std, ndim=1, like=weight, shape=(in_chans,))
 
     features = {
         f for f, on in (
             ("prefix_tokens", num_prefix > 0), ("pos_embed", pos_embed is not None),
-            ("resample_pos_embed", pos_embed_grid is not None), ("patch_norm", bool(patch_norm)),
+            ("resample_pos_embed", pos_embed_grid is not None), ("patch_norm", patch_norm),
             ("uint8", x.dtype == torch.uint8), ("normalize", mean is not None or std is not None),
-            ("dynamic_pad", bool(dynamic_pad)), ("map", output_format == "map"),
+            ("dynamic_pad", dynamic_pad), ("map", output_format == "map"),
             ("backward", _checks.needs_grad(x, weight, bias, prefix_tokens, pos_embed, norm_weight, norm_bias)),
         ) if on
     }
@@ -239,7 +240,7 @@ def patch_embed(
     name = backends.select("patch_embed", BACKENDS, query, backend)
     return IMPLEMENTATIONS[name](
         x, weight, bias, prefix_tokens, pos_embed, pos_embed_grid, norm_weight, norm_bias, norm_eps,
-        bool(patch_norm), mean, std, bool(dynamic_pad), output_format,
+        patch_norm, mean, std, dynamic_pad, output_format,
     )
 
 

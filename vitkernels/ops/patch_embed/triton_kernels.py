@@ -250,7 +250,7 @@ def patch_embed_bwd(dout, x, weight, bias, prefix_tokens, pos_embed, pos_embed_g
     dim, _, ph, pw = weight.shape
     grid = _grid(x, weight)
     num_prefix = 0 if prefix_tokens is None else prefix_tokens.shape[-2]
-    dout = dout.reshape(batch, -1, dim)
+    dout = dout.reshape(batch, num_prefix + grid[0] * grid[1], dim)
     grads = [None] * 9
     if needs[3]:
         grads[3] = dout[:, :num_prefix].sum(0).reshape(prefix_tokens.shape)

@@ -129,6 +129,7 @@ def validate(qkv, num_heads, window_size, shift_size, bias_table, qkv_bias, logi
              mask_value):
     """Checks the public arguments; returns them normalized (pairs as tuples) and the backend query."""
     _checks.tensor("qkv", qkv, ndim=4)
+    _checks.nonempty_dims("qkv", qkv, (3,), "last dim")
     num_heads = _checks.positive_int("num_heads", num_heads)
     window = _checks.pair("window_size", window_size)
     shift = _checks.pair("shift_size", shift_size, minimum=0)
@@ -147,11 +148,10 @@ def validate(qkv, num_heads, window_size, shift_size, bias_table, qkv_bias, logi
     _checks.optional_tensor("logit_scale", logit_scale, like=qkv)
     if logit_scale is not None and logit_scale.numel() != num_heads:
         raise ValueError(f"logit_scale must hold num_heads={num_heads} values, got shape {tuple(logit_scale.shape)}")
-    scale = _checks.optional_float("scale", scale)
+    scale = _checks.optional_float("scale", scale, finite=True)
     if scale is not None and logit_scale is not None:
         raise ValueError("scale and logit_scale are exclusive: cosine attention (logit_scale) has no softmax scale")
-    if not isinstance(pad_first, bool):
-        raise TypeError(f"pad_first must be a bool, got {pad_first!r}")
+    _checks.flag("pad_first", pad_first)
     mask_value = _checks.optional_float("mask_value", mask_value)
     if mask_value is None or not mask_value <= 0:
         raise ValueError(f"mask_value must be a float <= 0 such as -100.0, got {mask_value!r}")

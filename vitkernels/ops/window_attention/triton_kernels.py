@@ -72,6 +72,13 @@ def _frame(win, t, H, W, Wh, Ww, sh, sw, PAD_FIRST: tl.constexpr):
 
 
 @triton.jit
+def _map_offsets(y, x, stride_qh, stride_qw):
+    """Offsets of pixels (y, x) within one image of the qkv map, in int64: a strided view's row
+    stride times the row can pass 2^31 even when each stride fits in 32 bits."""
+    return y.to(tl.int64) * stride_qh + x.to(tl.int64) * stride_qw
+
+
+@triton.jit
 def _load_rows(base_ptr, offsets, real, in_window, d, d_mask, fill_ptr, HAS_FILL: tl.constexpr):
     """[BLOCK, BLOCK_D] rows of one q/k/v part; padding rows hold ``fill`` (the qkv bias) or zeros."""
     x = tl.load(base_ptr + offsets[:, None] + d[None, :], mask=real[:, None] & d_mask[None, :], other=0.0)
@@ -170,7 +177,7 @@ def _window_attention_fwd_kernel(
 
     tq = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     qi, qj, qy, qx, q_real, q_region = _frame(win, tq, H, W, Wh, Ww, sh, sw, PAD_FIRST)
-    q = _load_rows(qkv_base, qy * stride_qh + qx * stride_qw, q_real, tq < n, d, d_mask, fill_base, HAS_FILL)
+    q = _load_rows(qkv_base, _map_offsets(qy, qx, stride_qh, stride_qw), q_real, tq < n, d, d_mask, fill_base, HAS_FILL)
     if COSINE:
         q = _unit_rows(q)
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -179,7 +186,7 @@ def _window_attention_fwd_kernel(
     for start in range(0, n, BLOCK_N):
         tk = start + tl.arange(0, BLOCK_N)
         ki, kj, ky, kx, k_real, k_region = _frame(win, tk, H, W, Wh, Ww, sh, sw, PAD_FIRST)
-        k_offsets = ky * stride_qh + kx * stride_qw
+        k_offsets = _map_offsets(ky, kx, stride_qh, stride_qw)
         k = _load_rows(qkv_base + channels, k_offsets, k_real, tk < n, d, d_mask, fill_base + channels, HAS_FILL)
         v = _load_rows(qkv_base + 2 * channels, k_offsets, k_real, tk < n, d, d_mask, fill_base + 2 * channels,
                        HAS_FILL)
@@ -234,7 +241,7 @@ def _window_attention_bwd_dq_kernel(
         b, win, qkv_base, bias_base = _window_bases(bw, h, num_windows, head_dim, qkv_ptr, stride_qb, bias_ptr,
                                                     stride_bb, stride_bh)
         qi, qj, qy, qx, q_real, q_region = _frame(win, tq, H, W, Wh, Ww, sh, sw, PAD_FIRST)
-        q = _load_rows(qkv_base, qy * stride_qh + qx * stride_qw, q_real, tq < n, d, d_mask, fill_base, HAS_FILL)
+        q = _load_rows(qkv_base, _map_offsets(qy, qx, stride_qh, stride_qw), q_real, tq < n, d, d_mask, fill_base, HAS_FILL)
         qn = _unit_rows(q) if COSINE else q
         map_offsets = (b.to(tl.int64) * H * W + qy * W + qx) * channels + h * head_dim
         rows_mask = q_real[:, None] & d_mask[None, :]
@@ -250,7 +257,7 @@ def _window_attention_bwd_dq_kernel(
         for start in range(0, n, BLOCK_N):
             tk = start + tl.arange(0, BLOCK_N)
             ki, kj, ky, kx, k_real, k_region = _frame(win, tk, H, W, Wh, Ww, sh, sw, PAD_FIRST)
-            k_offsets = ky * stride_qh + kx * stride_qw
+            k_offsets = _map_offsets(ky, kx, stride_qh, stride_qw)
             k = _load_rows(qkv_base + channels, k_offsets, k_real, tk < n, d, d_mask, fill_base + channels, HAS_FILL)
             v = _load_rows(qkv_base + 2 * channels, k_offsets, k_real, tk < n, d, d_mask, fill_base + 2 * channels,
                            HAS_FILL)
@@ -305,7 +312,7 @@ def _window_attention_bwd_dkdv_kernel(
 
     tk = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     ki, kj, ky, kx, k_real, k_region = _frame(win, tk, H, W, Wh, Ww, sh, sw, PAD_FIRST)
-    k_offsets = ky * stride_qh + kx * stride_qw
+    k_offsets = _map_offsets(ky, kx, stride_qh, stride_qw)
     k = _load_rows(qkv_base + channels, k_offsets, k_real, tk < n, d, d_mask, fill_base + channels, HAS_FILL)
     v = _load_rows(qkv_base + 2 * channels, k_offsets, k_real, tk < n, d, d_mask, fill_base + 2 * channels, HAS_FILL)
     kn = _unit_rows(k) if COSINE else k
@@ -315,7 +322,7 @@ def _window_attention_bwd_dkdv_kernel(
     for start in range(0, n, BLOCK_M):
         tq = start + tl.arange(0, BLOCK_M)
         qi, qj, qy, qx, q_real, q_region = _frame(win, tq, H, W, Wh, Ww, sh, sw, PAD_FIRST)
-        q = _load_rows(qkv_base, qy * stride_qh + qx * stride_qw, q_real, tq < n, d, d_mask, fill_base, HAS_FILL)
+        q = _load_rows(qkv_base, _map_offsets(qy, qx, stride_qh, stride_qw), q_real, tq < n, d, d_mask, fill_base, HAS_FILL)
         qn = _unit_rows(q) if COSINE else q
         map_offsets = (b.to(tl.int64) * H * W + qy * W + qx) * channels + h * head_dim
         do = tl.load(dout_ptr + map_offsets[:, None] + d[None, :], mask=q_real[:, None] & d_mask[None, :], other=0.0)
@@ -372,8 +379,8 @@ def _window_attention_bwd_dtable_kernel(
         qkv_base = qkv_ptr + b.to(tl.int64) * stride_qb + h * head_dim
         qi, qj, qy, qx, q_real, q_region = _frame(win, tq, H, W, Wh, Ww, sh, sw, PAD_FIRST)
         ki, kj, ky, kx, k_real, k_region = _frame(win, tk, H, W, Wh, Ww, sh, sw, PAD_FIRST)
-        q = _load_rows(qkv_base, qy * stride_qh + qx * stride_qw, q_real, tq < n, d, d_mask, fill_base, HAS_FILL)
-        k_offsets = ky * stride_qh + kx * stride_qw
+        q = _load_rows(qkv_base, _map_offsets(qy, qx, stride_qh, stride_qw), q_real, tq < n, d, d_mask, fill_base, HAS_FILL)
+        k_offsets = _map_offsets(ky, kx, stride_qh, stride_qw)
         k = _load_rows(qkv_base + channels, k_offsets, k_real, tk < n, d, d_mask, fill_base + channels, HAS_FILL)
         v = _load_rows(qkv_base + 2 * channels, k_offsets, k_real, tk < n, d, d_mask, fill_base + 2 * channels,
                        HAS_FILL)
@@ -512,7 +519,7 @@ def _table_chunks(launch: _Launch) -> tuple[int, int]:
     """(windows per chunk, chunks) for summing dS into [chunks, heads, N, N] within the buffer budget."""
     heads = launch.sizes[7]
     per_chunk = triton.cdiv(launch.grid_windows, max(1, DTABLE_BUFFER_ELEMENTS // (heads * launch.tokens ** 2)))
-    return per_chunk, triton.cdiv(launch.grid_windows, per_chunk)
+    return per_chunk, triton.cdiv(launch.grid_windows, max(per_chunk, 1))
 
 
 def _recompute_dsum(stats, tensors, launch, config):
