@@ -5,10 +5,6 @@ import torch
 from op_cases import CASES, batch_for, op_backend_params, run
 from vitkernels.testing import assert_close
 
-# csrc/window_attention/cpu.cpp's backward divides by its block count, zero for an empty batch
-# (SIGFPE); the forward is fine.
-_EMPTY_BACKWARD_CRASHES = {("window_attention", "cpu")}
-
 
 def _check_empty(op, backend, grad):
     case = CASES[op]
@@ -30,8 +26,6 @@ def test_empty_batch_forward(op, backend):
 
 @pytest.mark.parametrize("op,backend", op_backend_params())
 def test_empty_batch_backward(op, backend):
-    if (op, backend) in _EMPTY_BACKWARD_CRASHES:
-        pytest.skip("window_attention_bwd on the cpu backend crashes on an empty batch (division by zero blocks)")
     _check_empty(op, backend, grad=True)
 
 

@@ -443,7 +443,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_bwd_
   const at::Tensor grad_out = grad_out_in.contiguous();
   const at::Tensor lse = lse_in.contiguous();
   at::Tensor dqkv = at::empty_like(qkv);
-  const int64_t blocks = std::min(g.tasks(), kGradientBlocks);
+  // At least one (zeroed) block, so an empty batch reduces to zero gradients.
+  const int64_t blocks = std::max<int64_t>(1, std::min(g.tasks(), kGradientBlocks));
   const int64_t per_block = (g.tasks() + blocks - 1) / blocks;
   Partials part(g, blocks);
   VITKERNELS_DISPATCH_FLOATING(qkv.scalar_type(), "window_attention_bwd_cpu", [&] {
