@@ -1,7 +1,6 @@
 // Window attention kernels for CPU tensors.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 
@@ -21,10 +20,11 @@ namespace {
 // Output elements per parallel task: enough to amortize a task, as ATen's own CPU kernels use.
 constexpr int64_t kElementsPerTask = 32768;
 
-// Fills output rows [begin, end) of the [heads * N, N] view; row h * N + i holds query token i of head h.
+// Fills output rows [begin, end) of the [heads * N, ld] view; row h * N + i holds query token i of
+// head h in its first N columns.
 template <typename scalar_t>
-void gather_bias_rows(const scalar_t* table, int64_t stride_row, int64_t stride_head, scalar_t* out, int64_t begin,
-                      int64_t end, int64_t window_h, int64_t window_w) {
+void gather_bias_rows(const scalar_t* table, int64_t stride_row, int64_t stride_head, scalar_t* out, int64_t ld,
+                      int64_t begin, int64_t end, int64_t window_h, int64_t window_w) {
   const int64_t n = window_h * window_w;
   for (int64_t row = begin; row < end; ++row) {
     const int64_t head = row / n;
@@ -32,7 +32,7 @@ void gather_bias_rows(const scalar_t* table, int64_t stride_row, int64_t stride_
     const int64_t ri = query / window_w;
     const int64_t ci = query % window_w;
     const scalar_t* column = table + head * stride_head;
-    scalar_t* dst = out + row * n;
+    scalar_t* dst = out + row * ld;
     for (int64_t rj = 0; rj < window_h; ++rj) {
       // Moving the key one column right moves one row up the table.
       const int64_t first = relative_position_row(ri, ci, rj, 0, window_h, window_w);
@@ -40,7 +40,30 @@ void gather_bias_rows(const scalar_t* table, int64_t stride_row, int64_t stride_
         dst[rj * window_w + cj] = column[(first - cj) * stride_row];
       }
     }
+    std::fill(dst + n, dst + ld, scalar_t(0));
   }
+}
+
+// [heads, N, ld] with out[h, i, j] = bias_table[relative_position_row(token i, token j), h] for
+// j < N and zeros after.
+at::Tensor gather_bias(const at::Tensor& bias_table, int64_t window_h, int64_t window_w, int64_t ld) {
+  const int64_t n = window_h * window_w;
+  const int64_t heads = bias_table.size(1);
+  at::Tensor out = at::empty({heads, n, ld}, bias_table.options());
+  if (out.numel() == 0) {
+    return out;
+  }
+  const int64_t rows_per_task = std::max<int64_t>(1, kElementsPerTask / ld);
+  VITKERNELS_DISPATCH_FLOATING(bias_table.scalar_type(), "gather_relative_position_bias_cpu", [&] {
+    const scalar_t* table = bias_table.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    const int64_t stride_row = bias_table.stride(0);
+    const int64_t stride_head = bias_table.stride(1);
+    at::parallel_for(0, heads * n, rows_per_task, [&](int64_t begin, int64_t end) {
+      gather_bias_rows(table, stride_row, stride_head, dst, ld, begin, end, window_h, window_w);
+    });
+  });
+  return out;
 }
 
 }  // namespace
@@ -48,23 +71,7 @@ void gather_bias_rows(const scalar_t* table, int64_t stride_row, int64_t stride_
 at::Tensor gather_relative_position_bias_cpu(const at::Tensor& bias_table, int64_t window_h, int64_t window_w) {
   check_device(bias_table, "bias_table", c10::DeviceType::CPU);
   check_gather_relative_position_bias(bias_table, window_h, window_w);
-  const int64_t n = window_h * window_w;
-  const int64_t heads = bias_table.size(1);
-  at::Tensor out = at::empty({heads, n, n}, bias_table.options());
-  if (out.numel() == 0) {
-    return out;
-  }
-  const int64_t rows_per_task = std::max<int64_t>(1, kElementsPerTask / n);
-  VITKERNELS_DISPATCH_FLOATING(bias_table.scalar_type(), "gather_relative_position_bias_cpu", [&] {
-    const scalar_t* table = bias_table.const_data_ptr<scalar_t>();
-    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    const int64_t stride_row = bias_table.stride(0);
-    const int64_t stride_head = bias_table.stride(1);
-    at::parallel_for(0, heads * n, rows_per_task, [&](int64_t begin, int64_t end) {
-      gather_bias_rows(table, stride_row, stride_head, dst, begin, end, window_h, window_w);
-    });
-  });
-  return out;
+  return gather_bias(bias_table, window_h, window_w, window_h * window_w);
 }
 
 namespace window_cpu {
@@ -160,9 +167,9 @@ Options make_options(const Geometry& g, const at::Tensor& qkv, const std::option
   TORCH_CHECK(!(scale.has_value() && logit_scale.has_value()), "scale and logit_scale are exclusive");
   Options o;
   if (bias_table.has_value()) {
-    // Rows padded to ld columns: the softmax reads whole vectors.
-    o.bias = at::constant_pad_nd(gather_relative_position_bias_cpu(bias_table->to(at::kFloat), g.window_h, g.window_w),
-                                 {0, g.ld - g.n});
+    // Rows padded to ld columns: the softmax reads whole vectors. Each head's column of the table
+    // made contiguous first, so the gather reads runs of neighbours.
+    o.bias = gather_bias(bias_table->to(at::kFloat).t().contiguous().t(), g.window_h, g.window_w, g.ld);
     if (need_relative) {
       o.relative = at::empty({g.n, g.n}, qkv.options().dtype(at::kLong));
       int64_t* rows = o.relative.mutable_data_ptr<int64_t>();
