@@ -20,14 +20,26 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from typing import Iterable, Optional, Sequence, TypeVar
+from typing import Iterable, Optional, Self, Sequence, TypeVar
 
 CPU_BATCH = 1
 SUBSETS = ("quick", "standard", "all")
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Batched:
+    """What every shape has: its batch, the batch of GPU runs, and the subsets it is in."""
+
+    batch: int = 1
+    gpu_batch: int = 128
+    subsets: frozenset[str] = frozenset({"all"})
+
+    def scaled(self, batch: int) -> Self:
+        return replace(self, batch=batch)
+
+
 @dataclass(frozen=True)
-class WindowAttentionShape:
+class WindowAttentionShape(_Batched):
     """ops.window_attention: qkv [batch, height, width, 3*dim]."""
 
     name: str
@@ -39,20 +51,14 @@ class WindowAttentionShape:
     window: int
     shift: int
     cosine: bool = False  # SwinV2: logit_scale instead of a softmax scale
-    batch: int = 1
-    gpu_batch: int = 128
-    subsets: frozenset[str] = frozenset({"all"})
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.heads
 
-    def scaled(self, batch: int) -> "WindowAttentionShape":
-        return replace(self, batch=batch)
-
 
 @dataclass(frozen=True)
-class AttentionShape:
+class AttentionShape(_Batched):
     """ops.attention: qkv [batch, tokens, 3*dim]."""
 
     name: str
@@ -60,20 +66,14 @@ class AttentionShape:
     tokens: int
     dim: int
     heads: int
-    batch: int = 1
-    gpu_batch: int = 128
-    subsets: frozenset[str] = frozenset({"all"})
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.heads
 
-    def scaled(self, batch: int) -> "AttentionShape":
-        return replace(self, batch=batch)
-
 
 @dataclass(frozen=True)
-class TokenShape:
+class TokenShape(_Batched):
     """ops.layernorm_mlp, ops.layernorm, ops.add_layernorm: x [batch, tokens, dim], MLP hidden = ratio * dim."""
 
     name: str
@@ -82,9 +82,6 @@ class TokenShape:
     dim: int
     mlp_ratio: int = 4
     eps: float = 1e-6
-    batch: int = 1
-    gpu_batch: int = 128
-    subsets: frozenset[str] = frozenset({"all"})
 
     @property
     def hidden(self) -> int:
@@ -94,12 +91,9 @@ class TokenShape:
     def rows(self) -> int:
         return self.batch * self.tokens
 
-    def scaled(self, batch: int) -> "TokenShape":
-        return replace(self, batch=batch)
-
 
 @dataclass(frozen=True)
-class PatchEmbedShape:
+class PatchEmbedShape(_Batched):
     """ops.patch_embed: image [batch, in_chans, image, image] -> [batch, prefix + N, dim] or a map."""
 
     name: str
@@ -112,9 +106,6 @@ class PatchEmbedShape:
     pos_embed: bool = False
     patch_norm: bool = False
     output_format: str = "tokens"
-    batch: int = 1
-    gpu_batch: int = 128
-    subsets: frozenset[str] = frozenset({"all"})
 
     @property
     def grid(self) -> int:
@@ -124,23 +115,14 @@ class PatchEmbedShape:
     def patches(self) -> int:
         return self.grid * self.grid
 
-    def scaled(self, batch: int) -> "PatchEmbedShape":
-        return replace(self, batch=batch)
-
 
 @dataclass(frozen=True)
-class ModelShape:
+class ModelShape(_Batched):
     """A whole timm model: images [batch, 3, image, image]."""
 
     name: str
     model: str
     image: int
-    batch: int = 1
-    gpu_batch: int = 128
-    subsets: frozenset[str] = frozenset({"all"})
-
-    def scaled(self, batch: int) -> "ModelShape":
-        return replace(self, batch=batch)
 
 
 Shape = TypeVar("Shape", WindowAttentionShape, AttentionShape, TokenShape, PatchEmbedShape, ModelShape)

@@ -1,5 +1,6 @@
-// Deterministic reductions for CUDA kernels: warp sums and column sums whose order of addition is
-// fixed by the shape alone (no atomics), so repeated runs give bitwise-equal results.
+// Deterministic reductions for CUDA kernels: column sums whose order of addition is fixed by the
+// shape alone (no atomics), so repeated runs give bitwise-equal results. Warp sums are
+// cuda::warp_sum (cuda_utils.cuh).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -11,15 +12,9 @@
 #include <algorithm>
 #include <cstdint>
 
-namespace vitkernels {
+#include "common/cuda_utils.cuh"
 
-// The sum of v over the 32 lanes of a warp, returned to every lane.
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int offset = 16; offset > 0; offset /= 2) {
-    v += __shfl_xor_sync(0xffffffffu, v, offset);
-  }
-  return v;
-}
+namespace vitkernels {
 
 namespace column_sum {
 
@@ -61,6 +56,24 @@ __global__ void chunk_sums_kernel(const acc_t* __restrict__ partial, acc_t* __re
   out[col] = sum;
 }
 
+// Blocks of kThreads columns that cover cols, for one launch.
+inline unsigned column_blocks(int64_t cols) {
+  const int64_t blocks = (cols + kThreads - 1) / kThreads;
+  TORCH_CHECK(blocks <= INT32_MAX, "column sum over ", cols, " columns is too large for one launch");
+  return static_cast<unsigned>(blocks);
+}
+
+// fp32 [cols]: out[col] = sum of partial[chunk, col] over the chunks of fp32 [chunks, cols], in
+// chunk order.
+inline at::Tensor sum_chunks(const at::Tensor& partial, cudaStream_t stream) {
+  const int64_t cols = partial.size(1);
+  at::Tensor out = at::empty({cols}, partial.options());
+  chunk_sums_kernel<float><<<column_blocks(cols), kThreads, 0, stream>>>(
+      partial.const_data_ptr<float>(), out.mutable_data_ptr<float>(), partial.size(0), cols);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 }  // namespace column_sum
 
 // fp32 [cols] on the device of `like`: out[col] = sum over row < rows of value(row, col), where
@@ -74,18 +87,13 @@ at::Tensor column_sums(const Value& value, int64_t rows, int64_t cols, const at:
   const int64_t rows_per_chunk =
       std::max(column_sum::kMinRowsPerChunk, (rows + column_sum::kMaxChunks - 1) / column_sum::kMaxChunks);
   const int64_t chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
-  const int64_t col_blocks = (cols + column_sum::kThreads - 1) / column_sum::kThreads;
-  TORCH_CHECK(col_blocks <= INT32_MAX, "column sum over ", cols, " columns is too large for one launch");
+  const unsigned col_blocks = column_sum::column_blocks(cols);
   at::Tensor partial = at::empty({chunks, cols}, options);
-  at::Tensor out = at::empty({cols}, options);
-  column_sum::partial_sums_kernel<<<dim3(static_cast<unsigned>(col_blocks), static_cast<unsigned>(chunks)),
+  column_sum::partial_sums_kernel<<<dim3(col_blocks, static_cast<unsigned>(chunks)),
                                     column_sum::kThreads, 0, stream>>>(value, partial.mutable_data_ptr<float>(),
                                                                        rows, cols, rows_per_chunk);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  column_sum::chunk_sums_kernel<float><<<static_cast<unsigned>(col_blocks), column_sum::kThreads, 0, stream>>>(
-      partial.const_data_ptr<float>(), out.mutable_data_ptr<float>(), chunks, cols);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+  return column_sum::sum_chunks(partial, stream);
 }
 
 }  // namespace vitkernels

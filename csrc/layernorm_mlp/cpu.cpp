@@ -8,12 +8,12 @@
 #include <ATen/ops/mm.h>
 
 #include <algorithm>
-#include <string>
 #include <type_traits>
 #include <vector>
 
 #include "common/cpu_math.h"
 #include "common/cpu_tensor.h"
+#include "layernorm_mlp/inputs.h"
 #include "layernorm_mlp/layernorm_mlp.h"
 
 namespace vitkernels {
@@ -25,12 +25,7 @@ constexpr int64_t kRowsPerTask = 16;
 // count independent of the thread count keeps the sums bitwise reproducible.
 constexpr int64_t kGradientBlocks = 64;
 
-void check_input(const at::Tensor& x, const char* name) {
-  check_device(x, name, c10::DeviceType::CPU);
-  check_cpu_floating(x, name);
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, name, " must have a non-empty last dim, got shape ", x.sizes());
-}
-
+void check_input(const at::Tensor& x, const char* name) { layernorm::check_input(x, name, c10::DeviceType::CPU); }
 
 template <typename scalar_t>
 void load_row(const scalar_t* src, float* dst, int64_t c) {
@@ -74,17 +69,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_forward(
     const at::Tensor& x_in, const at::Tensor* residual_in, const std::optional<at::Tensor>& weight_in,
     const std::optional<at::Tensor>& bias_in, double eps) {
   check_input(x_in, "x");
-  TORCH_CHECK(eps > 0, "eps must be positive, got ", eps);
+  layernorm::check_eps(eps);
   const at::Tensor weight = float_parameter(weight_in, "weight", x_in, x_in.size(-1));
   const at::Tensor bias = float_parameter(bias_in, "bias", x_in, x_in.size(-1));
   const at::Tensor x = x_in.contiguous();
   at::Tensor residual;
   at::Tensor sum;
   if (residual_in != nullptr) {
-    check_same_device(*residual_in, "residual", x_in, "x");
-    check_same_dtype(*residual_in, "residual", x_in, "x");
-    TORCH_CHECK(residual_in->sizes() == x_in.sizes(), "residual must have x's shape ", x_in.sizes(), ", got ",
-                residual_in->sizes());
+    layernorm::check_residual(*residual_in, x_in);
     residual = residual_in->contiguous();
     sum = at::empty_like(x);
   }
@@ -150,11 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_backward(const at::Tens
                                                                   bool bias_grad) {
   const int64_t c = x_in.size(-1);
   const int64_t rows = x_in.numel() / c;
-  for (const at::Tensor* t : {&mean_in, &rstd_in}) {
-    check_dtype(*t, "mean and rstd", at::kFloat);
-    TORCH_CHECK(t->numel() == rows, "mean and rstd must hold one value per row (", rows, "), got shape ",
-                t->sizes());
-  }
+  layernorm::check_statistics(mean_in, rstd_in, x_in);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor dy = dy_in.contiguous();
   const at::Tensor extra = extra_in.defined() ? extra_in.contiguous() : at::Tensor();
@@ -203,51 +191,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_bwd_cpu(
     const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_extra, const at::Tensor& x,
     const at::Tensor& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& weight, bool bias_grad) {
   check_input(x, "x");
-  for (const at::Tensor* t : {&grad_y, grad_extra.has_value() ? &*grad_extra : &grad_y}) {
-    check_same_dtype(*t, "grad", x, "x");
-    TORCH_CHECK(t->sizes() == x.sizes(), "gradients must have x's shape ", x.sizes(), ", got ", t->sizes());
-  }
+  layernorm::check_gradients(grad_y, grad_extra, x);
   const at::Tensor extra = grad_extra.has_value() ? *grad_extra : at::Tensor();
   auto [dx, dweight, dbias] =
       layernorm_backward(grad_y, extra, x, mean, rstd, float_parameter(weight, "weight", x, x.size(-1)), bias_grad);
-  const auto weight_dtype = weight.has_value() ? weight->scalar_type() : x.scalar_type();
-  return {dx, dweight.to(weight_dtype), dbias.to(x.scalar_type())};
+  return layernorm::typed_layernorm_gradients(dx, dweight, dbias, weight, x);
 }
 
 namespace {
 
-bool tanh_gelu(c10::string_view approximate) {
-  TORCH_CHECK(approximate == "none" || approximate == "tanh", "approximate must be \"none\" or \"tanh\", got \"",
-              std::string(approximate), "\"");
-  return approximate == "tanh";
-}
-
-at::Tensor weight_matrix(const at::Tensor& t, const char* name, const at::Tensor& x, int64_t rows, int64_t cols) {
-  check_same_device(t, name, x, "x");
-  check_floating(t, name);
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, name, " must have shape [", rows, ", ", cols,
-              "], got ", t.sizes());
-  return t.to(at::kFloat);
-}
+using layernorm::empty_gradient;
+using layernorm::MlpParameters;
+using layernorm::tanh_gelu;
 
 // The MLP's parameters in fp32, checked against x [..., C].
-struct MlpParameters {
-  at::Tensor ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma;
-
-  MlpParameters(const at::Tensor& x, const std::optional<at::Tensor>& ln_w, const std::optional<at::Tensor>& ln_b,
-                const at::Tensor& fc1_w, const std::optional<at::Tensor>& fc1_b, const at::Tensor& fc2_w,
-                const std::optional<at::Tensor>& fc2_b, const std::optional<at::Tensor>& gamma_in) {
-    const int64_t c = x.size(-1);
-    const int64_t hidden = fc1_w.dim() == 2 ? fc1_w.size(0) : -1;
-    ln_weight = float_parameter(ln_w, "ln_weight", x, c);
-    ln_bias = float_parameter(ln_b, "ln_bias", x, c);
-    fc1_weight = weight_matrix(fc1_w, "fc1_weight", x, hidden, c);
-    fc1_bias = float_parameter(fc1_b, "fc1_bias", x, hidden);
-    fc2_weight = weight_matrix(fc2_w, "fc2_weight", x, c, hidden);
-    fc2_bias = float_parameter(fc2_b, "fc2_bias", x, c);
-    gamma = float_parameter(gamma_in, "gamma", x, c);
-  }
-};
+MlpParameters mlp_parameters(const at::Tensor& x, const std::optional<at::Tensor>& ln_w,
+                             const std::optional<at::Tensor>& ln_b, const at::Tensor& fc1_w,
+                             const std::optional<at::Tensor>& fc1_b, const at::Tensor& fc2_w,
+                             const std::optional<at::Tensor>& fc2_b, const std::optional<at::Tensor>& gamma) {
+  const int64_t hidden = fc1_w.dim() == 2 ? fc1_w.size(0) : -1;
+  return MlpParameters(
+      x, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma, hidden, [](const at::Tensor& w) { return w.to(at::kFloat); },
+      [&](const std::optional<at::Tensor>& b, const char* name, int64_t size) {
+        return float_parameter(b, name, x, size);
+      });
+}
 
 at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias) {
   return bias.defined() ? at::addmm(bias, input, weight.t()) : at::mm(input, weight.t());
@@ -303,13 +271,6 @@ void residual_rows(const scalar_t* x, const float* z, const float* gamma, scalar
   }
 }
 
-at::Tensor empty_gradient(const at::Tensor& x) { return at::empty({0}, x.options().dtype(at::kFloat)); }
-
-// A parameter's gradient in its input's dtype, or an empty tensor for an absent input.
-at::Tensor typed_gradient(const at::Tensor& grad, const std::optional<at::Tensor>& input, const at::Tensor& x) {
-  return input.has_value() ? grad.to(input->scalar_type()).view(input->sizes()) : empty_gradient(x);
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_mlp_fwd_cpu(
@@ -318,9 +279,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm
     const std::optional<at::Tensor>& fc2_bias, double eps, const std::optional<at::Tensor>& gamma,
     c10::string_view approximate) {
   check_input(x_in, "x");
-  TORCH_CHECK(eps > 0, "eps must be positive, got ", eps);
+  layernorm::check_eps(eps);
   const bool tanh_approximation = tanh_gelu(approximate);
-  const MlpParameters p(x_in, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma);
+  const MlpParameters p = mlp_parameters(x_in, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma);
   const at::Tensor x = x_in.contiguous();
   at::Tensor mean, rstd;
   const at::Tensor pre = linear(packed_layernorm(x, p, mean, rstd, eps), p.fc1_weight, p.fc1_bias);
@@ -344,11 +305,10 @@ std::vector<at::Tensor> layernorm_mlp_bwd_cpu(
     const std::optional<at::Tensor>& gamma, c10::string_view approximate) {
   check_input(x_in, "x");
   const bool tanh_approximation = tanh_gelu(approximate);
-  const MlpParameters p(x_in, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma);
+  const MlpParameters p = mlp_parameters(x_in, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma);
   const int64_t c = x_in.size(-1);
   const int64_t rows = x_in.numel() / c;
-  TORCH_CHECK(grad_out.sizes() == x_in.sizes(), "grad_out must have x's shape ", x_in.sizes(), ", got ",
-              grad_out.sizes());
+  layernorm::check_grad_out(grad_out, x_in);
   TORCH_CHECK(pre.dim() == 2 && pre.size(0) == rows && pre.scalar_type() == at::kFloat,
               "pre must be the forward's fp32 [M, hidden] pre-activation, got ", pre.sizes());
   const at::Tensor x = x_in.contiguous();
@@ -362,14 +322,10 @@ std::vector<at::Tensor> layernorm_mlp_bwd_cpu(
   const at::Tensor dfc1_weight = dact.t().mm(h);
   auto [dx, dln_weight, dln_bias] = layernorm_backward(dact.mm(p.fc1_weight), dout, x.reshape({rows, c}).to(at::kFloat),
                                                        mean, rstd, p.ln_weight, ln_bias.has_value());
-  return {dx.to(x.scalar_type()).view(x.sizes()),
-          typed_gradient(dln_weight, ln_weight, x),
-          typed_gradient(dln_bias, ln_bias, x),
-          typed_gradient(dfc1_weight, fc1_weight, x),
-          fc1_bias.has_value() ? typed_gradient(dact.sum(0), fc1_bias, x) : empty_gradient(x),
-          typed_gradient(dfc2_weight, fc2_weight, x),
-          fc2_bias.has_value() ? typed_gradient(dz.sum(0), fc2_bias, x) : empty_gradient(x),
-          gamma.has_value() ? typed_gradient(dout.mul(fc2_out).sum(0), gamma, x) : empty_gradient(x)};
+  const layernorm::MlpGradients d{
+      dx.to(x.scalar_type()).view(x.sizes()), dln_weight, dln_bias, dfc1_weight, dact, dfc2_weight, dz, dout};
+  return layernorm::typed_mlp_gradients(d, fc2_out, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                                        gamma, x);
 }
 
 }  // namespace vitkernels

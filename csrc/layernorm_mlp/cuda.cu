@@ -16,20 +16,19 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/sum.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
 #include <initializer_list>
-#include <string>
 #include <tuple>
 #include <vector>
 
 #include "common/cpu_tensor.h"
 #include "common/cublaslt_linear.h"
 #include "common/cuda_utils.cuh"
+#include "layernorm_mlp/inputs.h"
 #include "layernorm_mlp/layernorm_cuda.cuh"
 #include "layernorm_mlp/layernorm_mlp.h"
 
@@ -63,6 +62,17 @@ __device__ __forceinline__ float gelu_derivative(float x, bool tanh_approximatio
 
 // Elementwise operations over contiguous tensors, kVec elements per call starting at element e.
 
+// f(av, bv) on the kVec elements of a and of b as fp32, then av stored to out.
+template <int kVec, typename A, typename B, typename Out, typename F>
+__device__ __forceinline__ void combine_packs(const A* a, const B* b, Out* out, const F& f) {
+  float av[kVec];
+  float bv[kVec];
+  load_floats(a, av);
+  load_floats(b, bv);
+  f(av, bv);
+  store_floats(out, av);
+}
+
 // act = GELU(pre): fp32 [M, H] in, x's dtype out.
 template <typename scalar_t, int kVec_>
 struct GeluOp {
@@ -92,15 +102,12 @@ struct GeluBackwardOp {
   bool tanh_approximation;
 
   __device__ void operator()(int64_t e) const {
-    float a[kVec];
-    float g[kVec];
-    load_floats(pre + e, a);
-    load_floats(grad + e, g);
+    combine_packs<kVec>(grad + e, pre + e, out + e, [&](float (&g)[kVec], const float (&a)[kVec]) {
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) {
-      g[j] *= gelu_derivative(a[j], tanh_approximation);
-    }
-    store_floats(out + e, g);
+      for (int j = 0; j < kVec; ++j) {
+        g[j] *= gelu_derivative(a[j], tanh_approximation);
+      }
+    });
   }
 };
 
@@ -115,17 +122,14 @@ struct ResidualOp {
   int64_t c;
 
   __device__ void operator()(int64_t e) const {
-    float xv[kVec];
-    float zv[kVec];
-    load_floats(x + e, xv);
-    load_floats(z + e, zv);
-    int64_t col = e % c;
+    combine_packs<kVec>(x + e, z + e, out + e, [&](float (&xv)[kVec], const float (&zv)[kVec]) {
+      int64_t col = e % c;
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) {
-      xv[j] += gamma != nullptr ? gamma[col] * zv[j] : zv[j];
-      col = col + 1 == c ? 0 : col + 1;
-    }
-    store_floats(out + e, xv);
+      for (int j = 0; j < kVec; ++j) {
+        xv[j] += gamma != nullptr ? gamma[col] * zv[j] : zv[j];
+        col = col + 1 == c ? 0 : col + 1;
+      }
+    });
   }
 };
 
@@ -189,13 +193,7 @@ void gelu_backward_in_place(const at::Tensor& pre, const at::Tensor& grad, bool 
   });
 }
 
-void check_input(const at::Tensor& x, const char* name) {
-  check_device(x, name, c10::DeviceType::CUDA);
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat, name,
-              " must be float16, bfloat16 or float32 on the cuda backend, got ", dtype);
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, name, " must have a non-empty last dim, got shape ", x.sizes());
-}
+void check_input(const at::Tensor& x, const char* name) { layernorm::check_input(x, name, c10::DeviceType::CUDA); }
 
 // [..., C] as contiguous [M, C] rows.
 at::Tensor rows_of(const at::Tensor& t) {
@@ -207,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_forward(
     const at::Tensor& x_in, const at::Tensor* residual_in, const std::optional<at::Tensor>& weight_in,
     const std::optional<at::Tensor>& bias_in, double eps) {
   check_input(x_in, "x");
-  TORCH_CHECK(eps > 0, "eps must be positive, got ", eps);
+  layernorm::check_eps(eps);
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   const at::Tensor weight = float_parameter(weight_in, "weight", x_in, x_in.size(-1));
   const at::Tensor bias = float_parameter(bias_in, "bias", x_in, x_in.size(-1));
@@ -215,10 +213,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_forward(
   at::Tensor residual;
   at::Tensor sum;
   if (residual_in != nullptr) {
-    check_same_device(*residual_in, "residual", x_in, "x");
-    check_same_dtype(*residual_in, "residual", x_in, "x");
-    TORCH_CHECK(residual_in->sizes() == x_in.sizes(), "residual must have x's shape ", x_in.sizes(), ", got ",
-                residual_in->sizes());
+    layernorm::check_residual(*residual_in, x_in);
     residual = rows_of(*residual_in);
     sum = at::empty_like(x);
   }
@@ -229,20 +224,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_forward(
   return {sum.defined() ? sum.view(x_in.sizes()) : sum, y.view(x_in.sizes()), mean, rstd};
 }
 
-bool tanh_gelu(c10::string_view approximate) {
-  TORCH_CHECK(approximate == "none" || approximate == "tanh", "approximate must be \"none\" or \"tanh\", got \"",
-              std::string(approximate), "\"");
-  return approximate == "tanh";
-}
-
-// A Linear weight [rows, cols] on x's device, as a contiguous matrix in x's dtype.
-at::Tensor weight_matrix(const at::Tensor& t, const char* name, const at::Tensor& x, int64_t rows, int64_t cols) {
-  check_same_device(t, name, x, "x");
-  check_floating(t, name);
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, name, " must have shape [", rows, ", ", cols,
-              "], got ", t.sizes());
-  return t.to(x.scalar_type()).contiguous();
-}
+using layernorm::empty_gradient;
+using layernorm::MlpParameters;
+using layernorm::tanh_gelu;
 
 // An fp32 bias for cuBLASLt's epilogue, in a fresh allocation when the given one is not 16-byte
 // aligned (the heuristic is told the operands' alignment, not the bias's).
@@ -252,26 +236,20 @@ at::Tensor epilogue_bias(const std::optional<at::Tensor>& t, const char* name, c
 }
 
 // The MLP's parameters, checked against x [..., C]: the LayerNorm affine, biases and gamma as
-// fp32 vectors, the Linear weights in x's dtype for the tensor cores.
-struct MlpParameters {
-  at::Tensor ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma;
-
-  MlpParameters(const at::Tensor& x, const std::optional<at::Tensor>& ln_w, const std::optional<at::Tensor>& ln_b,
-                const at::Tensor& fc1_w, const std::optional<at::Tensor>& fc1_b, const at::Tensor& fc2_w,
-                const std::optional<at::Tensor>& fc2_b, const std::optional<at::Tensor>& gamma_in) {
-    const int64_t c = x.size(-1);
-    TORCH_CHECK(fc1_w.dim() == 2 && fc1_w.size(0) > 0, "fc1_weight must be a non-empty [hidden, ", c,
-                "] matrix, got shape ", fc1_w.sizes());
-    const int64_t hidden = fc1_w.size(0);
-    ln_weight = float_parameter(ln_w, "ln_weight", x, c);
-    ln_bias = float_parameter(ln_b, "ln_bias", x, c);
-    fc1_weight = weight_matrix(fc1_w, "fc1_weight", x, hidden, c);
-    fc1_bias = epilogue_bias(fc1_b, "fc1_bias", x, hidden);
-    fc2_weight = weight_matrix(fc2_w, "fc2_weight", x, c, hidden);
-    fc2_bias = epilogue_bias(fc2_b, "fc2_bias", x, c);
-    gamma = float_parameter(gamma_in, "gamma", x, c);
-  }
-};
+// fp32 vectors, the Linear weights as contiguous matrices in x's dtype for the tensor cores.
+MlpParameters mlp_parameters(const at::Tensor& x, const std::optional<at::Tensor>& ln_w,
+                             const std::optional<at::Tensor>& ln_b, const at::Tensor& fc1_w,
+                             const std::optional<at::Tensor>& fc1_b, const at::Tensor& fc2_w,
+                             const std::optional<at::Tensor>& fc2_b, const std::optional<at::Tensor>& gamma) {
+  TORCH_CHECK(fc1_w.dim() == 2 && fc1_w.size(0) > 0, "fc1_weight must be a non-empty [hidden, ", x.size(-1),
+              "] matrix, got shape ", fc1_w.sizes());
+  return MlpParameters(
+      x, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b, gamma, fc1_w.size(0),
+      [&](const at::Tensor& w) { return w.to(x.scalar_type()).contiguous(); },
+      [&](const std::optional<at::Tensor>& b, const char* name, int64_t size) {
+        return epilogue_bias(b, name, x, size);
+      });
+}
 
 // LayerNorm(x) of [M, C] rows in x's dtype: fc1's input.
 at::Tensor normalized(const at::Tensor& x, const MlpParameters& p, const at::Tensor& mean, const at::Tensor& rstd,
@@ -281,15 +259,32 @@ at::Tensor normalized(const at::Tensor& x, const MlpParameters& p, const at::Ten
   return h;
 }
 
-at::Tensor empty_gradient(const at::Tensor& x) { return at::empty({0}, x.options().dtype(at::kFloat)); }
+// The MLP ops' arguments, checked, with x's device current while the call lasts; x as [rows, c].
+struct MlpCall {
+  bool tanh_approximation;
+  c10::cuda::CUDAGuard device_guard;
+  MlpParameters p;
+  at::Tensor x;
+  int64_t rows, c;
 
-// A parameter's gradient in its input's dtype, or an empty tensor for an absent input.
-at::Tensor typed_gradient(const at::Tensor& grad, const std::optional<at::Tensor>& input, const at::Tensor& x) {
-  return input.has_value() ? grad.to(input->scalar_type()).view(input->sizes()) : empty_gradient(x);
-}
+  MlpCall(const at::Tensor& x_in, const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias,
+          const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
+          const std::optional<at::Tensor>& fc2_bias, double eps, const std::optional<at::Tensor>& gamma,
+          c10::string_view approximate)
+      : tanh_approximation(checked_approximation(x_in, eps, approximate)),
+        device_guard(x_in.device()),
+        p(mlp_parameters(x_in, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma)),
+        x(rows_of(x_in)),
+        rows(x.size(0)),
+        c(x.size(1)) {}
 
-// Column sums of [M, N] rows in fp32.
-at::Tensor column_sums(const at::Tensor& t) { return at::sum(t, {0}, false, at::kFloat); }
+ private:
+  static bool checked_approximation(const at::Tensor& x, double eps, c10::string_view approximate) {
+    check_input(x, "x");
+    layernorm::check_eps(eps);
+    return tanh_gelu(approximate);
+  }
+};
 
 }  // namespace
 
@@ -311,24 +306,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_bwd_cuda(
     const at::Tensor& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& weight, bool bias_grad) {
   check_input(x, "x");
   const c10::cuda::CUDAGuard device_guard(x.device());
-  for (const at::Tensor* t : {&grad_y, grad_extra.has_value() ? &*grad_extra : &grad_y}) {
-    check_same_device(*t, "grad", x, "x");
-    check_same_dtype(*t, "grad", x, "x");
-    TORCH_CHECK(t->sizes() == x.sizes(), "gradients must have x's shape ", x.sizes(), ", got ", t->sizes());
-  }
-  const int64_t rows = x.numel() / x.size(-1);
-  for (const at::Tensor* t : {&mean, &rstd}) {
-    check_same_device(*t, "mean and rstd", x, "x");
-    check_dtype(*t, "mean and rstd", at::kFloat);
-    TORCH_CHECK(t->numel() == rows, "mean and rstd must hold one value per row (", rows, "), got shape ",
-                t->sizes());
-  }
+  layernorm::check_gradients(grad_y, grad_extra, x);
+  layernorm::check_statistics(mean, rstd, x);
   const at::Tensor extra = grad_extra.has_value() ? rows_of(*grad_extra) : at::Tensor();
   const auto grads =
       layernorm_cuda::layernorm_backward(rows_of(grad_y), extra, rows_of(x), mean.contiguous(), rstd.contiguous(),
                                          float_parameter(weight, "weight", x, x.size(-1)), bias_grad);
-  const auto weight_dtype = weight.has_value() ? weight->scalar_type() : x.scalar_type();
-  return {grads.dx.view(x.sizes()), grads.dweight.to(weight_dtype), grads.dbias.to(x.scalar_type())};
+  return layernorm::typed_layernorm_gradients(grads.dx.view(x.sizes()), grads.dweight, grads.dbias, weight, x);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_mlp_fwd_cuda(
@@ -336,26 +320,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm
     const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
     const std::optional<at::Tensor>& fc2_bias, double eps, const std::optional<at::Tensor>& gamma,
     c10::string_view approximate) {
-  check_input(x_in, "x");
-  TORCH_CHECK(eps > 0, "eps must be positive, got ", eps);
-  const bool tanh_approximation = tanh_gelu(approximate);
-  const c10::cuda::CUDAGuard device_guard(x_in.device());
-  const MlpParameters p(x_in, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma);
-  const at::Tensor x = rows_of(x_in);
-  const int64_t rows = x.size(0);
-  const int64_t c = x.size(1);
+  const MlpCall m(x_in, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, gamma, approximate);
+  const MlpParameters& p = m.p;
+  const at::Tensor& x = m.x;
   const auto fp32 = x.options().dtype(at::kFloat);
-  at::Tensor mean = at::empty({rows}, fp32);
-  at::Tensor rstd = at::empty({rows}, fp32);
-  at::Tensor pre = at::empty({rows, p.fc1_weight.size(0)}, fp32);
+  at::Tensor mean = at::empty({m.rows}, fp32);
+  at::Tensor rstd = at::empty({m.rows}, fp32);
+  at::Tensor pre = at::empty({m.rows, p.fc1_weight.size(0)}, fp32);
   cublaslt::linear(normalized(x, p, mean, rstd, eps), p.fc1_weight, p.fc1_bias, pre);
-  at::Tensor z = at::empty({rows, c}, fp32);
-  cublaslt::linear(gelu_to(pre, x.scalar_type(), tanh_approximation), p.fc2_weight, p.fc2_bias, z);
+  at::Tensor z = at::empty({m.rows, m.c}, fp32);
+  cublaslt::linear(gelu_to(pre, x.scalar_type(), m.tanh_approximation), p.fc2_weight, p.fc2_bias, z);
   at::Tensor out = at::empty_like(x);
   VITKERNELS_LAYERNORM_DISPATCH(x.scalar_type(), "layernorm_mlp_fwd_cuda", [&] {
     run_elementwise<ResidualOp, scalar_t>(x.numel(), {&x, &z, &out}, x.const_data_ptr<scalar_t>(),
                                           z.const_data_ptr<float>(), layernorm_cuda::pointer_or_null<float>(p.gamma),
-                                          out.mutable_data_ptr<scalar_t>(), c);
+                                          out.mutable_data_ptr<scalar_t>(), m.c);
   });
   return {out.view(x_in.sizes()), mean, rstd, pre, p.gamma.defined() ? z : empty_gradient(x)};
 }
@@ -366,17 +345,13 @@ std::vector<at::Tensor> layernorm_mlp_bwd_cuda(
     const std::optional<at::Tensor>& ln_bias, const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
     const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias, double eps,
     const std::optional<at::Tensor>& gamma, c10::string_view approximate) {
-  check_input(x_in, "x");
-  TORCH_CHECK(eps > 0, "eps must be positive, got ", eps);
-  const bool tanh_approximation = tanh_gelu(approximate);
-  const c10::cuda::CUDAGuard device_guard(x_in.device());
-  const MlpParameters p(x_in, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma);
-  const at::Tensor x = rows_of(x_in);
-  const int64_t rows = x.size(0);
-  const int64_t c = x.size(1);
+  const MlpCall m(x_in, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, gamma, approximate);
+  const MlpParameters& p = m.p;
+  const at::Tensor& x = m.x;
+  const int64_t rows = m.rows;
+  const int64_t c = m.c;
   const int64_t hidden = p.fc1_weight.size(0);
-  TORCH_CHECK(grad_out.sizes() == x_in.sizes(), "grad_out must have x's shape ", x_in.sizes(), ", got ",
-              grad_out.sizes());
+  layernorm::check_grad_out(grad_out, x_in);
   for (const at::Tensor* t : {&grad_out, &mean, &rstd, &pre_in, &fc2_out}) {
     check_same_device(*t, "grad_out and the saved tensors", x_in, "x");
   }
@@ -391,22 +366,17 @@ std::vector<at::Tensor> layernorm_mlp_bwd_cuda(
   const at::Tensor dout = rows_of(grad_out.to(x.scalar_type()));
   const at::Tensor dz = p.gamma.defined() ? dout.to(at::kFloat).mul(p.gamma).to(x.scalar_type()) : dout;
   at::Tensor dact = dz.mm(p.fc2_weight);  // [M, H]
-  const at::Tensor dfc2_weight = dz.t().mm(gelu_to(pre, x.scalar_type(), tanh_approximation));
-  gelu_backward_in_place(pre, dact, tanh_approximation);  // now the gradient of pre
+  const at::Tensor dfc2_weight = dz.t().mm(gelu_to(pre, x.scalar_type(), m.tanh_approximation));
+  gelu_backward_in_place(pre, dact, m.tanh_approximation);  // now the gradient of pre
   at::Tensor unused_mean = at::empty_like(mean);
   at::Tensor unused_rstd = at::empty_like(rstd);
   const at::Tensor dfc1_weight = dact.t().mm(normalized(x, p, unused_mean, unused_rstd, eps));
   const auto ln = layernorm_cuda::layernorm_backward(dact.mm(p.fc1_weight), dout, x, mean.contiguous(),
                                                      rstd.contiguous(), p.ln_weight, ln_bias.has_value());
-  return {ln.dx.view(x_in.sizes()),
-          typed_gradient(ln.dweight, ln_weight, x),
-          typed_gradient(ln.dbias, ln_bias, x),
-          typed_gradient(dfc1_weight, fc1_weight, x),
-          fc1_bias.has_value() ? typed_gradient(column_sums(dact), fc1_bias, x) : empty_gradient(x),
-          typed_gradient(dfc2_weight, fc2_weight, x),
-          fc2_bias.has_value() ? typed_gradient(column_sums(dz), fc2_bias, x) : empty_gradient(x),
-          gamma.has_value() ? typed_gradient(column_sums(dout.to(at::kFloat).mul(fc2_out.reshape({rows, c}))), gamma, x)
-                            : empty_gradient(x)};
+  const layernorm::MlpGradients d{ln.dx.view(x_in.sizes()), ln.dweight, ln.dbias, dfc1_weight, dact, dfc2_weight,
+                                  dz, dout};
+  return layernorm::typed_mlp_gradients(d, fc2_out, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                                        gamma, x);
 }
 
 }  // namespace vitkernels

@@ -28,6 +28,7 @@
 #include <limits>
 
 #include "common/checks.h"
+#include "common/cuda_reduce.cuh"
 #include "common/cuda_utils.cuh"
 
 namespace vitkernels {
@@ -61,13 +62,13 @@ struct RowGroup {
   // v[k] summed over the row's threads, bitwise the same in all of them. With a block per row,
   // every thread of the block must call it (it synchronizes the block).
   template <int K>
-  __device__ void sum(float (&v)[K], float (&shared)[kWarps][2]) const {
-    static_assert(K <= 2, "shared holds two sums per warp");
+  __device__ void sum(float (&v)[K]) const {
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       v[k] = cuda::warp_sum(v[k]);
     }
     if constexpr (kWarpsPerRow > 1) {
+      __shared__ float shared[kWarps][K];  // one per instantiation, reused by every call
       const int warp = threadIdx.x / kWarpSize;
       if (threadIdx.x % kWarpSize == 0) {
 #pragma unroll
@@ -85,6 +86,29 @@ struct RowGroup {
         v[k] = total;
       }
       __syncthreads();  // shared is reused by the next sum
+    }
+  }
+};
+
+// A row group's share of a row held in registers as 16-byte packs of kVec elements: a thread's
+// item i is pack lane + i * kThreadsPerRow of the row.
+template <typename scalar_t, int kWarpsPerRow>
+struct RowTile : RowGroup<kWarpsPerRow> {
+  static constexpr int kVec = pack_size<scalar_t>();
+  static constexpr int kItems = kElementsPerThread / kVec;
+
+  __device__ RowTile() : RowGroup<kWarpsPerRow>() {}
+
+  // f(i, p) for each of this thread's items i whose pack p lies in a row of c elements.
+  template <typename F>
+  __device__ __forceinline__ void for_each_pack(int c, const F& f) const {
+    const int packs = c / kVec;
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int p = this->lane + i * RowGroup<kWarpsPerRow>::kThreadsPerRow;
+      if (p < packs) {
+        f(i, p);
+      }
     }
   }
 };
@@ -113,66 +137,52 @@ struct ForwardArgs {
 // pointers 16-byte aligned, and c <= kElementsPerThread * the group's threads.
 template <typename scalar_t, int kWarpsPerRow>
 __global__ void __launch_bounds__(kThreads) layernorm_fwd_kernel(ForwardArgs<scalar_t> a) {
-  constexpr int kVec = pack_size<scalar_t>();
-  constexpr int kItems = kElementsPerThread / kVec;
-  using Group = RowGroup<kWarpsPerRow>;
-  __shared__ float shared[kWarps][2];
-  const Group group;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * Group::kRowsPerBlock + group.slot;
+  using Tile = RowTile<scalar_t, kWarpsPerRow>;
+  constexpr int kVec = Tile::kVec;
+  const Tile tile;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * Tile::kRowsPerBlock + tile.slot;
   if (row >= a.rows) {
     return;  // a whole warp, or (one row per block) the whole block: no thread is left waiting
   }
-  const int packs = a.c / kVec;
   const int64_t base = row * a.c;
-  float v[kItems][kVec];
+  float v[Tile::kItems][kVec];
   float total[1] = {0.0f};
-#pragma unroll
-  for (int i = 0; i < kItems; ++i) {
-    const int p = group.lane + i * Group::kThreadsPerRow;
-    if (p < packs) {
-      load_floats(a.x + base + p * kVec, v[i]);
-      if (a.residual != nullptr) {
-        float r[kVec];
-        load_floats(a.residual + base + p * kVec, r);
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) {
-          v[i][j] += r[j];
-        }
-        store_floats(a.sum + base + p * kVec, v[i]);
-      }
+  tile.for_each_pack(a.c, [&](int i, int p) {
+    load_floats(a.x + base + p * kVec, v[i]);
+    if (a.residual != nullptr) {
+      float r[kVec];
+      load_floats(a.residual + base + p * kVec, r);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
-        total[0] += v[i][j];
+        v[i][j] += r[j];
       }
+      store_floats(a.sum + base + p * kVec, v[i]);
     }
-  }
-  group.sum(total, shared);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      total[0] += v[i][j];
+    }
+  });
+  tile.sum(total);
   const float mu = total[0] / static_cast<float>(a.c);
   float squares[1] = {0.0f};
+  tile.for_each_pack(a.c, [&](int i, int) {
 #pragma unroll
-  for (int i = 0; i < kItems; ++i) {
-    if (group.lane + i * Group::kThreadsPerRow < packs) {
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) {
-        squares[0] += (v[i][j] - mu) * (v[i][j] - mu);
-      }
+    for (int j = 0; j < kVec; ++j) {
+      squares[0] += (v[i][j] - mu) * (v[i][j] - mu);
     }
-  }
-  group.sum(squares, shared);
+  });
+  tile.sum(squares);
   const float r = 1.0f / sqrtf(squares[0] / static_cast<float>(a.c) + a.eps);
+  tile.for_each_pack(a.c, [&](int i, int p) {
+    float out[kVec];
 #pragma unroll
-  for (int i = 0; i < kItems; ++i) {
-    const int p = group.lane + i * Group::kThreadsPerRow;
-    if (p < packs) {
-      float out[kVec];
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) {
-        out[j] = affine((v[i][j] - mu) * r, a.weight, a.bias, p * kVec + j);
-      }
-      store_floats(a.y + base + p * kVec, out);
+    for (int j = 0; j < kVec; ++j) {
+      out[j] = affine((v[i][j] - mu) * r, a.weight, a.bias, p * kVec + j);
     }
-  }
-  if (group.lane == 0) {
+    store_floats(a.y + base + p * kVec, out);
+  });
+  if (tile.lane == 0) {
     a.mean[row] = mu;
     a.rstd[row] = r;
   }
@@ -183,7 +193,6 @@ __global__ void __launch_bounds__(kThreads) layernorm_fwd_kernel(ForwardArgs<sca
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) layernorm_fwd_general_kernel(ForwardArgs<scalar_t> a) {
   using Group = RowGroup<kWarps>;
-  __shared__ float shared[kWarps][2];
   const Group group;
   const int64_t row = blockIdx.x;
   const int64_t base = row * a.c;
@@ -199,14 +208,14 @@ __global__ void __launch_bounds__(kThreads) layernorm_fwd_general_kernel(Forward
     }
     total[0] += v;
   }
-  group.sum(total, shared);
+  group.sum(total);
   const float mu = total[0] / static_cast<float>(a.c);
   float squares[1] = {0.0f};
   for (int col = group.lane; col < a.c; col += kThreads) {
     const float d = value(col) - mu;
     squares[0] += d * d;
   }
-  group.sum(squares, shared);
+  group.sum(squares);
   const float r = 1.0f / sqrtf(squares[0] / static_cast<float>(a.c) + a.eps);
   for (int col = group.lane; col < a.c; col += kThreads) {
     a.y[base + col] = static_cast<scalar_t>(affine((value(col) - mu) * r, a.weight, a.bias, col));
@@ -240,78 +249,63 @@ struct BackwardArgs {
 // are (block, slot): every thread writes its columns of its part, zeros when it had no row.
 template <typename scalar_t, int kWarpsPerRow>
 __global__ void __launch_bounds__(kThreads) layernorm_bwd_kernel(BackwardArgs<scalar_t> a) {
-  constexpr int kVec = pack_size<scalar_t>();
-  constexpr int kItems = kElementsPerThread / kVec;
-  using Group = RowGroup<kWarpsPerRow>;
-  __shared__ float shared[kWarps][2];
-  const Group group;
-  const int packs = a.c / kVec;
-  float dweight[kItems][kVec] = {};
-  float dbias[kItems][kVec] = {};
-  const int64_t step = static_cast<int64_t>(gridDim.x) * Group::kRowsPerBlock;
+  using Tile = RowTile<scalar_t, kWarpsPerRow>;
+  constexpr int kVec = Tile::kVec;
+  const Tile tile;
+  float dweight[Tile::kItems][kVec] = {};
+  float dbias[Tile::kItems][kVec] = {};
+  const int64_t step = static_cast<int64_t>(gridDim.x) * Tile::kRowsPerBlock;
   // With a block per row the loop bounds are the same for the whole block, as sum() requires.
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * Group::kRowsPerBlock + group.slot; row < a.rows;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * Tile::kRowsPerBlock + tile.slot; row < a.rows;
        row += step) {
     const int64_t base = row * a.c;
     const float mu = a.mean[row];
     const float r = a.rstd[row];
-    float grad[kItems][kVec];
-    float xhat[kItems][kVec];
+    float grad[Tile::kItems][kVec];
+    float xhat[Tile::kItems][kVec];
     float sums[2] = {0.0f, 0.0f};
-#pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      const int p = group.lane + i * Group::kThreadsPerRow;
-      if (p < packs) {
-        float d[kVec];
-        load_floats(a.dy + base + p * kVec, d);
-        load_floats(a.x + base + p * kVec, xhat[i]);
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) {
-          xhat[i][j] = (xhat[i][j] - mu) * r;
-          dweight[i][j] += d[j] * xhat[i][j];
-          dbias[i][j] += d[j];
-          grad[i][j] = d[j] * (a.weight != nullptr ? a.weight[p * kVec + j] : 1.0f);
-          sums[0] += grad[i][j];
-          sums[1] += grad[i][j] * xhat[i][j];
-        }
-      }
-    }
-    group.sum(sums, shared);
-    const float mean_g = sums[0] / static_cast<float>(a.c);
-    const float mean_g_xhat = sums[1] / static_cast<float>(a.c);
-#pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      const int p = group.lane + i * Group::kThreadsPerRow;
-      if (p < packs) {
-        float out[kVec];
-        float e[kVec] = {};
-        if (a.extra != nullptr) {
-          load_floats(a.extra + base + p * kVec, e);
-        }
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) {
-          out[j] = r * (grad[i][j] - mean_g - xhat[i][j] * mean_g_xhat) + e[j];
-        }
-        store_floats(a.dx + base + p * kVec, out);
-      }
-    }
-  }
-  const int64_t part = static_cast<int64_t>(blockIdx.x) * Group::kRowsPerBlock + group.slot;
-#pragma unroll
-  for (int i = 0; i < kItems; ++i) {
-    const int p = group.lane + i * Group::kThreadsPerRow;
-    if (p < packs) {
+    tile.for_each_pack(a.c, [&](int i, int p) {
+      float d[kVec];
+      load_floats(a.dy + base + p * kVec, d);
+      load_floats(a.x + base + p * kVec, xhat[i]);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
-        if (a.partial_weight != nullptr) {
-          a.partial_weight[part * a.c + p * kVec + j] = dweight[i][j];
-        }
-        if (a.partial_bias != nullptr) {
-          a.partial_bias[part * a.c + p * kVec + j] = dbias[i][j];
-        }
+        xhat[i][j] = (xhat[i][j] - mu) * r;
+        dweight[i][j] += d[j] * xhat[i][j];
+        dbias[i][j] += d[j];
+        grad[i][j] = d[j] * (a.weight != nullptr ? a.weight[p * kVec + j] : 1.0f);
+        sums[0] += grad[i][j];
+        sums[1] += grad[i][j] * xhat[i][j];
+      }
+    });
+    tile.sum(sums);
+    const float mean_g = sums[0] / static_cast<float>(a.c);
+    const float mean_g_xhat = sums[1] / static_cast<float>(a.c);
+    tile.for_each_pack(a.c, [&](int i, int p) {
+      float out[kVec];
+      float e[kVec] = {};
+      if (a.extra != nullptr) {
+        load_floats(a.extra + base + p * kVec, e);
+      }
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        out[j] = r * (grad[i][j] - mean_g - xhat[i][j] * mean_g_xhat) + e[j];
+      }
+      store_floats(a.dx + base + p * kVec, out);
+    });
+  }
+  const int64_t part = static_cast<int64_t>(blockIdx.x) * Tile::kRowsPerBlock + tile.slot;
+  tile.for_each_pack(a.c, [&](int i, int p) {
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      if (a.partial_weight != nullptr) {
+        a.partial_weight[part * a.c + p * kVec + j] = dweight[i][j];
+      }
+      if (a.partial_bias != nullptr) {
+        a.partial_bias[part * a.c + p * kVec + j] = dbias[i][j];
       }
     }
-  }
+  });
 }
 
 // The general backward: a block per row (grid-stride), scalar accesses, the row re-read per
@@ -320,7 +314,6 @@ __global__ void __launch_bounds__(kThreads) layernorm_bwd_kernel(BackwardArgs<sc
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) layernorm_bwd_general_kernel(BackwardArgs<scalar_t> a) {
   using Group = RowGroup<kWarps>;
-  __shared__ float shared[kWarps][2];
   const Group group;
   const int64_t part = static_cast<int64_t>(blockIdx.x) * a.c;
   for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
@@ -343,7 +336,7 @@ __global__ void __launch_bounds__(kThreads) layernorm_bwd_general_kernel(Backwar
         a.partial_bias[part + col] += d;
       }
     }
-    group.sum(sums, shared);
+    group.sum(sums);
     const float mean_g = sums[0] / static_cast<float>(a.c);
     const float mean_g_xhat = sums[1] / static_cast<float>(a.c);
     for (int col = group.lane; col < a.c; col += kThreads) {
@@ -351,20 +344,6 @@ __global__ void __launch_bounds__(kThreads) layernorm_bwd_general_kernel(Backwar
       a.dx[base + col] = static_cast<scalar_t>(r * (grad(col) - mean_g - xhat(col) * mean_g_xhat) + e);
     }
   }
-}
-
-// out[col] = sum over p in order of partials[p, col], for partials [parts, c].
-__global__ void __launch_bounds__(kThreads)
-    sum_parts_kernel(const float* __restrict__ partials, int64_t parts, int c, float* __restrict__ out) {
-  const int col = blockIdx.x * kThreads + threadIdx.x;
-  if (col >= c) {
-    return;
-  }
-  float total = 0.0f;
-  for (int64_t p = 0; p < parts; ++p) {
-    total += partials[p * c + col];
-  }
-  out[col] = total;
 }
 
 // The dtypes of the CUDA kernels of this op (fp64 is left to the reference backend).
@@ -442,16 +421,6 @@ inline void layernorm_forward(const at::Tensor& x, const at::Tensor& residual, c
   });
 }
 
-// Sums the [parts, c] partials into a new fp32 [c] tensor.
-inline at::Tensor sum_parts(const at::Tensor& partials, cudaStream_t stream) {
-  const int64_t c = partials.size(1);
-  at::Tensor out = at::empty({c}, partials.options());
-  sum_parts_kernel<<<static_cast<unsigned>((c + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-      partials.const_data_ptr<float>(), partials.size(0), static_cast<int>(c), out.mutable_data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
-}
-
 struct LayerNormGrads {
   at::Tensor dx, dweight, dbias;  // dx in x's dtype; dweight and dbias fp32 [c], empty where not wanted
 };
@@ -504,8 +473,8 @@ inline LayerNormGrads layernorm_backward(const at::Tensor& dy, const at::Tensor&
     });
   }
   const auto empty = at::empty({0}, options);
-  grads.dweight = weight.defined() ? sum_parts(partial_weight, stream) : empty;
-  grads.dbias = bias_grad ? sum_parts(partial_bias, stream) : empty;
+  grads.dweight = weight.defined() ? column_sum::sum_chunks(partial_weight, stream) : empty;
+  grads.dbias = bias_grad ? column_sum::sum_chunks(partial_bias, stream) : empty;
   return grads;
 }
 

@@ -35,6 +35,7 @@
 namespace vitkernels {
 namespace {
 
+using cuda::warp_sum;
 using patch_embed::PatchGeometry;
 using patch_embed::PatchInputs;
 using tile_gemm::Matrix;

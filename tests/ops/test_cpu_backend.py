@@ -366,35 +366,6 @@ def test_patch_embed_vit_b16_bf16():
                            _patch_call(patch_embed_reference, keys, {}), inputs, torch.bfloat16)
 
 
-def _patch_opcheck_args():
-    x = torch.randn(2, 3, 10, 13, requires_grad=True)
-    weight, bias = torch.randn(16, 3, 4, 4, requires_grad=True), torch.randn(16, requires_grad=True)
-    prefix, pos = torch.randn(1, 2, 16, requires_grad=True), torch.randn(1, 14, 16, requires_grad=True)
-    norm_weight, norm_bias = torch.randn(16, requires_grad=True), torch.randn(16, requires_grad=True)
-    mean, std = torch.randn(3, requires_grad=True), (1 + torch.rand(3)).requires_grad_()
-    image = torch.randint(0, 256, (2, 3, 8, 12), dtype=torch.uint8)
-    return [
-        (x, weight, bias, prefix, pos, None, None, 1e-5, False, None, None),
-        (x, weight, None, None, pos[0, 2:], norm_weight, norm_bias, 1e-6, True, mean, std),
-        (image, weight, bias, prefix, None, norm_weight, None, 1e-5, True, mean, std),
-        (x.detach().bfloat16(), weight.detach().bfloat16(), None, prefix.detach().bfloat16(), pos[0].detach(),
-         None, None, 1e-5, False, None, None),
-    ]
-
-
-@pytest.mark.parametrize("case", range(4))
-def test_patch_embed_fwd_opcheck(case):
-    torch.library.opcheck(torch.ops.vitkernels.patch_embed_fwd.default, _patch_opcheck_args()[case])
-
-
-def test_patch_embed_bwd_opcheck():
-    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in _patch_opcheck_args()[1]]
-    out = torch.ops.vitkernels.patch_embed_fwd(*args)
-    # the backward has no gradient of its own: the autograd checks do not apply
-    torch.library.opcheck(torch.ops.vitkernels.patch_embed_bwd.default,
-                          (torch.randn_like(out), *args, [True] * 9), test_utils=("test_schema", "test_faketensor"))
-
-
 def test_patch_embed_reductions_are_reproducible():
     """Weight, bias, prefix, position and norm gradients are sums over the batch: bitwise equal across runs."""
     x = torch.randn(4, 3, 30, 30)

@@ -21,6 +21,11 @@ def _mlp_inputs(shape, channels, hidden, affine=True, biases=True, gamma=True):
     ]
 
 
+def _float_leaves(*shape_channels_hidden):
+    """_mlp_inputs as fp32 leaves that require grad."""
+    return [None if t is None else t.float().requires_grad_() for t in _mlp_inputs(*shape_channels_hidden)]
+
+
 @pytest.mark.parametrize("backend", backend_params("layernorm_mlp"))
 @pytest.mark.parametrize("shape,channels,hidden", [((2, 13), 24, 96), ((37,), 16, 40), ((1, 3, 5), 8, 32)])
 @pytest.mark.parametrize("variant", ["full", "no-gamma", "no-affine-no-bias", "tanh"])
@@ -65,7 +70,7 @@ def test_add_layernorm(backend, dtype):
 
 
 def test_opcheck_and_compile():
-    x, lw, lb, w1, b1, w2, b2, gamma = (t.float().requires_grad_() for t in _mlp_inputs((2, 9), 16, 64))
+    x, lw, lb, w1, b1, w2, b2, gamma = _float_leaves((2, 9), 16, 64)
     torch.library.opcheck(torch.ops.vitkernels.layernorm_mlp_torch.default,
                           (x, lw, lb, w1, b1, w2, b2, 1e-6, gamma, "none"))
     torch.library.opcheck(torch.ops.vitkernels.layernorm_torch.default, (x, lw, lb, 1e-6))
@@ -111,15 +116,9 @@ def test_add_layernorm_optional_affine(backend, affine):
 TRITON = [p for p in backend_params("layernorm_mlp") if p.id == "triton"]
 
 
-@pytest.mark.parametrize("backend", TRITON)
-def test_triton_ops_opcheck_and_compile(backend):
-    x, lw, lb, w1, b1, w2, b2, gamma = (t.float().requires_grad_() for t in _mlp_inputs((2, 9), 16, 64))
-    torch.library.opcheck(torch.ops.vitkernels.layernorm_mlp_triton.default,
-                          (x, lw, lb, w1, b1, w2, b2, 1e-6, gamma, "none"))
-    torch.library.opcheck(torch.ops.vitkernels.layernorm_mlp_triton.default,
-                          (x, None, None, w1, None, w2, None, 1e-6, None, "tanh"))
-    torch.library.opcheck(torch.ops.vitkernels.layernorm_triton.default, (x.transpose(0, 1), lw, lb, 1e-6))
-    torch.library.opcheck(torch.ops.vitkernels.add_layernorm_triton.default, (x, x.detach() * 2, lw, None, 1e-6))
+def _check_compiled_block_end(backend, x, lw, lb, w1, b1, w2, b2, gamma):
+    """A block's end (add + LayerNorm, LayerNorm, LayerNorm + MLP) under torch.compile(fullgraph=True)
+    gives the eager outputs and gradients."""
 
     def block_end(x, r):
         s, h = ops.add_layernorm(x, r, lw, lb, backend=backend)
@@ -135,6 +134,27 @@ def test_triton_ops_opcheck_and_compile(backend):
     torch.testing.assert_close(grads[0], grads[1])
 
 
+def _compare_layernorms(backend, shape, channels, dtype):
+    """add_layernorm and layernorm on [*shape, channels] against their references."""
+    inputs = [random(*shape, channels), random(*shape, channels), 1 + random(channels), random(channels)]
+    compare_with_reference(lambda x, r, w, b: ops.add_layernorm(x, r, w, b, backend=backend),
+                           lambda x, r, w, b: add_layernorm_reference(x, r, w, b), inputs, dtype)
+    compare_with_reference(lambda x, w, b: ops.layernorm(x, w, b, backend=backend),
+                           lambda x, w, b: layernorm_reference(x, w, b), inputs[:1] + inputs[2:], dtype)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_triton_ops_opcheck_and_compile(backend):
+    x, lw, lb, w1, b1, w2, b2, gamma = _float_leaves((2, 9), 16, 64)
+    torch.library.opcheck(torch.ops.vitkernels.layernorm_mlp_triton.default,
+                          (x, lw, lb, w1, b1, w2, b2, 1e-6, gamma, "none"))
+    torch.library.opcheck(torch.ops.vitkernels.layernorm_mlp_triton.default,
+                          (x, None, None, w1, None, w2, None, 1e-6, None, "tanh"))
+    torch.library.opcheck(torch.ops.vitkernels.layernorm_triton.default, (x.transpose(0, 1), lw, lb, 1e-6))
+    torch.library.opcheck(torch.ops.vitkernels.add_layernorm_triton.default, (x, x.detach() * 2, lw, None, 1e-6))
+    _check_compiled_block_end(backend, x, lw, lb, w1, b1, w2, b2, gamma)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", TRITON)
 @pytest.mark.parametrize("shape,channels", [((4, 197), 192), ((2, 197), 768), ((2, 50), 1280), ((2, 49), 1536)])
@@ -143,11 +163,7 @@ def test_triton_bf16(backend, shape, channels):
     compare_with_reference(lambda *t: ops.layernorm_mlp(*t[:7], gamma=t[7], backend=backend),
                            lambda *t: layernorm_mlp_reference(*t[:7], gamma=t[7]),
                            _mlp_inputs(shape, channels, hidden), torch.bfloat16)
-    inputs = [random(*shape, channels), random(*shape, channels), 1 + random(channels), random(channels)]
-    compare_with_reference(lambda x, r, w, b: ops.add_layernorm(x, r, w, b, backend=backend),
-                           lambda x, r, w, b: add_layernorm_reference(x, r, w, b), inputs, torch.bfloat16)
-    compare_with_reference(lambda x, w, b: ops.layernorm(x, w, b, backend=backend),
-                           lambda x, w, b: layernorm_reference(x, w, b), inputs[:1] + inputs[2:], torch.bfloat16)
+    _compare_layernorms(backend, shape, channels, torch.bfloat16)
 
 
 # --- the cuda backend (csrc/layernorm_mlp/cuda.cu) ----------------------------------------------
@@ -171,11 +187,7 @@ def test_cuda_model_sizes(backend, shape, channels, dtype):
         compare_with_reference(
             lambda *t: ops.layernorm_mlp(*t[:7], gamma=t[7], approximate=approximate, backend=backend),
             lambda *t: layernorm_mlp_reference(*t[:7], gamma=t[7], approximate=approximate), inputs, dtype)
-    inputs = [random(*shape, channels), random(*shape, channels), 1 + random(channels), random(channels)]
-    compare_with_reference(lambda x, r, w, b: ops.add_layernorm(x, r, w, b, backend=backend),
-                           lambda x, r, w, b: add_layernorm_reference(x, r, w, b), inputs, dtype)
-    compare_with_reference(lambda x, w, b: ops.layernorm(x, w, b, backend=backend),
-                           lambda x, w, b: layernorm_reference(x, w, b), inputs[:1] + inputs[2:], dtype)
+    _compare_layernorms(backend, shape, channels, dtype)
 
 
 # 96-512: a warp per row; 768-2048: a block per row; 100 (not a multiple of the 16-byte pack of
@@ -206,14 +218,10 @@ def test_cuda_mlp_odd_sizes_and_misaligned(backend, shape, channels, hidden, dty
                            lambda *t: layernorm_mlp_reference(*t[:7], gamma=t[7]), inputs, dtype)
 
 
-def _cuda_args(*shape_channels_hidden):
-    return [None if t is None else t.float().requires_grad_() for t in _mlp_inputs(*shape_channels_hidden)]
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", CUDA_BACKEND)
 def test_cuda_ops_opcheck_and_compile(backend):
-    x, lw, lb, w1, b1, w2, b2, gamma = _cuda_args((2, 9), 16, 64)
+    x, lw, lb, w1, b1, w2, b2, gamma = _float_leaves((2, 9), 16, 64)
     mlp_fwd = torch.ops.vitkernels.layernorm_mlp_fwd.default
     torch.library.opcheck(mlp_fwd, (x, lw, lb, w1, b1, w2, b2, 1e-6, gamma, "none"))
     torch.library.opcheck(mlp_fwd, (x, None, None, w1, None, w2, None, 1e-6, None, "tanh"))
@@ -230,19 +238,7 @@ def test_cuda_ops_opcheck_and_compile(backend):
     torch.library.opcheck(torch.ops.vitkernels.layernorm_bwd.default,
                           (torch.randn_like(xd), torch.randn_like(xd), xd, mean, rstd, lwd, True),
                           test_utils=backward_checks)
-
-    def block_end(x, r):
-        s, h = ops.add_layernorm(x, r, lw, lb, backend=backend)
-        h = ops.layernorm(h, lw, None, backend=backend)
-        return ops.layernorm_mlp(h, lw, lb, w1, b1, w2, b2, gamma=gamma, backend=backend) + s
-
-    r = torch.randn_like(x)
-    compiled = torch.compile(block_end, fullgraph=True)(x, r)
-    eager = block_end(x, r)
-    torch.testing.assert_close(compiled, eager)
-    upstream = torch.randn_like(eager)
-    grads = [torch.autograd.grad(out, (x, w1, gamma), upstream) for out in (compiled, eager)]
-    torch.testing.assert_close(grads[0], grads[1])
+    _check_compiled_block_end(backend, x, lw, lb, w1, b1, w2, b2, gamma)
 
 
 @pytest.mark.cuda
@@ -267,7 +263,7 @@ def test_cuda_backward_is_deterministic(backend, channels, dtype):
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", CUDA_BACKEND)
 def test_cuda_empty_batch(backend):
-    x, lw, lb, w1, b1, w2, b2, gamma = (t.float().requires_grad_() for t in _mlp_inputs((0,), 192, 768))
+    x, lw, lb, w1, b1, w2, b2, gamma = _float_leaves((0,), 192, 768)
     outputs = [ops.layernorm_mlp(x, lw, lb, w1, b1, w2, b2, gamma=gamma, backend=backend),
                ops.layernorm(x, lw, lb, backend=backend), *ops.add_layernorm(x, x, lw, lb, backend=backend)]
     assert all(o.shape == x.shape for o in outputs)

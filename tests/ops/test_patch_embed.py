@@ -225,15 +225,16 @@ def test_cuda_uint8_image_at_vit_b16_size(backend, dtype):
     assert_close(out, expected, low_precision_reference=low_reference if dtype != torch.float32 else None)
 
 
-def _cuda_op_args():
+def _op_args(device=DEVICE):
+    """Arguments of patch_embed_fwd: prefix and pos, normalization and patch norm, a uint8 image, bf16."""
     def leaf(*shape, dtype=torch.float32):
-        return torch.randn(*shape, device=DEVICE, dtype=dtype).requires_grad_(dtype.is_floating_point)
+        return torch.randn(*shape, device=device, dtype=dtype).requires_grad_(dtype.is_floating_point)
 
     x, weight, bias = leaf(2, CIN, 10, 13), leaf(16, CIN, 4, 4), leaf(16)
     prefix, pos = leaf(1, 2, 16), leaf(1, 14, 16)
     norm_weight, norm_bias = leaf(16), leaf(16)
-    mean, std = leaf(CIN), (1 + torch.rand(CIN, device=DEVICE)).requires_grad_()
-    image = torch.randint(0, 256, (2, CIN, 8, 12), dtype=torch.uint8, device=DEVICE)
+    mean, std = leaf(CIN), (1 + torch.rand(CIN, device=device)).requires_grad_()
+    image = torch.randint(0, 256, (2, CIN, 8, 12), dtype=torch.uint8, device=device)
     return [
         (x, weight, bias, prefix, pos, None, None, 1e-5, False, None, None),
         (x, weight, None, None, pos[0, 2:], norm_weight, norm_bias, 1e-6, True, mean, std),
@@ -243,11 +244,11 @@ def _cuda_op_args():
     ]
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("backend", CUDA_BACKEND)
+@pytest.mark.parametrize("backend", [p for p in backend_params("patch_embed") if p.id in ("cpu", "cuda")])
 @pytest.mark.parametrize("case", range(4))
-def test_cuda_opcheck(backend, case):
-    args = _cuda_op_args()[case]
+def test_compiled_opcheck(backend, case):
+    """The compiled ops on the backend's device: patch_embed_fwd fully, patch_embed_bwd's schema and fake kernel."""
+    args = _op_args("cuda" if backend == "cuda" else "cpu")[case]
     torch.library.opcheck(torch.ops.vitkernels.patch_embed_fwd.default, args)
     detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
     out = torch.ops.vitkernels.patch_embed_fwd(*detached)
@@ -263,7 +264,7 @@ def test_cuda_opcheck(backend, case):
                          ids=["all", "some"])
 def test_cuda_backward_matches_cpu_op(backend, case, needs):
     """Same gradients as the CPU op, and empty tensors in the same places (fp32)."""
-    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in _cuda_op_args()[case]]
+    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in _op_args()[case]]
     grad_out = torch.randn_like(torch.ops.vitkernels.patch_embed_fwd(*args))
     on_cpu = [a.cpu() if isinstance(a, torch.Tensor) else a for a in (grad_out, *args)]
     grads = torch.ops.vitkernels.patch_embed_bwd(grad_out, *args, needs)

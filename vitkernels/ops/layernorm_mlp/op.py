@@ -435,31 +435,27 @@ def _add_layernorm_cpu(x, residual, weight, bias, eps):
     return total, y
 
 
+def _register_compiled(device: str) -> None:
+    """The compiled ops as the ``device`` backend; they dispatch on the tensors' device."""
+    capability = backends.Capability(
+        devices=frozenset({device}),
+        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+        features=frozenset({"backward"}),
+    )
+    BACKENDS["layernorm_mlp"][device] = dataclasses.replace(
+        capability, features=frozenset({"backward", "gamma", "tanh"})
+    )
+    BACKENDS["layernorm"][device] = capability
+    BACKENDS["add_layernorm"][device] = capability
+    IMPLEMENTATIONS["layernorm_mlp"][device] = _layernorm_mlp_cpu
+    IMPLEMENTATIONS["layernorm"][device] = _layernorm_cpu
+    IMPLEMENTATIONS["add_layernorm"][device] = _add_layernorm_cpu
+
+
 # The C++ kernels of csrc/layernorm_mlp/cpu.cpp: fp16 and bf16 are computed in fp32 (the MLP's
 # matrix products too, by ATen's fp32 GEMM).
-_CPU_CAPABILITY = backends.Capability(
-    devices=frozenset({"cpu"}),
-    dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
-    features=frozenset({"backward"}),
-)
-BACKENDS["layernorm_mlp"]["cpu"] = dataclasses.replace(
-    _CPU_CAPABILITY, features=frozenset({"backward", "gamma", "tanh"})
-)
-BACKENDS["layernorm"]["cpu"] = _CPU_CAPABILITY
-BACKENDS["add_layernorm"]["cpu"] = _CPU_CAPABILITY
-IMPLEMENTATIONS["layernorm_mlp"]["cpu"] = _layernorm_mlp_cpu
-IMPLEMENTATIONS["layernorm"]["cpu"] = _layernorm_cpu
-IMPLEMENTATIONS["add_layernorm"]["cpu"] = _add_layernorm_cpu
-
+_register_compiled("cpu")
 # The CUDA kernels of csrc/layernorm_mlp/cuda.cu: fp32 statistics; the MLP's matrix products run
 # in x's dtype through cuBLASLt (tensor cores for fp16 and bf16, fp32 accumulation, no TF32 for
-# fp32). The compiled ops dispatch on the tensors' device, so the entry points are the CPU ones.
-_CUDA_CAPABILITY = dataclasses.replace(_CPU_CAPABILITY, devices=frozenset({"cuda"}))
-BACKENDS["layernorm_mlp"]["cuda"] = dataclasses.replace(
-    _CUDA_CAPABILITY, features=frozenset({"backward", "gamma", "tanh"})
-)
-BACKENDS["layernorm"]["cuda"] = _CUDA_CAPABILITY
-BACKENDS["add_layernorm"]["cuda"] = _CUDA_CAPABILITY
-IMPLEMENTATIONS["layernorm_mlp"]["cuda"] = _layernorm_mlp_cpu
-IMPLEMENTATIONS["layernorm"]["cuda"] = _layernorm_cpu
-IMPLEMENTATIONS["add_layernorm"]["cuda"] = _add_layernorm_cpu
+# fp32).
+_register_compiled("cuda")
