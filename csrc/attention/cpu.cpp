@@ -146,7 +146,7 @@ void backward_block(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t 
   const int64_t n = p.tokens;
   const int64_t d = p.head_dim;
   block_logits(p, b, h, i0, rows, sc);
-  cpu::exp_rows_minus(sc.s.data(), nullptr, 0, lse + i0, rows, n, n);
+  cpu::exp_rows_minus(sc.s.data(), nullptr, lse + i0, rows, n, n);
   const float* dout = sc.dout.data() + i0 * d;
   cpu::gemm(sc.s.data(), dout, sc.dv.data(), n, rows, d, n, d, d, 1.0f, true, true);
   cpu::gemm(dout, sc.vt.data(), sc.dp.data(), rows, d, n, d, n, n, 1.0f, false, false);

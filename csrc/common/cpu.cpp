@@ -308,13 +308,13 @@ void softmax_rows(float* s, float* lse, int64_t rows, int64_t cols, int64_t ld) 
 // their per-row sums (independent rows the out-of-order core overlaps); the statistics of 16 rows
 // at a time.
 VITKERNELS_CPU_CLONES
-void softmax_rows_unnormalized(float* s, const float* add, int64_t ld_add, float* lse, float* inv_sum, int64_t rows,
+void softmax_rows_unnormalized(float* s, const float* const* add, float* lse, float* inv_sum, int64_t rows,
                                int64_t cols, int64_t ld) {
   const Float16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   const Float16 minus_inf = splat16(-std::numeric_limits<float>::infinity());
   for (int64_t i = 0; i < rows; ++i) {
     float* row = s + i * ld;
-    const float* addend = add != nullptr ? add + i * ld_add : nullptr;
+    const float* addend = add != nullptr ? add[i] : nullptr;
     Float16 lanes = minus_inf;
     for (int64_t j = 0; j < cols; j += kTileCols) {
       Float16 x = load16(row + j);
@@ -346,13 +346,12 @@ void softmax_rows_unnormalized(float* s, const float* add, int64_t ld_add, float
 }
 
 VITKERNELS_CPU_CLONES
-void exp_rows_minus(float* s, const float* add, int64_t ld_add, const float* lse, int64_t rows, int64_t cols,
-                    int64_t ld) {
+void exp_rows_minus(float* s, const float* const* add, const float* lse, int64_t rows, int64_t cols, int64_t ld) {
   for (int64_t i = 0; i < rows; ++i) {
     float* __restrict row = s + i * ld;
     const float shift = lse[i];
     if (add != nullptr) {
-      const float* __restrict addend = add + i * ld_add;
+      const float* __restrict addend = add[i];
 #pragma omp simd
       for (int64_t j = 0; j < cols; ++j) {
         row[j] = fast_exp(row[j] + addend[j] - shift);

@@ -24,18 +24,17 @@ void transpose(const float* src, float* dst, int64_t rows, int64_t cols, int64_t
 // Row-wise softmax of s[rows, cols] in place; lse[i] = logsumexp of row i before normalization.
 void softmax_rows(float* s, float* lse, int64_t rows, int64_t cols, int64_t ld);
 
-// The softmax of s + add left unnormalized, in one pass per row: s[i, j] <- exp(s[i, j] + add[i, j] - m_i)
+// The softmax of s + add left unnormalized, in one pass per row: s[i, j] <- exp(s[i, j] + add[i][j] - m_i)
 // with m_i the row's max; lse[i] = m_i + log(sum_i) and inv_sum[i] = 1 / sum_i, which normalizes the
-// row or, for fewer multiplies, the row's product with the values. add (row stride ld_add) may be null.
-// Each row of s and add is read up to cols rounded up to kGemmTileCols (ld and ld_add must allow
-// it); s's columns from cols on are set to 0.
-void softmax_rows_unnormalized(float* s, const float* add, int64_t ld_add, float* lse, float* inv_sum, int64_t rows,
+// row or, for fewer multiplies, the row's product with the values. add holds one row pointer per
+// row, or is null. Each row of s and add is read up to cols rounded up to kGemmTileCols (the
+// buffers must allow it); s's columns from cols on are set to 0.
+void softmax_rows_unnormalized(float* s, const float* const* add, float* lse, float* inv_sum, int64_t rows,
                                int64_t cols, int64_t ld);
 
-// s[i, j] = exp(s[i, j] + add[i, j] - lse[i]): the probabilities a forward pass produced, from its
-// statistics; add (row stride ld_add) may be null.
-void exp_rows_minus(float* s, const float* add, int64_t ld_add, const float* lse, int64_t rows, int64_t cols,
-                    int64_t ld);
+// s[i, j] = exp(s[i, j] + add[i][j] - lse[i]): the probabilities a forward pass produced, from its
+// statistics; add holds one row pointer per row, or is null.
+void exp_rows_minus(float* s, const float* const* add, const float* lse, int64_t rows, int64_t cols, int64_t ld);
 
 // sum_i a[i] * b[i].
 float dot(const float* a, const float* b, int64_t n);

@@ -3,6 +3,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <cmath>
@@ -20,11 +21,10 @@ namespace {
 // Output elements per parallel task: enough to amortize a task, as ATen's own CPU kernels use.
 constexpr int64_t kElementsPerTask = 32768;
 
-// Fills output rows [begin, end) of the [heads * N, ld] view; row h * N + i holds query token i of
-// head h in its first N columns.
+// Fills output rows [begin, end) of the [heads * N, N] view; row h * N + i holds query token i of head h.
 template <typename scalar_t>
-void gather_bias_rows(const scalar_t* table, int64_t stride_row, int64_t stride_head, scalar_t* out, int64_t ld,
-                      int64_t begin, int64_t end, int64_t window_h, int64_t window_w) {
+void gather_bias_rows(const scalar_t* table, int64_t stride_row, int64_t stride_head, scalar_t* out, int64_t begin,
+                      int64_t end, int64_t window_h, int64_t window_w) {
   const int64_t n = window_h * window_w;
   for (int64_t row = begin; row < end; ++row) {
     const int64_t head = row / n;
@@ -32,7 +32,7 @@ void gather_bias_rows(const scalar_t* table, int64_t stride_row, int64_t stride_
     const int64_t ri = query / window_w;
     const int64_t ci = query % window_w;
     const scalar_t* column = table + head * stride_head;
-    scalar_t* dst = out + row * ld;
+    scalar_t* dst = out + row * n;
     for (int64_t rj = 0; rj < window_h; ++rj) {
       // Moving the key one column right moves one row up the table.
       const int64_t first = relative_position_row(ri, ci, rj, 0, window_h, window_w);
@@ -40,30 +40,7 @@ void gather_bias_rows(const scalar_t* table, int64_t stride_row, int64_t stride_
         dst[rj * window_w + cj] = column[(first - cj) * stride_row];
       }
     }
-    std::fill(dst + n, dst + ld, scalar_t(0));
   }
-}
-
-// [heads, N, ld] with out[h, i, j] = bias_table[relative_position_row(token i, token j), h] for
-// j < N and zeros after.
-at::Tensor gather_bias(const at::Tensor& bias_table, int64_t window_h, int64_t window_w, int64_t ld) {
-  const int64_t n = window_h * window_w;
-  const int64_t heads = bias_table.size(1);
-  at::Tensor out = at::empty({heads, n, ld}, bias_table.options());
-  if (out.numel() == 0) {
-    return out;
-  }
-  const int64_t rows_per_task = std::max<int64_t>(1, kElementsPerTask / ld);
-  VITKERNELS_DISPATCH_FLOATING(bias_table.scalar_type(), "gather_relative_position_bias_cpu", [&] {
-    const scalar_t* table = bias_table.const_data_ptr<scalar_t>();
-    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    const int64_t stride_row = bias_table.stride(0);
-    const int64_t stride_head = bias_table.stride(1);
-    at::parallel_for(0, heads * n, rows_per_task, [&](int64_t begin, int64_t end) {
-      gather_bias_rows(table, stride_row, stride_head, dst, ld, begin, end, window_h, window_w);
-    });
-  });
-  return out;
 }
 
 }  // namespace
@@ -71,7 +48,23 @@ at::Tensor gather_bias(const at::Tensor& bias_table, int64_t window_h, int64_t w
 at::Tensor gather_relative_position_bias_cpu(const at::Tensor& bias_table, int64_t window_h, int64_t window_w) {
   check_device(bias_table, "bias_table", c10::DeviceType::CPU);
   check_gather_relative_position_bias(bias_table, window_h, window_w);
-  return gather_bias(bias_table, window_h, window_w, window_h * window_w);
+  const int64_t n = window_h * window_w;
+  const int64_t heads = bias_table.size(1);
+  at::Tensor out = at::empty({heads, n, n}, bias_table.options());
+  if (out.numel() == 0) {
+    return out;
+  }
+  const int64_t rows_per_task = std::max<int64_t>(1, kElementsPerTask / n);
+  VITKERNELS_DISPATCH_FLOATING(bias_table.scalar_type(), "gather_relative_position_bias_cpu", [&] {
+    const scalar_t* table = bias_table.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    const int64_t stride_row = bias_table.stride(0);
+    const int64_t stride_head = bias_table.stride(1);
+    at::parallel_for(0, heads * n, rows_per_task, [&](int64_t begin, int64_t end) {
+      gather_bias_rows(table, stride_row, stride_head, dst, begin, end, window_h, window_w);
+    });
+  });
+  return out;
 }
 
 namespace window_cpu {
@@ -137,14 +130,25 @@ using window_cpu::Geometry;
 
 // The optional inputs in fp32, and what the kernels derive from them once per call.
 struct Options {
-  at::Tensor bias;      // [heads, N, ld] gathered relative position bias (zero past N), or undefined
+  // The relative position bias of head h, query (ri, ci), as one contiguous row of N keys:
+  // bias_rows[h, ci, k, cj] = bias_table[relative row of (ri, ci) and (rj, cj), h] with
+  // k = Wh - 1 - ri + rj, so the keys rj = 0 .. Wh-1 of query (ri, ci) are rows Wh-1-ri .. of
+  // bias_rows[h, ci]: [heads, Ww, 2Wh-1, Ww] plus kGemmTileCols floats of slack (the softmax
+  // reads whole vectors), a fraction of the [heads, N, N] gathered bias; or undefined.
+  at::Tensor bias_rows;
   at::Tensor fill;      // [3C] q, k, v of padding tokens (the qkv Linear's bias), or undefined
   at::Tensor tau;       // [heads] exp(min(logit_scale, log 100)): cosine attention, or undefined
   at::Tensor relative;  // [N, N] int64 table rows, for the bias gradient, or undefined
   float scale = 1.0f;
   float mask_value = 0.0f;
 
-  const float* bias_ptr() const { return data_or_null(bias); }
+  // Bias of head h for query token i (row-major in the window), N contiguous floats.
+  const float* bias_row(const Geometry& g, int64_t h, int64_t i) const {
+    const int64_t ri = i / g.window_w;
+    const int64_t ci = i % g.window_w;
+    const int64_t block = (2 * g.window_h - 1) * g.window_w;
+    return bias_rows.const_data_ptr<float>() + (h * g.window_w + ci) * block + (g.window_h - 1 - ri) * g.window_w;
+  }
   const float* fill_ptr() const { return data_or_null(fill); }
   // Multiplies q k^T: the softmax scale, or the cosine temperature of head h.
   float alpha(int64_t h) const { return tau.defined() ? tau.const_data_ptr<float>()[h] : scale; }
@@ -158,6 +162,28 @@ void check_optional(const std::optional<at::Tensor>& t, const char* name, const 
   }
 }
 
+// Options::bias_rows from the fp32 [(2Wh-1)(2Ww-1), heads] table.
+at::Tensor make_bias_rows(const Geometry& g, const at::Tensor& table) {
+  const int64_t wh = g.window_h;
+  const int64_t ww = g.window_w;
+  const int64_t size = g.heads * ww * (2 * wh - 1) * ww;
+  at::Tensor rows = at::zeros({size + cpu::kGemmTileCols}, table.options());
+  const float* from = table.const_data_ptr<float>();
+  float* to = rows.mutable_data_ptr<float>();
+  for (int64_t h = 0; h < g.heads; ++h) {
+    for (int64_t ci = 0; ci < ww; ++ci) {
+      for (int64_t k = 0; k < 2 * wh - 1; ++k) {
+        // ri - rj = Wh - 1 - k; the table row of (ri, ci), (rj, cj) is relative_position_row's.
+        const int64_t first = (2 * wh - 2 - k) * (2 * ww - 1) + ci + ww - 1;
+        for (int64_t cj = 0; cj < ww; ++cj) {
+          to[((h * ww + ci) * (2 * wh - 1) + k) * ww + cj] = from[(first - cj) * g.heads + h];
+        }
+      }
+    }
+  }
+  return rows;
+}
+
 Options make_options(const Geometry& g, const at::Tensor& qkv, const std::optional<at::Tensor>& bias_table,
                      const std::optional<at::Tensor>& qkv_bias, const std::optional<at::Tensor>& logit_scale,
                      std::optional<double> scale, double mask_value, bool need_relative) {
@@ -167,9 +193,7 @@ Options make_options(const Geometry& g, const at::Tensor& qkv, const std::option
   TORCH_CHECK(!(scale.has_value() && logit_scale.has_value()), "scale and logit_scale are exclusive");
   Options o;
   if (bias_table.has_value()) {
-    // Rows padded to ld columns: the softmax reads whole vectors. Each head's column of the table
-    // made contiguous first, so the gather reads runs of neighbours.
-    o.bias = gather_bias(bias_table->to(at::kFloat).t().contiguous().t(), g.window_h, g.window_w, g.ld);
+    o.bias_rows = make_bias_rows(g, bias_table->to(at::kFloat).contiguous());
     if (need_relative) {
       o.relative = at::empty({g.n, g.n}, qkv.options().dtype(at::kLong));
       int64_t* rows = o.relative.mutable_data_ptr<int64_t>();
@@ -212,10 +236,11 @@ struct Scratch {
   bool masked = false;  // the current window spans several shift regions
   std::vector<int64_t> pixel;
   std::vector<int32_t> region;
+  std::vector<const float*> add_rows;  // what each query row's logits get added, see head_addend
   Floats q, k, v, t, s, o, mask, add, inv_sum, dp, dout, dq, dk, dv, q_norm, k_norm;
 
   explicit Scratch(const Geometry& g, bool backward)
-      : pixel(g.n), region(g.n), q(g.n * g.head_dim), k(g.n * g.head_dim), v(g.n * g.head_dim),
+      : pixel(g.n), region(g.n), add_rows(g.n), q(g.n * g.head_dim), k(g.n * g.head_dim), v(g.n * g.head_dim),
         t(g.head_dim * g.ld), s(g.n * g.ld), o(g.n * g.head_dim), mask(g.shifted() ? g.n * g.ld : 0),
         add(g.shifted() ? g.n * g.ld : 0), inv_sum(g.n), q_norm(g.n), k_norm(g.n) {
     std::fill(t.data(), t.data() + g.head_dim * g.ld, 0.0f);
@@ -270,23 +295,32 @@ void load_and_score(const Geometry& g, const Options& o, const scalar_t* qkv, in
   cpu::gemm(sc.q.data(), sc.t.data(), sc.s.data(), n, d, g.ld, d, g.ld, g.ld, o.alpha(h), false, false);
 }
 
-// What head h adds to its logits in the current window, [N, ld] row-major: the gathered bias plus
-// the shift mask where the window is masked; null when nothing is added.
-const float* head_addend(const Geometry& g, const Options& o, int64_t h, Scratch& sc) {
-  const int64_t size = g.n * g.ld;
-  const float* bias = o.bias_ptr() != nullptr ? o.bias_ptr() + h * size : nullptr;
-  if (!sc.masked) {
-    return bias;
+// What head h adds to the logits of each query row in the current window, as row pointers (each
+// row readable to ld): the bias rows, plus the shift mask where the window is masked; null when
+// nothing is added.
+const float* const* head_addend(const Geometry& g, const Options& o, int64_t h, Scratch& sc) {
+  const bool bias = o.bias_rows.defined();
+  if (!bias && !sc.masked) {
+    return nullptr;
   }
-  if (bias == nullptr) {
-    return sc.mask.data();
+  for (int64_t i = 0; i < g.n; ++i) {
+    if (!sc.masked) {
+      sc.add_rows[i] = o.bias_row(g, h, i);
+      continue;
+    }
+    const float* mask = sc.mask.data() + i * g.ld;
+    if (!bias) {
+      sc.add_rows[i] = mask;
+    } else {
+      const float* __restrict bias_row = o.bias_row(g, h, i);
+      float* __restrict sum = sc.add.data() + i * g.ld;
+      for (int64_t j = 0; j < g.ld; ++j) {
+        sum[j] = bias_row[j] + mask[j];
+      }
+      sc.add_rows[i] = sum;
+    }
   }
-  float* __restrict sum = sc.add.data();
-  const float* __restrict mask = sc.mask.data();
-  for (int64_t e = 0; e < size; ++e) {
-    sum[e] = bias[e] + mask[e];
-  }
-  return sum;
+  return sc.add_rows.data();
 }
 
 template <typename scalar_t>
@@ -297,7 +331,7 @@ void forward_tasks(const Geometry& g, const Options& o, const scalar_t* qkv, sca
     const int64_t h = task % g.heads;
     enter_window(g, o, task / g.heads, sc);
     load_and_score(g, o, qkv, h, sc);
-    cpu::softmax_rows_unnormalized(sc.s.data(), head_addend(g, o, h, sc), g.ld, lse + task * g.n, sc.inv_sum.data(),
+    cpu::softmax_rows_unnormalized(sc.s.data(), head_addend(g, o, h, sc), lse + task * g.n, sc.inv_sum.data(),
                                    g.n, g.n, g.ld);
     cpu::gemm(sc.s.data(), sc.v.data(), sc.o.data(), g.n, g.n, g.head_dim, g.ld, g.head_dim, g.head_dim, 1.0f,
               false, false);
@@ -362,7 +396,7 @@ void backward_task(const Geometry& g, const Options& o, const scalar_t* qkv, con
   enter_window(g, o, task / g.heads, sc);
   load_and_score(g, o, qkv, h, sc);
   const int64_t ld = g.ld;
-  cpu::exp_rows_minus(sc.s.data(), head_addend(g, o, h, sc), ld, lse + task * n, n, n, ld);
+  cpu::exp_rows_minus(sc.s.data(), head_addend(g, o, h, sc), lse + task * n, n, n, ld);
   window_cpu::load_rows(grad_out, sc.pixel.data(), n, g.channels, h * d, d, nullptr, sc.dout.data());
   cpu::gemm(sc.s.data(), sc.dout.data(), sc.dv.data(), n, n, d, ld, d, d, 1.0f, true, false);
   cpu::transpose(sc.v.data(), sc.t.data(), n, d, d, ld);
