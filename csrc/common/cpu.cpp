@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <utility>
 
 // Each function is cloned per instruction set; the loader picks the widest the CPU runs.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -188,6 +189,40 @@ VITKERNELS_INLINE void store16(float* p, Float16 v) { std::memcpy(p, &v, sizeof(
 
 VITKERNELS_INLINE Float16 max16(Float16 a, Float16 b) { return a > b ? a : b; }
 
+// One stage of a 16 x 16 transpose held in 16 vectors: swaps the b x b blocks off the diagonal of
+// each 2b x 2b block. Rows i and i + b (bit b of i clear) become lo and hi.
+template <int b, size_t... lane>
+VITKERNELS_INLINE void swap_blocks(Float16& lo, Float16& hi, std::index_sequence<lane...>) {
+  const Float16 x = lo;
+  const Float16 y = hi;
+  lo = __builtin_shufflevector(x, y, ((lane & b) ? kTileCols + lane - b : lane)...);
+  hi = __builtin_shufflevector(x, y, ((lane & b) ? kTileCols + lane : lane + b)...);
+}
+
+template <int b>
+VITKERNELS_INLINE void transpose_stage(Float16 (&r)[kTileCols]) {
+  for (int i = 0; i < kTileCols; ++i) {
+    if ((i & b) == 0) {
+      swap_blocks<b>(r[i], r[i + b], std::make_index_sequence<kTileCols>());
+    }
+  }
+}
+
+// dst[j, i] = src[i, j] for one 16 x 16 block, in registers (four shuffle stages).
+VITKERNELS_INLINE void transpose_block(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+  Float16 r[kTileCols];
+  for (int64_t i = 0; i < kTileCols; ++i) {
+    r[i] = load16(src + i * ld_src);
+  }
+  transpose_stage<8>(r);
+  transpose_stage<4>(r);
+  transpose_stage<2>(r);
+  transpose_stage<1>(r);
+  for (int64_t j = 0; j < kTileCols; ++j) {
+    store16(dst + j * ld_dst, r[j]);
+  }
+}
+
 // Horizontal sum and max of 16 lanes by halving (a few shuffles instead of 16 dependent steps).
 VITKERNELS_INLINE float sum_lanes(Float16 v) {
   const Float8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
@@ -282,8 +317,16 @@ void gemm(const float* a, const float* b, float* c, int64_t m, int64_t k, int64_
 
 VITKERNELS_CPU_CLONES
 void transpose(const float* src, float* dst, int64_t rows, int64_t cols, int64_t ld_src, int64_t ld_dst) {
+  const int64_t full_rows = rows / kTileCols * kTileCols;
+  const int64_t full_cols = cols / kTileCols * kTileCols;
+  for (int64_t i = 0; i < full_rows; i += kTileCols) {
+    for (int64_t j = 0; j < full_cols; j += kTileCols) {
+      transpose_block(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst);
+    }
+  }
   for (int64_t j = 0; j < cols; ++j) {
-    for (int64_t i = 0; i < rows; ++i) {
+    const int64_t first_row = j < full_cols ? full_rows : 0;
+    for (int64_t i = first_row; i < rows; ++i) {
       dst[j * ld_dst + i] = src[i * ld_src + j];
     }
   }
