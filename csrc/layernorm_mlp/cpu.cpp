@@ -4,7 +4,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/mm.h>
 
 #include <algorithm>
@@ -217,10 +216,6 @@ MlpParameters mlp_parameters(const at::Tensor& x, const std::optional<at::Tensor
       });
 }
 
-at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias) {
-  return bias.defined() ? at::addmm(bias, input, weight.t()) : at::mm(input, weight.t());
-}
-
 // fc1's input: LayerNorm(x) packed as fp32 [M, C] rows, with the row statistics.
 at::Tensor packed_layernorm(const at::Tensor& x, const MlpParameters& p, at::Tensor& mean, at::Tensor& rstd,
                             double eps) {
@@ -259,13 +254,34 @@ void gelu_backward_in_place(const at::Tensor& pre, at::Tensor& grad, bool tanh_a
   });
 }
 
-// out = x + gamma * z in x's dtype, z the fp32 fc2 output [M, C].
+// fc1's epilogue on the fp32 product [M, hidden] in place: pre = product + bias (bias nullable),
+// and act = GELU(pre). The bias joins here rather than in the GEMM (addmm first writes it across
+// the whole output, one more pass over the largest tensor of the block).
+void bias_gelu(at::Tensor& pre, const float* bias, bool tanh_approximation, at::Tensor& act) {
+  const int64_t hidden = pre.size(1);
+  at::parallel_for(0, pre.size(0), kRowsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float* row = pre.mutable_data_ptr<float>() + r * hidden;
+      if (bias != nullptr) {
+        for (int64_t e = 0; e < hidden; ++e) {
+          row[e] += bias[e];
+        }
+      }
+      cpu::gelu(row, act.mutable_data_ptr<float>() + r * hidden, hidden, tanh_approximation);
+    }
+  });
+}
+
+// fc2's epilogue: z <- z + bias (the fc2 output, kept for gamma's gradient) and
+// out = x + gamma * z in x's dtype; z is fp32 [M, C], bias and gamma nullable.
 template <typename scalar_t>
-void residual_rows(const scalar_t* x, const float* z, const float* gamma, scalar_t* out, int64_t begin, int64_t end,
-                   int64_t c) {
+void residual_rows(const scalar_t* x, float* z, const float* bias, const float* gamma, scalar_t* out, int64_t begin,
+                   int64_t end, int64_t c) {
   for (int64_t r = begin; r < end; ++r) {
     for (int64_t e = 0; e < c; ++e) {
-      const float scaled = gamma != nullptr ? gamma[e] * z[r * c + e] : z[r * c + e];
+      const float value = z[r * c + e] + (bias != nullptr ? bias[e] : 0.0f);
+      z[r * c + e] = value;
+      const float scaled = gamma != nullptr ? gamma[e] * value : value;
       out[r * c + e] = static_cast<scalar_t>(static_cast<float>(x[r * c + e]) + scaled);
     }
   }
@@ -284,14 +300,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm
   const MlpParameters p = mlp_parameters(x_in, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma);
   const at::Tensor x = x_in.contiguous();
   at::Tensor mean, rstd;
-  const at::Tensor pre = linear(packed_layernorm(x, p, mean, rstd, eps), p.fc1_weight, p.fc1_bias);
-  const at::Tensor z = linear(gelu(pre, tanh_approximation), p.fc2_weight, p.fc2_bias);
+  at::Tensor pre = at::mm(packed_layernorm(x, p, mean, rstd, eps), p.fc1_weight.t());
+  at::Tensor act = at::empty_like(pre);
+  bias_gelu(pre, data_or_null(p.fc1_bias), tanh_approximation, act);
+  at::Tensor z = at::mm(act, p.fc2_weight.t());
   at::Tensor out = at::empty_like(x);
   const int64_t c = x.size(-1);
   VITKERNELS_DISPATCH_FLOATING(x.scalar_type(), "layernorm_mlp_fwd_cpu", [&] {
     at::parallel_for(0, x.numel() / c, kRowsPerTask, [&](int64_t begin, int64_t end) {
-      residual_rows(x.const_data_ptr<scalar_t>(), z.const_data_ptr<float>(), data_or_null(p.gamma),
-                    out.mutable_data_ptr<scalar_t>(), begin, end, c);
+      residual_rows(x.const_data_ptr<scalar_t>(), z.mutable_data_ptr<float>(), data_or_null(p.fc2_bias),
+                    data_or_null(p.gamma), out.mutable_data_ptr<scalar_t>(), begin, end, c);
     });
   });
   return {out, mean, rstd, pre, p.gamma.defined() ? z : empty_gradient(x)};
