@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "common/cpu_math.h"
@@ -233,7 +234,8 @@ class Floats {
 // past N stay finite.
 struct Scratch {
   int64_t window = -1;
-  bool masked = false;  // the current window spans several shift regions
+  bool masked = false;       // the current window spans several shift regions
+  bool consecutive = false;  // its tokens are consecutive pixels: whole rows of an un-shifted map
   std::vector<int64_t> pixel;
   std::vector<int32_t> region;
   std::vector<const float*> add_rows;  // what each query row's logits get added, see head_addend
@@ -267,6 +269,11 @@ void enter_window(const Geometry& g, const Options& o, int64_t window, Scratch& 
   sc.window = window;
   const int32_t* region = sc.region.data();
   sc.masked = g.shifted() && std::any_of(region, region + g.n, [&](int32_t r) { return r != region[0]; });
+  const int64_t* pixel = sc.pixel.data();
+  sc.consecutive = pixel[0] >= 0;
+  for (int64_t t = 1; t < g.n && sc.consecutive; ++t) {
+    sc.consecutive = pixel[t] == pixel[0] + t;
+  }
   if (sc.masked) {
     for (int64_t i = 0; i < g.n; ++i) {
       for (int64_t j = 0; j < g.n; ++j) {
@@ -276,13 +283,30 @@ void enter_window(const Geometry& g, const Options& o, int64_t window, Scratch& 
   }
 }
 
+// Where the attention product reads one head's values: N rows, ld floats apart.
+struct Values {
+  const float* rows;
+  int64_t ld;
+};
+
 // Reads q, k, v of head h of the current window straight from the qkv map (normalized for cosine
-// attention) and leaves the scaled logits alpha * q k^T in sc.s.
+// attention) and leaves the scaled logits alpha * q k^T in sc.s. With in_place, an fp32 window of
+// consecutive pixels (a window as wide as the map, e.g. Swin's last stage) is not copied: its q and
+// v rows are read where they lie, 3C apart, and its keys are transposed straight from the map.
 template <typename scalar_t>
-void load_and_score(const Geometry& g, const Options& o, const scalar_t* qkv, int64_t h, Scratch& sc) {
+Values load_and_score(const Geometry& g, const Options& o, const scalar_t* qkv, int64_t h, bool in_place,
+                            Scratch& sc) {
   const int64_t n = g.n;
   const int64_t d = g.head_dim;
   const int64_t stride = 3 * g.channels;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (in_place && sc.consecutive && !o.tau.defined()) {
+      const float* q = qkv + sc.pixel[0] * stride + h * d;
+      cpu::transpose(q + g.channels, sc.t.data(), n, d, stride, g.ld);
+      cpu::gemm(q, sc.t.data(), sc.s.data(), n, d, g.ld, stride, g.ld, g.ld, o.alpha(h), false, false);
+      return {q + 2 * g.channels, stride};
+    }
+  }
   const int64_t* pixel = sc.pixel.data();
   window_cpu::load_rows(qkv, pixel, n, stride, h * d, d, o.fill_ptr(), sc.q.data());
   window_cpu::load_rows(qkv, pixel, n, stride, 2 * g.channels + h * d, d, o.fill_ptr(), sc.v.data());
@@ -293,6 +317,7 @@ void load_and_score(const Geometry& g, const Options& o, const scalar_t* qkv, in
   }
   cpu::transpose(sc.k.data(), sc.t.data(), n, d, d, g.ld);
   cpu::gemm(sc.q.data(), sc.t.data(), sc.s.data(), n, d, g.ld, d, g.ld, g.ld, o.alpha(h), false, false);
+  return {sc.v.data(), d};
 }
 
 // What head h adds to the logits of each query row in the current window, as row pointers (each
@@ -330,11 +355,11 @@ void forward_tasks(const Geometry& g, const Options& o, const scalar_t* qkv, sca
   for (int64_t task = begin; task < end; ++task) {
     const int64_t h = task % g.heads;
     enter_window(g, o, task / g.heads, sc);
-    load_and_score(g, o, qkv, h, sc);
+    const Values values = load_and_score(g, o, qkv, h, /*in_place=*/true, sc);
     cpu::softmax_rows_unnormalized(sc.s.data(), head_addend(g, o, h, sc), lse + task * g.n, sc.inv_sum.data(),
                                    g.n, g.n, g.ld);
-    cpu::gemm(sc.s.data(), sc.v.data(), sc.o.data(), g.n, g.n, g.head_dim, g.ld, g.head_dim, g.head_dim, 1.0f,
-              false, false);
+    cpu::gemm(sc.s.data(), values.rows, sc.o.data(), g.n, g.n, g.head_dim, g.ld, values.ld, g.head_dim, 1.0f, false,
+              false);
     window_cpu::store_rows(sc.o.data(), sc.pixel.data(), g.n, g.channels, h * g.head_dim, g.head_dim, out,
                            static_cast<float*>(nullptr), sc.inv_sum.data());
   }
@@ -394,7 +419,7 @@ void backward_task(const Geometry& g, const Options& o, const scalar_t* qkv, con
   const int64_t h = task % g.heads;
   const float alpha = o.alpha(h);
   enter_window(g, o, task / g.heads, sc);
-  load_and_score(g, o, qkv, h, sc);
+  load_and_score(g, o, qkv, h, /*in_place=*/false, sc);
   const int64_t ld = g.ld;
   cpu::exp_rows_minus(sc.s.data(), head_addend(g, o, h, sc), lse + task * n, n, n, ld);
   window_cpu::load_rows(grad_out, sc.pixel.data(), n, g.channels, h * d, d, nullptr, sc.dout.data());

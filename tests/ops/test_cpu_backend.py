@@ -66,6 +66,22 @@ def test_window_attention_cosine_bf16():
     compare_with_reference(run, reference, [qkv, table, qkv_bias, logit_scale], torch.bfloat16)
 
 
+@pytest.mark.parametrize("height,width,window", [(7, 7, (7, 7)), (8, 4, (4, 4)), (6, 5, (3, 5))],
+                         ids=["window-is-the-map", "window-as-wide-as-the-map", "non-square"])
+def test_window_attention_consecutive_tokens_fp32(height, width, window):
+    """Windows whose tokens are consecutive pixels are read in place in fp32 (no copies): same answer."""
+    heads = 3
+    qkv, table, qkv_bias = _window_inputs(2, height, width, heads, 16, window)
+
+    def run(qkv, table, qkv_bias):
+        return ops.window_attention(qkv, heads, window, 0, table, qkv_bias=qkv_bias, backend="cpu")
+
+    def reference(qkv, table, qkv_bias):
+        return window_attention_reference(qkv, heads, window, (0, 0), table, qkv_bias=qkv_bias)
+
+    compare_with_reference(run, reference, [qkv, table, qkv_bias], torch.float32)
+
+
 def test_window_attention_mask_value():
     """Hugging Face Swinv2 masks with -200; the mask value reaches the kernel."""
     qkv, table, qkv_bias = (t.float() for t in _window_inputs(1, 8, 8, 2, 8, (4, 4)))
