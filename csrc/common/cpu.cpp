@@ -495,16 +495,36 @@ void layernorm_row_backward(const float* dy, const float* x, const float* weight
   }
 }
 
+VITKERNELS_INLINE float gelu_tanh(float x) {
+  return 0.5f * x * (1.0f + fast_tanh(kSqrt2OverPi * (x + kTanhCubic * x * x * x)));
+}
+
+VITKERNELS_INLINE float gelu_erf(float x) { return 0.5f * x * (1.0f + fast_erf(x * kSqrtHalf)); }
+
 VITKERNELS_CPU_CLONES
 void gelu(const float* a, float* out, int64_t n, bool tanh_approximation) {
   if (tanh_approximation) {
     for (int64_t i = 0; i < n; ++i) {
-      const float x = a[i];
-      out[i] = 0.5f * x * (1.0f + fast_tanh(kSqrt2OverPi * (x + kTanhCubic * x * x * x)));
+      out[i] = gelu_tanh(a[i]);
     }
   } else {
     for (int64_t i = 0; i < n; ++i) {
-      out[i] = 0.5f * a[i] * (1.0f + fast_erf(a[i] * kSqrtHalf));
+      out[i] = gelu_erf(a[i]);
+    }
+  }
+}
+
+VITKERNELS_CPU_CLONES
+void bias_gelu(float* pre, const float* bias, float* out, int64_t n, bool tanh_approximation) {
+  if (tanh_approximation) {
+    for (int64_t i = 0; i < n; ++i) {
+      pre[i] += bias[i];
+      out[i] = gelu_tanh(pre[i]);
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      pre[i] += bias[i];
+      out[i] = gelu_erf(pre[i]);
     }
   }
 }

@@ -60,6 +60,9 @@ void layernorm_row_backward(const float* dy, const float* x, const float* weight
 // GELU of a[n] into out[n]: exact (erf, nn.GELU()) or the tanh approximation.
 void gelu(const float* a, float* out, int64_t n, bool tanh_approximation);
 
+// pre[i] += bias[i], then out[i] = GELU(pre[i]): a Linear's bias and activation in one pass.
+void bias_gelu(float* pre, const float* bias, float* out, int64_t n, bool tanh_approximation);
+
 // da[i] = dout[i] * GELU'(a[i]); da may alias dout.
 void gelu_backward(const float* a, const float* dout, float* da, int64_t n, bool tanh_approximation);
 

@@ -262,12 +262,12 @@ void bias_gelu(at::Tensor& pre, const float* bias, bool tanh_approximation, at::
   at::parallel_for(0, pre.size(0), kRowsPerTask, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       float* row = pre.mutable_data_ptr<float>() + r * hidden;
+      float* out = act.mutable_data_ptr<float>() + r * hidden;
       if (bias != nullptr) {
-        for (int64_t e = 0; e < hidden; ++e) {
-          row[e] += bias[e];
-        }
+        cpu::bias_gelu(row, bias, out, hidden, tanh_approximation);
+      } else {
+        cpu::gelu(row, out, hidden, tanh_approximation);
       }
-      cpu::gelu(row, act.mutable_data_ptr<float>() + r * hidden, hidden, tanh_approximation);
     }
   });
 }
