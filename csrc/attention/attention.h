@@ -10,6 +10,25 @@
 
 namespace vitkernels {
 
+// The optional additive bias as fp32, checked against qkv, with its strides (elements) once
+// expanded to [batch, heads, n, n] written to strides[0..3]; undefined when absent. The returned
+// tensor owns the memory the kernels read.
+inline at::Tensor expanded_float_bias(const std::optional<at::Tensor>& bias, const at::Tensor& qkv, int64_t batch,
+                                      int64_t heads, int64_t n, int64_t* strides) {
+  if (!bias.has_value()) {
+    return at::Tensor();
+  }
+  check_same_device(*bias, "bias", qkv, "qkv");
+  check_floating(*bias, "bias");
+  TORCH_CHECK(bias->dim() >= 2 && bias->dim() <= 4, "bias must be 2-D to 4-D, got shape ", bias->sizes());
+  at::Tensor values = bias->to(at::kFloat);
+  const at::Tensor expanded = values.expand({batch, heads, n, n});
+  for (int64_t d = 0; d < 4; ++d) {
+    strides[d] = expanded.stride(d);
+  }
+  return values;
+}
+
 // softmax(q k^T * scale + bias) v from qkv [B, N, 3C] (last dim ordered (3, heads, head_dim);
 // fp16, bf16 or fp32, computed in fp32) with bias broadcastable to [B, heads, N, N] or None and
 // scale head_dim ** -0.5 when None: (out [B, N, C] in qkv's dtype, lse [B, heads, N] fp32).

@@ -50,18 +50,8 @@ Problem make_problem(const at::Tensor& qkv, int64_t num_heads, std::optional<dou
 
 // The bias as fp32 viewed at [B, heads, N, N]; the returned tensor owns the memory p.bias points to.
 at::Tensor attach_bias(Problem& p, const std::optional<at::Tensor>& bias, const at::Tensor& qkv) {
-  if (!bias.has_value()) {
-    return at::Tensor();
-  }
-  check_same_device(*bias, "bias", qkv, "qkv");
-  check_floating(*bias, "bias");
-  TORCH_CHECK(bias->dim() >= 2 && bias->dim() <= 4, "bias must be 2-D to 4-D, got shape ", bias->sizes());
-  at::Tensor values = bias->to(at::kFloat);
-  const at::Tensor expanded = values.expand({p.batch, p.heads, p.tokens, p.tokens});
-  for (int64_t d = 0; d < 4; ++d) {
-    p.bias_stride[d] = expanded.stride(d);
-  }
-  p.bias = values.const_data_ptr<float>();
+  at::Tensor values = expanded_float_bias(bias, qkv, p.batch, p.heads, p.tokens, p.bias_stride);
+  p.bias = values.defined() ? values.const_data_ptr<float>() : nullptr;
   return values;
 }
 

@@ -74,18 +74,8 @@ GlobalProblem make_problem(const at::Tensor& qkv, int64_t num_heads, std::option
 
 // The bias as fp32 viewed at [B, heads, N, N]; the returned tensor owns what p.policy.bias points to.
 at::Tensor attach_bias(GlobalProblem& p, const std::optional<at::Tensor>& bias, const at::Tensor& qkv) {
-  if (!bias.has_value()) {
-    return at::Tensor();
-  }
-  check_same_device(*bias, "bias", qkv, "qkv");
-  check_floating(*bias, "bias");
-  TORCH_CHECK(bias->dim() >= 2 && bias->dim() <= 4, "bias must be 2-D to 4-D, got shape ", bias->sizes());
-  at::Tensor values = bias->to(at::kFloat);
-  const at::Tensor expanded = values.expand({p.batch, p.policy.heads, p.policy.n, p.policy.n});
-  for (int64_t d = 0; d < 4; ++d) {
-    p.policy.bias_stride[d] = expanded.stride(d);
-  }
-  p.policy.bias = values.const_data_ptr<float>();
+  at::Tensor values = expanded_float_bias(bias, qkv, p.batch, p.policy.heads, p.policy.n, p.policy.bias_stride);
+  p.policy.bias = values.defined() ? values.const_data_ptr<float>() : nullptr;
   return values;
 }
 
