@@ -21,6 +21,9 @@ constexpr int64_t kQueryBlock = 32;
 
 struct Problem {
   int64_t batch, tokens, heads, head_dim, channels;
+  // Row stride of logits panels and of transposed keys and values: N rounded up to whole gemm
+  // tiles and softmax vectors; the extra key columns are zero and their probabilities 0.
+  int64_t ld;
   float scale;
   // bias expanded to [B, heads, N, N] as fp32 strides (0 along broadcast dims); null without bias.
   const float* bias = nullptr;
@@ -44,6 +47,7 @@ Problem make_problem(const at::Tensor& qkv, int64_t num_heads, std::optional<dou
   p.heads = num_heads;
   p.channels = qkv.size(2) / 3;
   p.head_dim = p.channels / num_heads;
+  p.ld = (p.tokens + cpu::kGemmTileCols - 1) / cpu::kGemmTileCols * cpu::kGemmTileCols;
   p.scale = static_cast<float>(scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(p.head_dim)));
   return p;
 }
@@ -67,24 +71,27 @@ void load_head(const Problem& p, const scalar_t* qkv, int64_t b, int64_t part, i
   }
 }
 
+// dst rows first.. of the map from src [rows, head_dim], row t multiplied by row_scale[t] when
+// row_scale is not null.
 template <typename scalar_t>
 void store_head(const Problem& p, const float* src, int64_t rows, int64_t first, int64_t row_stride, int64_t offset,
-                scalar_t* dst) {
+                scalar_t* dst, const float* row_scale = nullptr) {
   for (int64_t t = 0; t < rows; ++t) {
+    const float factor = row_scale != nullptr ? row_scale[t] : 1.0f;
     for (int64_t e = 0; e < p.head_dim; ++e) {
-      dst[(first + t) * row_stride + offset + e] = static_cast<scalar_t>(src[t * p.head_dim + e]);
+      dst[(first + t) * row_stride + offset + e] = static_cast<scalar_t>(src[t * p.head_dim + e] * factor);
     }
   }
 }
 
 struct Scratch {
-  std::vector<float> q, k, kt, v, vt, s, dp, o, dout, dq, dk, dv;
+  std::vector<float> q, k, kt, v, vt, s, dp, o, inv_sum, dout, dq, dk, dv;
 
   Scratch(const Problem& p, bool backward)
-      : q(p.tokens * p.head_dim), k(q.size()), kt(q.size()), v(q.size()), s(kQueryBlock * p.tokens),
-        o(kQueryBlock * p.head_dim) {
+      : q(p.tokens * p.head_dim), k(q.size()), kt(p.head_dim * p.ld), v(q.size()), s(kQueryBlock * p.ld),
+        o(kQueryBlock * p.head_dim), inv_sum(kQueryBlock) {
     if (backward) {
-      vt.resize(q.size());
+      vt.resize(kt.size());
       dp.resize(s.size());
       dout.resize(q.size());
       dq.resize(o.size());
@@ -94,17 +101,17 @@ struct Scratch {
   }
 };
 
-// sc.s <- logits of queries [i0, i0 + rows) of (b, h) against every key.
+// sc.s <- logits [rows, ld] of queries [i0, i0 + rows) of (b, h) against every key.
 void block_logits(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t rows, Scratch& sc) {
   const int64_t n = p.tokens;
-  cpu::gemm(sc.q.data() + i0 * p.head_dim, sc.kt.data(), sc.s.data(), rows, p.head_dim, n, p.head_dim, n, n, p.scale,
-            false, false);
+  cpu::gemm(sc.q.data() + i0 * p.head_dim, sc.kt.data(), sc.s.data(), rows, p.head_dim, p.ld, p.head_dim, p.ld, p.ld,
+            p.scale, false, false);
   if (p.bias == nullptr) {
     return;
   }
   for (int64_t r = 0; r < rows; ++r) {
     const float* bias = p.bias_row(b, h, i0 + r);
-    float* row = sc.s.data() + r * n;
+    float* row = sc.s.data() + r * p.ld;
     for (int64_t j = 0; j < n; ++j) {
       row[j] += bias[j * p.bias_stride[3]];
     }
@@ -118,14 +125,15 @@ void forward_task(const Problem& p, const scalar_t* qkv, scalar_t* out, float* l
   load_head(p, qkv, b, 0, h, sc.q.data());
   load_head(p, qkv, b, 1, h, sc.k.data());
   load_head(p, qkv, b, 2, h, sc.v.data());
-  cpu::transpose(sc.k.data(), sc.kt.data(), p.tokens, p.head_dim, p.head_dim, p.tokens);
+  cpu::transpose(sc.k.data(), sc.kt.data(), p.tokens, p.head_dim, p.head_dim, p.ld);
   for (int64_t i0 = 0; i0 < p.tokens; i0 += kQueryBlock) {
     const int64_t rows = std::min(kQueryBlock, p.tokens - i0);
     block_logits(p, b, h, i0, rows, sc);
-    cpu::softmax_rows(sc.s.data(), lse + task * p.tokens + i0, rows, p.tokens, p.tokens);
-    cpu::gemm(sc.s.data(), sc.v.data(), sc.o.data(), rows, p.tokens, p.head_dim, p.tokens, p.head_dim, p.head_dim,
+    cpu::softmax_rows_unnormalized(sc.s.data(), nullptr, lse + task * p.tokens + i0, sc.inv_sum.data(), rows,
+                                   p.tokens, p.ld);
+    cpu::gemm(sc.s.data(), sc.v.data(), sc.o.data(), rows, p.tokens, p.head_dim, p.ld, p.head_dim, p.head_dim,
               1.0f, false, false);
-    store_head(p, sc.o.data(), rows, b * p.tokens + i0, p.channels, h * p.head_dim, out);
+    store_head(p, sc.o.data(), rows, b * p.tokens + i0, p.channels, h * p.head_dim, out, sc.inv_sum.data());
   }
 }
 
@@ -135,24 +143,27 @@ void backward_block(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t 
                     float* dbias) {
   const int64_t n = p.tokens;
   const int64_t d = p.head_dim;
+  const int64_t ld = p.ld;
   block_logits(p, b, h, i0, rows, sc);
-  cpu::exp_rows_minus(sc.s.data(), nullptr, lse + i0, rows, n, n);
+  cpu::exp_rows_minus(sc.s.data(), nullptr, lse + i0, rows, n, ld);
   const float* dout = sc.dout.data() + i0 * d;
-  cpu::gemm(sc.s.data(), dout, sc.dv.data(), n, rows, d, n, d, d, 1.0f, true, true);
-  cpu::gemm(dout, sc.vt.data(), sc.dp.data(), rows, d, n, d, n, n, 1.0f, false, false);
+  cpu::gemm(sc.s.data(), dout, sc.dv.data(), n, rows, d, ld, d, d, 1.0f, true, true);
+  cpu::gemm(dout, sc.vt.data(), sc.dp.data(), rows, d, ld, d, ld, ld, 1.0f, false, false);
   for (int64_t r = 0; r < rows; ++r) {
-    const float* prob = sc.s.data() + r * n;
-    float* ds = sc.dp.data() + r * n;
+    const float* prob = sc.s.data() + r * ld;
+    float* ds = sc.dp.data() + r * ld;
     const float total = cpu::dot(prob, ds, n);
     for (int64_t j = 0; j < n; ++j) {
       ds[j] = prob[j] * (ds[j] - total);
     }
   }
   if (dbias != nullptr) {
-    std::copy(sc.dp.data(), sc.dp.data() + rows * n, dbias + i0 * n);
+    for (int64_t r = 0; r < rows; ++r) {
+      std::copy(sc.dp.data() + r * ld, sc.dp.data() + r * ld + n, dbias + (i0 + r) * n);
+    }
   }
-  cpu::gemm(sc.dp.data(), sc.k.data(), sc.dq.data(), rows, n, d, n, d, d, p.scale, false, false);
-  cpu::gemm(sc.dp.data(), sc.q.data() + i0 * d, sc.dk.data(), n, rows, d, n, d, d, p.scale, true, true);
+  cpu::gemm(sc.dp.data(), sc.k.data(), sc.dq.data(), rows, n, d, ld, d, d, p.scale, false, false);
+  cpu::gemm(sc.dp.data(), sc.q.data() + i0 * d, sc.dk.data(), n, rows, d, ld, d, d, p.scale, true, true);
 }
 
 template <typename scalar_t>
@@ -170,8 +181,8 @@ void backward_task(const Problem& p, const scalar_t* qkv, const scalar_t* grad_o
       sc.dout[t * d + e] = static_cast<float>(grad_out[(b * n + t) * p.channels + h * d + e]);
     }
   }
-  cpu::transpose(sc.k.data(), sc.kt.data(), n, d, d, n);
-  cpu::transpose(sc.v.data(), sc.vt.data(), n, d, d, n);
+  cpu::transpose(sc.k.data(), sc.kt.data(), n, d, d, p.ld);
+  cpu::transpose(sc.v.data(), sc.vt.data(), n, d, d, p.ld);
   std::fill(sc.dk.begin(), sc.dk.end(), 0.0f);
   std::fill(sc.dv.begin(), sc.dv.end(), 0.0f);
   const int64_t stride = 3 * p.channels;
