@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "attention/attention.h"
@@ -101,11 +102,12 @@ struct Scratch {
   }
 };
 
-// sc.s <- logits [rows, ld] of queries [i0, i0 + rows) of (b, h) against every key.
-void block_logits(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t rows, Scratch& sc) {
+// sc.s <- logits [rows, ld] of queries [i0, i0 + rows) of (b, h) against every key; query t is
+// row t of q, ldq floats apart.
+void block_logits(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t rows, const float* q, int64_t ldq,
+                  Scratch& sc) {
   const int64_t n = p.tokens;
-  cpu::gemm(sc.q.data() + i0 * p.head_dim, sc.kt.data(), sc.s.data(), rows, p.head_dim, p.ld, p.head_dim, p.ld, p.ld,
-            p.scale, false, false);
+  cpu::gemm(q + i0 * ldq, sc.kt.data(), sc.s.data(), rows, p.head_dim, p.ld, ldq, p.ld, p.ld, p.scale, false, false);
   if (p.bias == nullptr) {
     return;
   }
@@ -118,21 +120,41 @@ void block_logits(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t ro
   }
 }
 
+// Where the forward reads q and v of (b, h): fp32 rows are read in place from the map (3C
+// apart), other dtypes converted into the scratch; the keys land transposed in sc.kt.
+struct HeadRows {
+  const float* q;
+  const float* v;
+  int64_t ld;
+};
+
 template <typename scalar_t>
-void forward_task(const Problem& p, const scalar_t* qkv, scalar_t* out, float* lse, int64_t task, Scratch& sc) {
-  const int64_t b = task / p.heads;
-  const int64_t h = task % p.heads;
+HeadRows forward_operands(const Problem& p, const scalar_t* qkv, int64_t b, int64_t h, Scratch& sc) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    const int64_t stride = 3 * p.channels;
+    const float* q = qkv + b * p.tokens * stride + h * p.head_dim;
+    cpu::transpose(q + p.channels, sc.kt.data(), p.tokens, p.head_dim, stride, p.ld);
+    return {q, q + 2 * p.channels, stride};
+  }
   load_head(p, qkv, b, 0, h, sc.q.data());
   load_head(p, qkv, b, 1, h, sc.k.data());
   load_head(p, qkv, b, 2, h, sc.v.data());
   cpu::transpose(sc.k.data(), sc.kt.data(), p.tokens, p.head_dim, p.head_dim, p.ld);
+  return {sc.q.data(), sc.v.data(), p.head_dim};
+}
+
+template <typename scalar_t>
+void forward_task(const Problem& p, const scalar_t* qkv, scalar_t* out, float* lse, int64_t task, Scratch& sc) {
+  const int64_t b = task / p.heads;
+  const int64_t h = task % p.heads;
+  const HeadRows head = forward_operands(p, qkv, b, h, sc);
   for (int64_t i0 = 0; i0 < p.tokens; i0 += kQueryBlock) {
     const int64_t rows = std::min(kQueryBlock, p.tokens - i0);
-    block_logits(p, b, h, i0, rows, sc);
+    block_logits(p, b, h, i0, rows, head.q, head.ld, sc);
     cpu::softmax_rows_unnormalized(sc.s.data(), nullptr, lse + task * p.tokens + i0, sc.inv_sum.data(), rows,
                                    p.tokens, p.ld);
-    cpu::gemm(sc.s.data(), sc.v.data(), sc.o.data(), rows, p.tokens, p.head_dim, p.ld, p.head_dim, p.head_dim,
-              1.0f, false, false);
+    cpu::gemm(sc.s.data(), head.v, sc.o.data(), rows, p.tokens, p.head_dim, p.ld, head.ld, p.head_dim, 1.0f, false,
+              false);
     store_head(p, sc.o.data(), rows, b * p.tokens + i0, p.channels, h * p.head_dim, out, sc.inv_sum.data());
   }
 }
@@ -144,7 +166,7 @@ void backward_block(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t 
   const int64_t n = p.tokens;
   const int64_t d = p.head_dim;
   const int64_t ld = p.ld;
-  block_logits(p, b, h, i0, rows, sc);
+  block_logits(p, b, h, i0, rows, sc.q.data(), d, sc);
   cpu::exp_rows_minus(sc.s.data(), nullptr, lse + i0, rows, n, ld);
   const float* dout = sc.dout.data() + i0 * d;
   cpu::gemm(sc.s.data(), dout, sc.dv.data(), n, rows, d, ld, d, d, 1.0f, true, true);
