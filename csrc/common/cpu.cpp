@@ -271,34 +271,6 @@ VITKERNELS_INLINE Float16 load_partial16(const float* p, int64_t count, float fi
 
 VITKERNELS_INLINE void store_partial16(float* p, Float16 v, int64_t count) { std::memcpy(p, &v, count * sizeof(float)); }
 
-// row[j] <- exp(row[j] - max) for j < n, where max (returned through max_out) is the row's
-// largest element; returns the sum of the exponentials. On 16-lane vectors with halving
-// reductions: rows can be short, and scalar reductions would weigh as much as the loops.
-VITKERNELS_INLINE float exp_row(float* __restrict row, int64_t n, float* max_out) {
-  const int64_t full = n / kTileCols * kTileCols;
-  Float16 lanes = splat16(-std::numeric_limits<float>::infinity());
-  for (int64_t j = 0; j < full; j += kTileCols) {
-    lanes = max16(lanes, load16(row + j));
-  }
-  float max = max_lanes(lanes);
-  for (int64_t j = full; j < n; ++j) {
-    max = std::max(max, row[j]);
-  }
-  Float16 sums{};
-  for (int64_t j = 0; j < full; j += kTileCols) {
-    const Float16 e = fast_exp16(load16(row + j) - max);
-    store16(row + j, e);
-    sums += e;
-  }
-  float sum = sum_lanes(sums);
-  for (int64_t j = full; j < n; ++j) {
-    row[j] = fast_exp(row[j] - max);
-    sum += row[j];
-  }
-  *max_out = max;
-  return sum;
-}
-
 }  // namespace
 
 VITKERNELS_CPU_CLONES
@@ -332,24 +304,6 @@ void transpose(const float* src, float* dst, int64_t rows, int64_t cols, int64_t
   }
 }
 
-VITKERNELS_CPU_CLONES
-void softmax_rows(float* s, float* lse, int64_t rows, int64_t cols, int64_t ld) {
-  for (int64_t i = 0; i < rows; ++i) {
-    float* __restrict row = s + i * ld;
-    float max;
-    const float sum = exp_row(row, cols, &max);
-    const float inv = 1.0f / sum;
-#pragma omp simd
-    for (int64_t j = 0; j < cols; ++j) {
-      row[j] *= inv;
-    }
-    lse[i] = max + std::log(sum);
-  }
-}
-
-// Three passes, so that no row waits on the one before: the row maxima; the exponentials with
-// their per-row sums (independent rows the out-of-order core overlaps); the statistics of 16 rows
-// at a time.
 VITKERNELS_CPU_CLONES
 void softmax_rows_unnormalized(float* s, const float* const* add, float* lse, float* inv_sum, int64_t rows,
                                int64_t cols, int64_t ld) {

@@ -21,10 +21,7 @@ void gemm(const float* a, const float* b, float* c, int64_t m, int64_t k, int64_
 // dst[j, i] = src[i, j] for a [rows, cols] matrix.
 void transpose(const float* src, float* dst, int64_t rows, int64_t cols, int64_t ld_src, int64_t ld_dst);
 
-// Row-wise softmax of s[rows, cols] in place; lse[i] = logsumexp of row i before normalization.
-void softmax_rows(float* s, float* lse, int64_t rows, int64_t cols, int64_t ld);
-
-// The softmax of s + add left unnormalized, in one pass per row: s[i, j] <- exp(s[i, j] + add[i][j] - m_i)
+// The softmax of s + add left unnormalized: s[i, j] <- exp(s[i, j] + add[i][j] - m_i)
 // with m_i the row's max; lse[i] = m_i + log(sum_i) and inv_sum[i] = 1 / sum_i, which normalizes the
 // row or, for fewer multiplies, the row's product with the values. add holds one row pointer per
 // row, or is null. Each row of s and add is read up to cols rounded up to kGemmTileCols (the

@@ -257,7 +257,7 @@ void gelu_backward_in_place(const at::Tensor& pre, at::Tensor& grad, bool tanh_a
 // fc1's epilogue on the fp32 product [M, hidden] in place: pre = product + bias (bias nullable),
 // and act = GELU(pre). The bias joins here rather than in the GEMM (addmm first writes it across
 // the whole output, one more pass over the largest tensor of the block).
-void bias_gelu(at::Tensor& pre, const float* bias, bool tanh_approximation, at::Tensor& act) {
+void fc1_epilogue(at::Tensor& pre, const float* bias, bool tanh_approximation, at::Tensor& act) {
   const int64_t hidden = pre.size(1);
   at::parallel_for(0, pre.size(0), kRowsPerTask, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -302,7 +302,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm
   at::Tensor mean, rstd;
   at::Tensor pre = at::mm(packed_layernorm(x, p, mean, rstd, eps), p.fc1_weight.t());
   at::Tensor act = at::empty_like(pre);
-  bias_gelu(pre, data_or_null(p.fc1_bias), tanh_approximation, act);
+  fc1_epilogue(pre, data_or_null(p.fc1_bias), tanh_approximation, act);
   at::Tensor z = at::mm(act, p.fc2_weight.t());
   at::Tensor out = at::empty_like(x);
   const int64_t c = x.size(-1);
