@@ -45,10 +45,6 @@ def _tensor_count(func) -> int:
     return sum(str(a.type).startswith(("Tensor", "Optional[Tensor]")) for a in func._schema.arguments)
 
 
-@pytest.mark.xfail(strict=True, raises=Exception, reason=(
-    "<op>_torch_backward (vitkernels/ops/_library.py) runs torch.autograd.grad inside its kernel, below the "
-    "autograd key: under any dispatch mode (opcheck's schema, fake-tensor and AOT tests, FlopCounterMode) "
-    "autograd records nothing and it raises 'element 0 of tensors does not require grad'"))
 @pytest.mark.parametrize("op", ops.OPS)
 def test_torch_backward_op_opcheck(op):
     """<op>_torch_backward(grad_outputs, needs_grad, *forward arguments) on the forward op's arguments."""

@@ -14,6 +14,21 @@ import torch
 
 NAMESPACE = "vitkernels"
 _LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
+_AUTOGRAD_KEYS = (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.ADInplaceOrView)
+
+
+def _autograd_dispatch():
+    """Guard under which autograd records again inside a kernel.
+
+    A kernel registered below autograd runs with the autograd keys in the thread's exclude set
+    whenever a dispatch mode (fake tensors, schema checks, a flop counter, AOT tracing) sits
+    between the caller and the kernel. The recomputing backward needs autograd there, so it lifts
+    those keys for its own body and leaves every other key as the caller set it.
+    """
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in _AUTOGRAD_KEYS:
+        exclude = exclude.remove(key)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
 
 
 def _split_args(schema: str) -> list[tuple[str, str]]:
@@ -47,28 +62,31 @@ def define_reference_op(name: str, schema: str, fn: Callable) -> Callable:
     def backward_impl(grad_outputs, needs_grad, *inputs):
         inputs = list(inputs)
         wrt = [i for i, need in zip(tensor_at, needs_grad) if need and inputs[i] is not None]
-        with torch.enable_grad():
+        with _autograd_dispatch(), torch.enable_grad():
             for i in wrt:
                 inputs[i] = inputs[i].detach().requires_grad_(True)
             outputs = fn(*inputs)
             outputs = (outputs,) if single_output else tuple(outputs)
             grads = torch.autograd.grad(outputs, [inputs[i] for i in wrt], list(grad_outputs), allow_unused=True)
         by_index = dict(zip(wrt, grads))
-        empty = grad_outputs[0].new_empty(0)
+        # An op's outputs may alias neither its inputs nor each other (autograd hands x + branch the
+        # same gradient twice, and a sum's gradient is grad_output itself).
+        storages = {t.untyped_storage().data_ptr() for t in (*grad_outputs, *inputs)
+                    if isinstance(t, torch.Tensor) and t.numel()}
         result = []
         for i in tensor_at:
-            if i not in by_index:
-                result.append(empty)
-            elif by_index[i] is None:
-                result.append(torch.zeros_like(inputs[i]))
-            else:
-                result.append(by_index[i])
+            grad = by_index.get(i, grad_outputs[0].new_empty(0))
+            if grad is None:
+                grad = torch.zeros_like(inputs[i])
+            elif grad.numel() and grad.untyped_storage().data_ptr() in storages:
+                grad = grad.clone()
+            storages.add(grad.untyped_storage().data_ptr())
+            result.append(grad)
         return result
 
     def backward_fake(grad_outputs, needs_grad, *inputs):
-        empty = grad_outputs[0].new_empty(0)
         return [
-            torch.empty_like(inputs[i]) if need and inputs[i] is not None else empty
+            torch.empty_like(inputs[i]) if need and inputs[i] is not None else grad_outputs[0].new_empty(0)
             for i, need in zip(tensor_at, needs_grad)
         ]
 
