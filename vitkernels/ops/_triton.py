@@ -15,20 +15,22 @@ def gemm_config(block_m: int, block_n: int, block_k: int, warps: int, stages: in
                          num_warps=warps, num_stages=stages)
 
 
-def prune_by_depth(pointer: str) -> Callable:
-    """An early_config_prune keeping the configs whose BLOCK_K suits the dtype of argument ``pointer``.
+def autotune_by_depth(configs: list, pointer: str) -> Callable:
+    """``triton.autotune`` over ``configs``, keyed on M, N, K, trying the configs whose BLOCK_K suits
+    the dtype of argument ``pointer``: fp32 tiles take half the K depth (32) of fp16/bf16 ones (64)
+    to fit shared memory.
 
-    fp32 tiles take half the K depth (32) of fp16/bf16 ones (64) to fit shared memory; under the
-    interpreter, where autotuning cannot run, only the last config is kept.
+    Under the interpreter, which cannot time anything, the autotuner gets the last config alone, so
+    it launches it without benchmarking.
     """
+    if aot.interpreter_on():
+        return triton.autotune(configs=configs[-1:], key=["M", "N", "K"])
 
     def prune(configs, named_args, **kwargs):
-        if aot.interpreter_on():
-            return [configs[-1]]
         depth = 32 if named_args[pointer].dtype == torch.float32 else 64
         return [c for c in configs if c.kwargs["BLOCK_K"] == depth]
 
-    return prune
+    return triton.autotune(configs=configs, key=["M", "N", "K"], prune_configs_by={"early_config_prune": prune})
 
 
 @triton.jit

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ... import aot
-from .._triton import dot, gemm_config, grouped_tile, prune_by_depth
+from .._triton import autotune_by_depth, dot, gemm_config, grouped_tile
 
 GELU_MODES = {"none": 1, "tanh": 2}  # 0: no activation
 # Module-level constants of a jitted function must be constexprs; keep a tensor on the left of each
@@ -154,8 +154,7 @@ def _gemm_configs() -> list:
     ]
 
 
-@triton.autotune(configs=_gemm_configs(), key=["M", "N", "K"],
-                 prune_configs_by={"early_config_prune": prune_by_depth("a_ptr")})
+@autotune_by_depth(_gemm_configs(), "a_ptr")
 @triton.jit
 def _mlp_fwd_kernel(a_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, ln_w_ptr, ln_b_ptr, res_ptr, gamma_ptr,
                     pre_ptr, out_ptr, M, N, K,

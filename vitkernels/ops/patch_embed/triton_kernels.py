@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ... import aot
-from .._triton import dot, gemm_config, grouped_tile, prune_by_depth
+from .._triton import autotune_by_depth, dot, gemm_config, grouped_tile
 from ..layernorm_mlp.triton_kernels import layernorm_bwd
 from .reference import resample_pos_embed
 
@@ -88,9 +88,7 @@ def _patch_embed_fwd_kernel(x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, pos_pt
     tl.store(out_ptr + out_rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-_patch_embed_fwd_tuned = triton.autotune(configs=_configs(), key=["M", "N", "K"],
-                                         prune_configs_by={"early_config_prune": prune_by_depth("w_ptr")})(
-    _patch_embed_fwd_kernel)
+_patch_embed_fwd_tuned = autotune_by_depth(_configs(), "w_ptr")(_patch_embed_fwd_kernel)
 
 
 def _norm_config(dim: int) -> dict:
