@@ -815,7 +815,7 @@ def bench_runs(cpu: bool, quick: bool, ceilings_path: Optional[str]) -> list[tup
                  dict(common, VITKERNELS_BENCH_MODEL_PROVIDERS=MODEL_PROVIDERS)))
     if not quick:
         for name, (op_names, provider_names, shapes_k) in COMPILED_RUNS.items():
-            runs.append((f"bench:{name}", ["bench/test_bench_ops.py", "-k", shapes_k],
+            runs.append((f"bench:{name}", ["bench/test_bench_ops.py", "-k", f"test_op and ({shapes_k})"],
                          dict(common, VITKERNELS_BENCH_OPS=op_names, VITKERNELS_BENCH_PROVIDERS=provider_names,
                               VITKERNELS_BENCH_MODES="fwd")))
     return runs

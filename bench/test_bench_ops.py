@@ -21,6 +21,7 @@ Run: ``pytest bench/test_bench_ops.py -q``. Selection by environment variables (
 """
 from __future__ import annotations
 
+import importlib
 import itertools
 from typing import Callable, Optional
 
@@ -76,8 +77,8 @@ def provider_fn(op: str, shape, provider: str, device: str, dtype) -> Callable[[
 _CHECKED: set = set()
 
 
-def _check_once(op, shape, provider, fn, inputs, device, dtype) -> None:
-    key = (op, shape, provider)
+def _check_once(op, shape, provider, fn, inputs, device, dtype, variant: Optional[str] = None) -> None:
+    key = (op, shape, provider, variant)
     if key in _CHECKED:
         return
     with cases.skip_outside_failures(provider):
@@ -115,14 +116,16 @@ def make_call(fn, pool: list[cases.Inputs], mode: str) -> Callable[[], None]:
     return backward
 
 
-def record(benchmark, op, shape, provider, mode, dtype, pool: int) -> None:
-    """Puts the case, its work, the achieved rate and its fraction of the measured ceiling in extra_info."""
+def record(benchmark, op, shape, provider, mode, dtype, pool: int, variant: Optional[str] = None) -> None:
+    """Puts the case, its work, the achieved rate and its fraction of the measured ceiling in extra_info;
+    ``variant`` names a non-default schedule of vitkernels backend ``provider``."""
     work = cases.work(op, shape, torch.empty((), dtype=dtype).element_size(), mode)
     benchmark.extra_info.update(
-        op=op, shape=shape.name, model=shape.model, backend=provider,
+        op=op, shape=shape.name, model=shape.model, backend=f"{provider} ({variant})" if variant else provider,
         provider_kind="vitkernels" if provider in backends.BACKENDS else "baseline",
-        provider_detail=(f"vitkernels backend {provider}" if provider in backends.BACKENDS
-                         else providers.describe(provider, op, shape)), mode=mode, batch=shape.batch,
+        provider_detail=(f"vitkernels backend {provider}" + (f", {variant}" if variant else "")
+                         if provider in backends.BACKENDS else providers.describe(provider, op, shape)),
+        mode=mode, batch=shape.batch,
         dtype=str(dtype).replace("torch.", ""), device=DEVICE, bytes=work.bytes, flops=work.flops,
         metric=cases.metric(op), input_pool=pool,
     )
@@ -135,13 +138,31 @@ def record(benchmark, op, shape, provider, mode, dtype, pool: int) -> None:
 @pytest.mark.parametrize("provider", cases.selected("VITKERNELS_BENCH_PROVIDERS", PROVIDERS))
 @pytest.mark.parametrize("op, shape", CASES)
 def test_op(benchmark, op, shape, provider, mode, device, dtype):
+    _bench_case(benchmark, op, shape, provider, mode, device, dtype)
+
+
+def _bench_case(benchmark, op, shape, provider, mode, device, dtype, variant: Optional[str] = None) -> None:
     benchmark.group = f"{op} {mode} {shape.name}"
     fn = provider_fn(op, shape, provider, device, dtype)
     inputs = cases.make_inputs(op, shape, device, dtype, grad=mode != "fwd")
-    _check_once(op, shape, provider, fn, inputs, device, dtype)
+    _check_once(op, shape, provider, fn, inputs, device, dtype, variant)
     size = timing.pool_size(cases.nbytes(inputs), timing.l2_bytes(device))
     pool = [inputs] + [_clone(inputs) for _ in range(size - 1)]
     with cases.skip_outside_failures(provider):
         call = make_call(fn, pool, mode)
     timing.measure(benchmark, call, device)
-    record(benchmark, op, shape, provider, mode, dtype, len(pool))
+    record(benchmark, op, shape, provider, mode, dtype, len(pool), variant)
+
+
+WINDOW_CASES = [case for case in CASES if case.values[0] == "window_attention"]
+
+
+@pytest.mark.parametrize("op, shape", WINDOW_CASES)
+def test_window_forward_one_head_per_program(benchmark, op, shape, device, dtype, monkeypatch):
+    """The Triton window forward with one head per program, beside ``test_op``'s default schedule,
+    which packs several heads of a small window into one program (triton_kernels' docstring)."""
+    if device != "cuda":
+        pytest.skip("Triton on CPU runs in the interpreter, whose timings say nothing about the kernels")
+    kernels = importlib.import_module("vitkernels.ops.window_attention.triton_kernels")
+    monkeypatch.setattr(kernels, "MAX_HEADS_PER_PROGRAM", 1)
+    _bench_case(benchmark, op, shape, "triton", "fwd", device, dtype, variant="1 head per program")

@@ -242,6 +242,43 @@ def test_table_gradient_summed_over_chunks_of_windows(backend, window, monkeypat
 
 
 @pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("pad_first", [False, True], ids=["timm-order", "hf-tv-order"])
+@pytest.mark.parametrize("heads,packed,cosine", [(4, 4, False), (6, 3, True)], ids=["4-of-4-heads", "3-of-6-cosine"])
+def test_forward_walks_several_heads_per_program(backend, pad_first, heads, packed, cosine, monkeypatch):
+    """The small-window schedule: one forward program walks ``packed`` heads of its window."""
+    kernels = importlib.import_module("vitkernels.ops.window_attention.triton_kernels")
+    monkeypatch.setattr(kernels, "MIN_PROGRAMS", 1)
+    batch, height, width, window, shift = 2, 9, 6, (4, 4), (2, 2)
+    tokens, windows = window[0] * window[1], batch * 3 * 2
+    assert kernels.heads_per_program(heads, tokens, windows, kernels.prune_configs(tokens, 8)) == packed
+    qkv, table, qkv_bias = _make(batch, height, width, heads, 8, window)
+    logit_scale = 3.0 + random(heads) if cosine else None
+
+    def run(qkv, table, qkv_bias, logit_scale=None):
+        return ops.window_attention(qkv, heads, window, shift, table, qkv_bias=qkv_bias, logit_scale=logit_scale,
+                                    pad_first=pad_first, backend=backend)
+
+    def reference(qkv, table, qkv_bias, logit_scale=None):
+        return window_attention_reference(qkv, heads, window, shift, table, qkv_bias=qkv_bias,
+                                          logit_scale=logit_scale, pad_first=pad_first)
+
+    inputs = [qkv, table, qkv_bias] + ([logit_scale] if cosine else [])
+    compare_with_reference(run, reference, inputs, torch.float32)
+    compare_with_reference(run, reference, inputs, torch.float16)
+
+
+def test_heads_per_program_keeps_enough_programs():
+    kernels = importlib.import_module("vitkernels.ops.window_attention.triton_kernels")
+    single_tile, multi_tile = kernels.prune_configs(49, 32), kernels.prune_configs(256, 32)
+    assert kernels.heads_per_program(3, 49, 128 * 64, single_tile) == 3  # Swin-T stage 1, batch 128
+    assert kernels.heads_per_program(24, 49, 128, single_tile) == 3  # stage 4: 3072 programs become 1024, not 768
+    assert kernels.heads_per_program(24, 49, 64, single_tile) == 1  # 1536 programs: any packing leaves too few
+    assert kernels.heads_per_program(24, 49, 1024, single_tile) == 4
+    assert kernels.heads_per_program(7, 49, 1 << 20, single_tile) == 1  # no divisor up to the limit
+    assert kernels.heads_per_program(4, 256, 1 << 20, multi_tile) == 1  # several key tiles: one head each
+
+
+@pytest.mark.parametrize("backend", TRITON)
 def test_strided_qkv_map(backend):
     """qkv read through its batch / row / column strides: a transposed map sliced from wider rows."""
     heads, window, shift = 2, (4, 4), (2, 2)

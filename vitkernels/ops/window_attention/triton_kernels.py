@@ -24,8 +24,16 @@ per-program partial sums that torch reduces.
 Accepted layout: qkv [B, H, W, 3C] with any batch / row / column strides and a contiguous last dim
 (the launchers make it so); out [B, H, W, C] is allocated contiguous.
 
-A schedule that packs several small windows or heads per program (49 tokens fill 77% of a 64-row
-tile) is a refinement left for measurements on a GPU.
+Schedule of small windows. Swin's 7x7 window is 49 tokens, which a 64x64 tile holds at 77% of its
+rows (59% of its logits). Packing several windows into one tile would not help: their logits form
+a block-diagonal matrix, so a tile of k windows does k times the useful products. The forward
+packs heads instead: when a window fits one tile, a program walks ``heads_per_program`` heads of
+its window one after another (up to :data:`MAX_HEADS_PER_PROGRAM`, a divisor of the head count).
+The window's frame (source pixel, padding and shift region of each token) and the output offsets
+are computed once for all of them, consecutive heads read adjacent bytes of each qkv row (a
+program reads 3 * 32 * 2 = 192 contiguous bytes of a Swin-T bf16 row instead of 64), and Swin-T
+stage 1 at batch 128 launches 8192 programs instead of 24576. Packing stops where it would leave
+fewer than :data:`MIN_PROGRAMS` programs to spread over the multiprocessors.
 """
 from __future__ import annotations
 
@@ -45,6 +53,8 @@ NORM_EPS = tl.constexpr(1e-12)  # F.normalize's eps in cosine attention
 # Elements of fp32 dS the bias-table gradient may buffer ([chunks, heads, N, N]).
 DTABLE_BUFFER_ELEMENTS = 1 << 22
 GATHER_TILE = 4096  # table rows x window tokens gathered per program of the table-gradient kernel
+MAX_HEADS_PER_PROGRAM = 4  # heads one forward program walks when its window fits one tile
+MIN_PROGRAMS = 1024  # fewest forward programs packing may leave (about 8 per multiprocessor on an H100)
 
 
 @triton.jit
@@ -161,50 +171,52 @@ def _window_attention_fwd_kernel(
     stride_qb, stride_qh, stride_qw, stride_bb, stride_bh, stride_bq, stride_bk,
     H, W, Wh, Ww, sh, sw, num_windows, heads, head_dim, scale, mask_value,
     PAD_FIRST: tl.constexpr, SHIFTED: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_FILL: tl.constexpr,
-    COSINE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    COSINE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     bw = tl.program_id(0)
-    h = tl.program_id(1)
-    b, win, qkv_base, bias_base = _window_bases(bw, h, num_windows, head_dim, qkv_ptr, stride_qb, bias_ptr,
-                                                stride_bb, stride_bh)
     n = Wh * Ww
     channels = heads * head_dim
     d = tl.arange(0, BLOCK_D)
     d_mask = d < head_dim
-    fill_base = fill_ptr + h * head_dim
-    scale = _head_scale(logit_scale_ptr, h, scale, COSINE)
-
     tq = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-    qi, qj, qy, qx, q_real, q_region = _frame(win, tq, H, W, Wh, Ww, sh, sw, PAD_FIRST)
-    q = _load_rows(qkv_base, _map_offsets(qy, qx, stride_qh, stride_qw), q_real, tq < n, d, d_mask, fill_base, HAS_FILL)
-    if COSINE:
-        q = _unit_rows(q)
-    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    for start in range(0, n, BLOCK_N):
-        tk = start + tl.arange(0, BLOCK_N)
-        ki, kj, ky, kx, k_real, k_region = _frame(win, tk, H, W, Wh, Ww, sh, sw, PAD_FIRST)
-        k_offsets = _map_offsets(ky, kx, stride_qh, stride_qw)
-        k = _load_rows(qkv_base + channels, k_offsets, k_real, tk < n, d, d_mask, fill_base + channels, HAS_FILL)
-        v = _load_rows(qkv_base + 2 * channels, k_offsets, k_real, tk < n, d, d_mask, fill_base + 2 * channels,
-                       HAS_FILL)
+    qi, qj, qy, qx, q_real, q_region = _frame(bw % num_windows, tq, H, W, Wh, Ww, sh, sw, PAD_FIRST)
+    q_offsets = _map_offsets(qy, qx, stride_qh, stride_qw)
+    out_rows = (qy * W + qx).to(tl.int64) * channels
+    for head in range(HEADS_PER_PROGRAM):
+        h = tl.program_id(1) * HEADS_PER_PROGRAM + head
+        image, win, qkv_base, bias_base = _window_bases(bw, h, num_windows, head_dim, qkv_ptr, stride_qb,
+                                                        bias_ptr, stride_bb, stride_bh)
+        fill_base = fill_ptr + h * head_dim
+        head_scale = _head_scale(logit_scale_ptr, h, scale, COSINE)
+        q = _load_rows(qkv_base, q_offsets, q_real, tq < n, d, d_mask, fill_base, HAS_FILL)
         if COSINE:
-            k = _unit_rows(k)
-        _, s = _logits(q, k, scale, tq, qi, qj, q_region, tk, ki, kj, k_region, n, table_ptr + h, heads, Wh, Ww,
-                       mask_value, bias_base, stride_bq, stride_bk, HAS_TABLE, SHIFTED, HAS_BIAS, IEEE)
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p, v, IEEE)
-        m = m_new
-    out = acc / l[:, None]
-    out_offsets = (b.to(tl.int64) * H * W + qy * W + qx) * channels + h * head_dim
-    tl.store(out_ptr + out_offsets[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=q_real[:, None] & d_mask[None, :])
-    tl.store(lse_ptr + (bw * heads + h) * n + tq, m + tl.log(l), mask=tq < n)
+            q = _unit_rows(q)
+        m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        for start in range(0, n, BLOCK_N):
+            tk = start + tl.arange(0, BLOCK_N)
+            ki, kj, ky, kx, k_real, k_region = _frame(win, tk, H, W, Wh, Ww, sh, sw, PAD_FIRST)
+            k_offsets = _map_offsets(ky, kx, stride_qh, stride_qw)
+            k = _load_rows(qkv_base + channels, k_offsets, k_real, tk < n, d, d_mask, fill_base + channels, HAS_FILL)
+            v = _load_rows(qkv_base + 2 * channels, k_offsets, k_real, tk < n, d, d_mask, fill_base + 2 * channels,
+                           HAS_FILL)
+            if COSINE:
+                k = _unit_rows(k)
+            _, s = _logits(q, k, head_scale, tq, qi, qj, q_region, tk, ki, kj, k_region, n, table_ptr + h, heads, Wh,
+                           Ww, mask_value, bias_base, stride_bq, stride_bk, HAS_TABLE, SHIFTED, HAS_BIAS, IEEE)
+            m_new = tl.maximum(m, tl.max(s, 1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l = l * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + _dot(p, v, IEEE)
+            m = m_new
+        out = acc / l[:, None]
+        out_offsets = image.to(tl.int64) * H * W * channels + out_rows + h * head_dim
+        tl.store(out_ptr + out_offsets[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=q_real[:, None] & d_mask[None, :])
+        tl.store(lse_ptr + (bw * heads + h) * n + tq, m + tl.log(l), mask=tq < n)
 
 
 @triton.jit
@@ -505,14 +517,27 @@ def window_attention_fwd(qkv, num_heads, window, shift, bias_table=None, qkv_bia
     out = qkv.new_empty(batch, height, width, three_c // 3)
     lse = torch.empty(launch.grid_windows, num_heads, launch.tokens, device=qkv.device, dtype=torch.float32)
     config = prune_configs(launch.tokens, launch.head_dim)
-    grid = (launch.grid_windows, num_heads, triton.cdiv(launch.tokens, config.block_m))
+    packed = heads_per_program(num_heads, launch.tokens, launch.grid_windows, config)
+    grid = (launch.grid_windows, num_heads // packed, triton.cdiv(launch.tokens, config.block_m))
     _window_attention_fwd_kernel[grid](
         qkv, out, lse, _contiguous(bias_table, qkv), _contiguous(qkv_bias, qkv), _contiguous(logit_scale, qkv),
-        qkv if bias is None else bias, *launch.strides, *launch.sizes, **launch.flags,
+        qkv if bias is None else bias, *launch.strides, *launch.sizes, **launch.flags, HEADS_PER_PROGRAM=packed,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=_block_d(launch.head_dim),
         num_warps=config.num_warps,
     )
     return out, lse
+
+
+def heads_per_program(heads: int, tokens: int, windows: int, config: Config) -> int:
+    """Heads one forward program walks (see the module's schedule): the largest divisor of ``heads``
+    up to :data:`MAX_HEADS_PER_PROGRAM` that leaves :data:`MIN_PROGRAMS` programs, when the window
+    is one tile; else 1."""
+    if tokens > config.block_m or tokens > config.block_n:
+        return 1
+    for packed in range(min(MAX_HEADS_PER_PROGRAM, heads), 1, -1):
+        if heads % packed == 0 and windows * (heads // packed) >= MIN_PROGRAMS:
+            return packed
+    return 1
 
 
 def _table_chunks(launch: _Launch) -> tuple[int, int]:
@@ -622,7 +647,7 @@ def _logit_scale_grad(dscale, logit_scale):
 _POINTER_DTYPES = {"qkv_ptr": "act", "out_ptr": "act", "dout_ptr": "act", "dqkv_ptr": "act", "bias_ptr": "param",
                    "table_ptr": "param", "fill_ptr": "param", "logit_scale_ptr": "param"}
 FLAGS = dict(PAD_FIRST=False, SHIFTED=True, HAS_TABLE=True, HAS_FILL=True, COSINE=False, HAS_BIAS=False,
-             BIAS_GRAD=False, TABLE_GRAD=True)
+             BIAS_GRAD=False, TABLE_GRAD=True, HEADS_PER_PROGRAM=1)
 KERNELS = {"fwd": _window_attention_fwd_kernel, "dq": _window_attention_bwd_dq_kernel,
            "dkdv": _window_attention_bwd_dkdv_kernel, "dtable": _window_attention_bwd_dtable_kernel}
 
@@ -666,6 +691,7 @@ def _register_window_kernels() -> None:
     register_specialization("fwd", "fp32", swin, 32)
     register_specialization("fwd", "bf16", swin, 32, param_dtype="fp32", PAD_FIRST=True)
     register_specialization("fwd", "bf16", swin, 32, COSINE=True)
+    register_specialization("fwd", "bf16", swin, 32, HEADS_PER_PROGRAM=3)
     register_specialization("fwd", "fp16", CONFIGS[0], 32)
     register_specialization("fwd", "fp16", CONFIGS[3], 32)
     for kernel in ("dq", "dkdv", "dtable"):
