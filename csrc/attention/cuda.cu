@@ -67,6 +67,7 @@ GlobalProblem make_problem(const at::Tensor& qkv, int64_t num_heads, std::option
   p.head_dim = p.channels / num_heads;
   tile::check_tile_support(qkv, p.head_dim);
   p.policy.n = qkv.size(1);
+  tile::check_grid_size(p.policy.n, num_heads);
   p.policy.heads = static_cast<int>(num_heads);
   p.scale = static_cast<float>(scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(p.head_dim)));
   return p;

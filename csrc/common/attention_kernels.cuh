@@ -230,6 +230,13 @@ constexpr int64_t kMaxHeadDim = 64;
 // sums of the reduced gradients stay small (gridDim.x * tiles slots per head).
 constexpr int64_t kTargetCtas = 2048;
 
+// Refuses problems whose N or head count exceed the grid (N / 64 tiles in gridDim.y, heads in
+// gridDim.z), on the int64 sizes before TileArgs narrows them to int.
+inline void check_grid_size(int64_t n, int64_t heads) {
+  TORCH_CHECK(n <= int64_t{65535} * kTile && heads <= 65535,
+              "attention problem too large for the cuda kernels' grid: N=", n, ", heads=", heads);
+}
+
 // Refuses what the kernels do not compute, naming the value.
 inline void check_tile_support(const at::Tensor& qkv, int64_t head_dim) {
   TORCH_CHECK(qkv.scalar_type() == at::kHalf || qkv.scalar_type() == at::kBFloat16,
@@ -294,8 +301,9 @@ auto kernel_entry(Kernel kernel) -> void (*)(const Policy, const TileArgs<T>) {
 // opting in above 48 KB; refuses shapes whose layout exceeds the device's opt-in limit.
 template <typename T, int D, class Policy>
 void launch_tiles(Kernel kernel, const Policy& policy, const TileArgs<T>& a, int64_t chunks, cudaStream_t stream) {
-  TORCH_CHECK(a.n <= int64_t{65535} * kTile && a.heads <= 65535 && chunks <= int64_t{INT32_MAX},
-              "attention problem too large for the cuda kernels' grid: N=", a.n, ", heads=", a.heads);
+  check_grid_size(a.n, a.heads);
+  TORCH_CHECK(chunks <= int64_t{INT32_MAX}, "attention problem too large for the cuda kernels' grid: ", chunks,
+              " problems per head");
   const Layout layout = Layout::make<D, T>(kernel, a.partial_width);
   int limit = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, c10::cuda::current_device()));

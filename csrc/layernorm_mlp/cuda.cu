@@ -352,6 +352,7 @@ std::vector<at::Tensor> layernorm_mlp_bwd_cuda(
   const int64_t c = m.c;
   const int64_t hidden = p.fc1_weight.size(0);
   layernorm::check_grad_out(grad_out, x_in);
+  layernorm::check_statistics(mean, rstd, x_in);
   for (const at::Tensor* t : {&grad_out, &mean, &rstd, &pre_in, &fc2_out}) {
     check_same_device(*t, "grad_out and the saved tensors", x_in, "x");
   }

@@ -163,6 +163,7 @@ WindowProblem make_problem(const at::Tensor& qkv, int64_t num_heads, at::IntArra
   p.channels = qkv.size(3) / 3;
   p.head_dim = p.channels / num_heads;
   tile::check_tile_support(qkv, p.head_dim);
+  tile::check_grid_size(window_size[0] * window_size[1], num_heads);
   WindowPolicy& w = p.policy;
   w.height = qkv.size(1);
   w.width = qkv.size(2);
