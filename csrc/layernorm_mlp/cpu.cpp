@@ -327,6 +327,7 @@ std::vector<at::Tensor> layernorm_mlp_bwd_cpu(
   const int64_t c = x_in.size(-1);
   const int64_t rows = x_in.numel() / c;
   layernorm::check_grad_out(grad_out, x_in);
+  layernorm::check_statistics(mean, rstd, x_in);
   TORCH_CHECK(pre.dim() == 2 && pre.size(0) == rows && pre.scalar_type() == at::kFloat,
               "pre must be the forward's fp32 [M, hidden] pre-activation, got ", pre.sizes());
   const at::Tensor x = x_in.contiguous();

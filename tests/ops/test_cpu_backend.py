@@ -285,6 +285,20 @@ def test_layernorm_mlp_ops_opcheck():
                           test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.parametrize("statistic", ["mean", "rstd"])
+@pytest.mark.parametrize("bad", ["short", "fp16"])
+def test_layernorm_mlp_bwd_checks_the_row_statistics(statistic, bad):
+    x, ln_w, ln_b, w1, b1, w2, b2, eps, g, approximate = (
+        a.detach() if isinstance(a, torch.Tensor) else a for a in _mlp_op_args())
+    out, mean, rstd, pre, fc2_out = torch.ops.vitkernels.layernorm_mlp_fwd(x, ln_w, ln_b, w1, b1, w2, b2, eps, g,
+                                                                           approximate)
+    stats = {"mean": mean, "rstd": rstd}
+    stats[statistic] = stats[statistic][:-1] if bad == "short" else stats[statistic].half()
+    with pytest.raises(RuntimeError, match="mean and rstd"):
+        torch.ops.vitkernels.layernorm_mlp_bwd(torch.randn_like(out), x, stats["mean"], stats["rstd"], pre, fc2_out,
+                                               ln_w, ln_b, w1, b1, w2, b2, eps, g, approximate)
+
+
 def test_layernorm_mlp_compile_fullgraph():
     args = _mlp_op_args()
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
