@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import os
 import re
@@ -333,12 +334,11 @@ def probe_env() -> dict:
 
     facts["torch"] = torch.__version__
     facts["torch_cuda"] = torch.version.cuda
-    try:
-        import triton
-
-        facts["triton"] = triton.__version__
-    except ImportError as err:
-        facts["triton"] = f"unavailable ({err})"
+    for package in ("triton", "timm", "transformers", "torchvision", "numpy"):
+        try:
+            facts[package] = importlib.import_module(package).__version__
+        except ImportError as err:
+            facts[package] = f"unavailable ({err})"
     facts["cuda_available"] = torch.cuda.is_available()
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
