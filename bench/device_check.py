@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import importlib.util
 import json
 import os
 import re
@@ -685,8 +686,19 @@ def _gpu_name() -> Optional[str]:
     return _nvidia_smi("name")
 
 
+def pytest_workers(cpu: bool, cpu_count: Optional[int] = None) -> list[str]:
+    """pytest-xdist arguments for a test step on a GPU machine: first use of each Triton kernel
+    specialization compiles it on the host, which dominates those runs, so half the cores (8 at most)
+    each run a share of the tests on the one GPU. None on CPU runs, below 4 cores or without
+    pytest-xdist."""
+    workers = min(8, (cpu_count or os.cpu_count() or 1) // 2)
+    if cpu or workers < 2 or importlib.util.find_spec("xdist") is None:
+        return []
+    return ["-n", str(workers)]
+
+
 def _pytest_step(runner: Runner, name: str, args: list[str], later: list[str]) -> Step:
-    command = [sys.executable, "-m", "pytest", *args, "-q", "-p", "no:cacheprovider"]
+    command = [sys.executable, "-m", "pytest", *args, "-q", "-p", "no:cacheprovider", *pytest_workers(runner.cpu)]
     if runner.quick:
         command += ["-m", "not slow"] if "-m" not in args else []
     step, _ = runner.command(name, command, runner.timeout_for(name, later), review=review_pytest)

@@ -304,6 +304,17 @@ def _fake_gpu_machine(dc, monkeypatch):
     return seen
 
 
+def test_gpu_test_steps_spread_over_xdist_workers(dc, monkeypatch):
+    monkeypatch.setattr(dc.importlib.util, "find_spec", lambda name: object() if name == "xdist" else None)
+    assert dc.pytest_workers(cpu=False, cpu_count=16) == ["-n", "8"]
+    assert dc.pytest_workers(cpu=False, cpu_count=64) == ["-n", "8"]
+    assert dc.pytest_workers(cpu=False, cpu_count=4) == ["-n", "2"]
+    assert dc.pytest_workers(cpu=False, cpu_count=2) == []
+    assert dc.pytest_workers(cpu=True, cpu_count=16) == []
+    monkeypatch.setattr(dc.importlib.util, "find_spec", lambda name: None)
+    assert dc.pytest_workers(cpu=False, cpu_count=16) == []
+
+
 def test_gpu_run_wires_every_step(dc, tmp_path, monkeypatch):
     seen = _fake_gpu_machine(dc, monkeypatch)
     assert dc.main(["--out", str(tmp_path), "--budget", "1000", "--pack-logs"]) == 0
