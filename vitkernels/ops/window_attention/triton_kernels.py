@@ -99,6 +99,19 @@ def _load_rows(base_ptr, offsets, real, in_window, d, d_mask, fill_ptr, HAS_FILL
 
 
 @triton.jit
+def _key_block(win, start, n, H, W, Wh, Ww, sh, sw, qkv_base, stride_qh, stride_qw, channels, d, d_mask, fill_base,
+               PAD_FIRST: tl.constexpr, HAS_FILL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys ``start`` .. ``start + BLOCK_N`` of window ``win``: the tokens, their frame row, column and
+    shift region, and their k and v rows."""
+    tk = start + tl.arange(0, BLOCK_N)
+    ki, kj, ky, kx, k_real, k_region = _frame(win, tk, H, W, Wh, Ww, sh, sw, PAD_FIRST)
+    k_offsets = _map_offsets(ky, kx, stride_qh, stride_qw)
+    k = _load_rows(qkv_base + channels, k_offsets, k_real, tk < n, d, d_mask, fill_base + channels, HAS_FILL)
+    v = _load_rows(qkv_base + 2 * channels, k_offsets, k_real, tk < n, d, d_mask, fill_base + 2 * channels, HAS_FILL)
+    return tk, ki, kj, k_region, k, v
+
+
+@triton.jit
 def _unit_rows(x):
     """F.normalize(x, dim=-1, eps=1e-12), computed in fp32, returned in x's dtype."""
     xf = x.to(tl.float32)
@@ -196,12 +209,8 @@ def _window_attention_fwd_kernel(
         l = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         for start in range(0, n, BLOCK_N):
-            tk = start + tl.arange(0, BLOCK_N)
-            ki, kj, ky, kx, k_real, k_region = _frame(win, tk, H, W, Wh, Ww, sh, sw, PAD_FIRST)
-            k_offsets = _map_offsets(ky, kx, stride_qh, stride_qw)
-            k = _load_rows(qkv_base + channels, k_offsets, k_real, tk < n, d, d_mask, fill_base + channels, HAS_FILL)
-            v = _load_rows(qkv_base + 2 * channels, k_offsets, k_real, tk < n, d, d_mask, fill_base + 2 * channels,
-                           HAS_FILL)
+            tk, ki, kj, k_region, k, v = _key_block(win, start, n, H, W, Wh, Ww, sh, sw, qkv_base, stride_qh, stride_qw,
+                                                    channels, d, d_mask, fill_base, PAD_FIRST, HAS_FILL, BLOCK_N)
             if COSINE:
                 k = _unit_rows(k)
             _, s = _logits(q, k, head_scale, tq, qi, qj, q_region, tk, ki, kj, k_region, n, table_ptr + h, heads, Wh,
@@ -267,12 +276,8 @@ def _window_attention_bwd_dq_kernel(
         dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         dscale = tl.zeros((BLOCK_M,), tl.float32)
         for start in range(0, n, BLOCK_N):
-            tk = start + tl.arange(0, BLOCK_N)
-            ki, kj, ky, kx, k_real, k_region = _frame(win, tk, H, W, Wh, Ww, sh, sw, PAD_FIRST)
-            k_offsets = _map_offsets(ky, kx, stride_qh, stride_qw)
-            k = _load_rows(qkv_base + channels, k_offsets, k_real, tk < n, d, d_mask, fill_base + channels, HAS_FILL)
-            v = _load_rows(qkv_base + 2 * channels, k_offsets, k_real, tk < n, d, d_mask, fill_base + 2 * channels,
-                           HAS_FILL)
+            tk, ki, kj, k_region, k, v = _key_block(win, start, n, H, W, Wh, Ww, sh, sw, qkv_base, stride_qh, stride_qw,
+                                                    channels, d, d_mask, fill_base, PAD_FIRST, HAS_FILL, BLOCK_N)
             kn = _unit_rows(k) if COSINE else k
             raw, s = _logits(qn, kn, scale, tq, qi, qj, q_region, tk, ki, kj, k_region, n, table_ptr + h, heads, Wh, Ww,
                              mask_value, bias_base, stride_bq, stride_bk, HAS_TABLE, SHIFTED, HAS_BIAS, IEEE)
@@ -377,7 +382,8 @@ def _window_attention_bwd_dtable_kernel(
     n = Wh * Ww
     key_blocks = tl.cdiv(n, BLOCK_N)
     tq = (tl.program_id(2) // key_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-    tk = (tl.program_id(2) % key_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_start = (tl.program_id(2) % key_blocks) * BLOCK_N
+    tk = key_start + tl.arange(0, BLOCK_N)
     channels = heads * head_dim
     d = tl.arange(0, BLOCK_D)
     d_mask = d < head_dim
@@ -390,12 +396,9 @@ def _window_attention_bwd_dtable_kernel(
         win = bw % num_windows
         qkv_base = qkv_ptr + b.to(tl.int64) * stride_qb + h * head_dim
         qi, qj, qy, qx, q_real, q_region = _frame(win, tq, H, W, Wh, Ww, sh, sw, PAD_FIRST)
-        ki, kj, ky, kx, k_real, k_region = _frame(win, tk, H, W, Wh, Ww, sh, sw, PAD_FIRST)
         q = _load_rows(qkv_base, _map_offsets(qy, qx, stride_qh, stride_qw), q_real, tq < n, d, d_mask, fill_base, HAS_FILL)
-        k_offsets = _map_offsets(ky, kx, stride_qh, stride_qw)
-        k = _load_rows(qkv_base + channels, k_offsets, k_real, tk < n, d, d_mask, fill_base + channels, HAS_FILL)
-        v = _load_rows(qkv_base + 2 * channels, k_offsets, k_real, tk < n, d, d_mask, fill_base + 2 * channels,
-                       HAS_FILL)
+        tk, ki, kj, k_region, k, v = _key_block(win, key_start, n, H, W, Wh, Ww, sh, sw, qkv_base, stride_qh, stride_qw,
+                                                channels, d, d_mask, fill_base, PAD_FIRST, HAS_FILL, BLOCK_N)
         if COSINE:
             q = _unit_rows(q)
             k = _unit_rows(k)
