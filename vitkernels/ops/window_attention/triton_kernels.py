@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -452,11 +452,19 @@ CONFIGS = (Config(16, 16, 1), Config(32, 32, 2), Config(64, 64, 4), Config(128, 
 
 def prune_configs(tokens: int, head_dim: int, backward: bool = False) -> Config:
     """The one config launched for windows of ``tokens`` tokens (no autotuning: it cannot run under
-    the interpreter, and every launched config is compiled ahead of time)."""
+    the interpreter, and every launched config is compiled ahead of time).
+
+    The backward kernels hold dS, P and their index tensors beside the gradient accumulators; with
+    the forward's warps they spill to local memory (ptxas for sm_90 through Triton 3.6, 64x64 tiles,
+    head_dim 32: 240 to 690 bytes per thread), with twice the warps (almost) not, so they launch
+    with twice as many.
+    """
     for config in CONFIGS[:3]:
         if tokens <= config.block_n:
-            return config
-    return CONFIGS[2] if backward or head_dim > 64 else CONFIGS[3]
+            break
+    else:
+        config = CONFIGS[2] if backward or head_dim > 64 else CONFIGS[3]
+    return replace(config, num_warps=2 * config.num_warps) if backward else config
 
 
 @dataclass(frozen=True)
@@ -697,10 +705,11 @@ def _register_window_kernels() -> None:
     register_specialization("fwd", "bf16", swin, 32, HEADS_PER_PROGRAM=3)
     register_specialization("fwd", "fp16", CONFIGS[0], 32)
     register_specialization("fwd", "fp16", CONFIGS[3], 32)
+    swin_backward = prune_configs(49, 32, backward=True)
     for kernel in ("dq", "dkdv", "dtable"):
-        register_specialization(kernel, "bf16", swin, 32, COSINE=True)
-    register_specialization("dq", "fp32", swin, 32)
-    register_specialization("dkdv", "bf16", swin, 128)
+        register_specialization(kernel, "bf16", swin_backward, 32, COSINE=True)
+    register_specialization("dq", "fp32", swin_backward, 32)
+    register_specialization("dkdv", "bf16", swin_backward, 128)
     block_p = 64
     aot.register(_relative_bias_grad_kernel, signature={"dsum_ptr": "*fp32:16", "dtable_ptr": "*fp32:16",
                                                          "chunks": "i32", "heads": "i32", "Wh": "i32", "Ww": "i32"},
