@@ -62,3 +62,19 @@ def test_bench_training_step(capsys, monkeypatch):
 def test_bench_rejects_bad_batch():
     with pytest.raises(SystemExit):
         cli.main(["bench", "--model", "vit_tiny_patch16_224", "--batch", "0"])
+
+
+def test_aot_prints_each_kernels_resources(capsys):
+    assert cli.main(["aot", "--arch", "90", "--match", "^_gelu_bwd_kernel"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.startswith("_gelu_bwd_kernel")]
+    assert len(rows) == 2, out  # fp16 and bf16
+    for row in rows:
+        registers, stack = row[-2:]
+        assert row[-4] == "sm_90" and 0 < int(registers) <= 255 and int(stack) >= 0, out
+    assert "2 compiled" in out, out
+
+
+def test_aot_refuses_an_unknown_arch():
+    with pytest.raises(SystemExit):
+        cli.main(["aot", "--arch", "75"])

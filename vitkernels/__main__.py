@@ -1,13 +1,14 @@
-"""python -m vitkernels {info,demo,check,bench}"""
+"""python -m vitkernels {info,demo,check,bench,aot}"""
 from __future__ import annotations
 
 import argparse
 import platform
+import re
 import sys
 
 import torch
 
-from . import __version__, _demo, _ext, _models, backends, ops
+from . import __version__, _demo, _ext, _models, aot, backends, ops
 from .testing import FORWARD_RTOL
 
 
@@ -80,6 +81,28 @@ def _check(device: str | None) -> int:
     return 1 if bad else 0
 
 
+def _aot(archs: list[int], match: str) -> int:
+    aot.import_all_kernels()
+    specs = [spec for spec in aot.registered() if re.search(match, spec.name)]
+    print(f"compiling {len(specs)} Triton kernel specializations for {', '.join(f'sm_{a}' for a in archs)} ...",
+          flush=True)
+    try:
+        results = aot.compile_specs(specs, archs)
+    except aot.AOTCompileError as err:
+        print(err)
+        return 1
+    width = max([len(r.name) for r in results] + [6])
+    print(f"{'kernel':<{width}} {'arch':>5} {'shared KiB':>10} {'registers':>9} {'stack B':>7}")
+    for r in sorted(results, key=lambda r: (r.name, r.arch)):
+        registers = "?" if r.registers is None else r.registers
+        stack = "?" if r.stack_bytes is None else r.stack_bytes
+        print(f"{r.name:<{width}} {'sm_' + str(r.arch):>5} {r.shared / 1024:>10.1f} {registers:>9} {stack:>7}")
+    spilling = [r for r in results if r.stack_bytes]
+    print(f"{len(results)} compiled; {len(spilling)} with a stack frame per thread (in Triton kernels, spilled "
+          "registers)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vitkernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,7 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when present")
     bench.add_argument("--train", action="store_true", help="time a training step (forward, backward, AdamW)")
     bench.add_argument("--plot", metavar="PNG", help="also write a bar chart of images/s")
+    compile_check = sub.add_parser("aot", help="compile the Triton kernels ahead of time for GPU targets (no GPU "
+                                               "needed) and print each one's shared memory, registers and stack")
+    compile_check.add_argument("--arch", type=int, action="append", choices=sorted(aot.SHARED_MEMORY_LIMITS),
+                               help="compute capability, major * 10 + minor (repeatable; default: 80 and 90)")
+    compile_check.add_argument("--match", default="", help="only kernels whose name matches this regular expression")
     args = parser.parse_args(argv)
+    if args.command == "aot":
+        return _aot(args.arch or [80, 90], args.match)
     if args.command == "info":
         return _info()
     if args.command == "demo":

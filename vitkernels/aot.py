@@ -32,6 +32,7 @@ import importlib.util
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -93,6 +94,10 @@ class CompileResult:
     num_stages: int
     cubin_bytes: int
     seconds: float
+    # From the cubin's resource usage (cuobjdump -res-usage, shipped with Triton), None without the
+    # tool: registers per thread, and the per-thread stack frame, where register spills go.
+    registers: Optional[int] = None
+    stack_bytes: Optional[int] = None
 
 
 def _freeze(mapping: dict) -> tuple:
@@ -274,8 +279,34 @@ def _compile_in_process(spec: KernelSpec, arch: int) -> Union[CompileResult, str
     cubin = compiled.asm.get("cubin") or b""
     if not cubin:
         return f"{spec.name} for sm_{arch}: the compiler produced no cubin"
+    registers, stack = _resource_usage(cubin)
     return CompileResult(name=spec.name, arch=arch, shared=shared, shared_limit=limit, num_warps=spec.num_warps,
-                         num_stages=spec.num_stages, cubin_bytes=len(cubin), seconds=time.perf_counter() - start)
+                         num_stages=spec.num_stages, cubin_bytes=len(cubin), seconds=time.perf_counter() - start,
+                         registers=registers, stack_bytes=stack)
+
+
+def _cuobjdump() -> Optional[str]:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return path if os.access(path, os.X_OK) else None
+
+
+def _resource_usage(cubin: bytes) -> tuple[Optional[int], Optional[int]]:
+    """(registers per thread, stack frame bytes per thread) of a cubin's kernel, or Nones."""
+    tool = _cuobjdump()
+    if tool is None:
+        return None, None
+    with tempfile.TemporaryDirectory(prefix="vitkernels-cubin-") as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        try:
+            report = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, timeout=60).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return None, None
+    found = re.search(r"REG:(\d+) STACK:(\d+)", report)
+    return (int(found.group(1)), int(found.group(2))) if found else (None, None)
 
 
 # --- out-of-process compile, for kernels defined while the interpreter was on ---------------------
