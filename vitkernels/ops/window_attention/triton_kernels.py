@@ -446,25 +446,32 @@ class Config:
     num_warps: int
 
 
-# Single-tile configs for windows up to 64 tokens first, then the tiled ones.
-CONFIGS = (Config(16, 16, 1), Config(32, 32, 2), Config(64, 64, 4), Config(128, 64, 8))
+# Single-tile configs for windows up to 64 tokens first, then the tiled ones. Warps are chosen by the
+# compiler's resource report (``python -m vitkernels aot``; ptxas for sm_90 through Triton 3.6,
+# head_dim 32): a 64x64 tile with 4 warps spills registers in the fp32 forward (1208 bytes of stack
+# per thread), with fp32 parameters under autocast (48) and with heads packed (24); with 8 it
+# spills 208, 0 and 0, and the plain fp16 / bf16 forward, which spills with neither, keeps its
+# occupancy (about 200 registers: two CTAs of 4 warps or one of 8 per multiprocessor).
+CONFIGS = (Config(16, 16, 1), Config(32, 32, 2), Config(64, 64, 8), Config(128, 64, 8))
+MAX_WARPS = 8  # 16 warps would cap a thread at 128 registers, which these kernels exceed
 
 
 def prune_configs(tokens: int, head_dim: int, backward: bool = False) -> Config:
     """The one config launched for windows of ``tokens`` tokens (no autotuning: it cannot run under
     the interpreter, and every launched config is compiled ahead of time).
 
-    The backward kernels hold dS, P and their index tensors beside the gradient accumulators; with
-    the forward's warps they spill to local memory (ptxas for sm_90 through Triton 3.6, 64x64 tiles,
-    head_dim 32: 240 to 690 bytes per thread), with twice the warps (almost) not, so they launch
-    with twice as many.
+    The backward kernels hold dS, P and their index tensors beside the gradient accumulators: with
+    the forward's warps they spill (bf16 with cosine attention, bytes of stack per thread of the dq,
+    dk/dv and table kernels: 16x16 tiles 16 / 40 / 160, 32x32 tiles 80 / 160 / 352), with twice
+    as many not, so they launch with twice the forward's warps, up to :data:`MAX_WARPS` (64x64
+    tiles: 24 / 0 / 0 with 8 warps, 240 / 280 / 688 with 4).
     """
     for config in CONFIGS[:3]:
         if tokens <= config.block_n:
             break
     else:
         config = CONFIGS[2] if backward or head_dim > 64 else CONFIGS[3]
-    return replace(config, num_warps=2 * config.num_warps) if backward else config
+    return replace(config, num_warps=min(2 * config.num_warps, MAX_WARPS)) if backward else config
 
 
 @dataclass(frozen=True)
