@@ -29,10 +29,11 @@ rows (59% of its logits). Packing several windows into one tile would not help: 
 a block-diagonal matrix, so a tile of k windows does k times the useful products. The forward
 packs heads instead: when a window fits one tile, a program walks ``heads_per_program`` heads of
 its window one after another (up to :data:`MAX_HEADS_PER_PROGRAM`, a divisor of the head count).
-The window's frame (source pixel, padding and shift region of each token) and the output offsets
-are computed once for all of them, consecutive heads read adjacent bytes of each qkv row (a
-program reads 3 * 32 * 2 = 192 contiguous bytes of a Swin-T bf16 row instead of 64), and Swin-T
-stage 1 at batch 128 launches 8192 programs instead of 24576. Packing stops where it would leave
+The window's query frame (source pixel, padding and shift region of each token) and the output
+offsets are computed once for all of them, the program's successive heads read adjacent bytes of
+each qkv row (over three heads, 3 * 32 * 2 = 192 contiguous bytes of a Swin-T bf16 row, where a
+program of one head reads 64), and Swin-T stage 1 at batch 128 launches 8192 programs instead of
+24576. Packing stops where it would leave
 fewer than :data:`MIN_PROGRAMS` programs to spread over the multiprocessors.
 """
 from __future__ import annotations
