@@ -68,6 +68,13 @@ def test_head_dims(backend, head_dim):
     compare_with_reference(run, reference, [random(1, 17, 3 * head_dim), random(17, 17)], torch.float32)
 
 
+@pytest.mark.parametrize("backend", TRITON)
+def test_wide_head_over_several_tiles(backend):
+    """ViT-H's head_dim 80 on 70 tokens: several forward tiles, and the backward's wide-head tiles."""
+    run, reference = _attention_run(2)
+    compare_with_reference(run, reference, [random(1, 70, 3 * 2 * 80), random(70, 70)], torch.float32)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("tokens", [197, 577])
 def test_triton_bf16(tokens):

@@ -159,6 +159,20 @@ def test_head_dims(backend, head_dim):
 
 
 @pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("window", [(7, 7), (5, 11)], ids=["49-tokens", "55-tokens-non-square"])
+def test_wide_head_backward_tiles(backend, window):
+    """head_dim 96 beyond 32 tokens: the backward's 32x32 tiles, several query and key blocks, and the
+    table gradient of its own kernel."""
+    kernels = importlib.import_module("vitkernels.ops.window_attention.triton_kernels")
+    tokens = window[0] * window[1]
+    assert kernels.prune_configs(tokens, 96, backward=True) == kernels.WIDE_HEAD_BACKWARD
+    heads, shift = 1, (window[0] // 2, window[1] // 2)
+    run, reference = _triton_run(heads, window, shift)
+    compare_with_reference(run, reference, list(_make(1, window[0] + 2, window[1] + 1, heads, 96, window)),
+                           torch.float32)
+
+
+@pytest.mark.parametrize("backend", TRITON)
 def test_backward_is_deterministic(backend):
     heads, window = 2, (4, 4)
     qkv, table, qkv_bias = (t.float().requires_grad_() for t in _make(1, 5, 7, heads, 8, window))

@@ -455,6 +455,10 @@ class Config:
 # occupancy (about 200 registers: two CTAs of 4 warps or one of 8 per multiprocessor).
 CONFIGS = (Config(16, 16, 1), Config(32, 32, 2), Config(64, 64, 8), Config(128, 64, 8))
 MAX_WARPS = 8  # 16 warps would cap a thread at 128 registers, which these kernels exceed
+# The backward of head dims above 64 (BLOCK_D 128; ViT-H's 80 too) beyond 32 tokens: bytes of stack
+# per thread of the dq, dk/dv and table kernels 176 / 144 / 264, against 1592 / 1568 / 1568 for a
+# 64x64 tile with 8 warps (bf16, cosine attention, same report).
+WIDE_HEAD_BACKWARD = Config(32, 32, 8)
 
 
 def prune_configs(tokens: int, head_dim: int, backward: bool = False) -> Config:
@@ -467,6 +471,8 @@ def prune_configs(tokens: int, head_dim: int, backward: bool = False) -> Config:
     as many not, so they launch with twice the forward's warps, up to :data:`MAX_WARPS` (64x64
     tiles: 24 / 0 / 0 with 8 warps, 240 / 280 / 688 with 4).
     """
+    if backward and head_dim > 64 and tokens > CONFIGS[1].block_n:
+        return WIDE_HEAD_BACKWARD
     for config in CONFIGS[:3]:
         if tokens <= config.block_n:
             break
@@ -704,7 +710,7 @@ def register_specialization(kernel: str, dtype: str, config: Config, head_dim: i
 
 def _register_window_kernels() -> None:
     """Swin-T's launches (window 7: the 64x64 single tile, head_dim 32) in each dtype and feature set,
-    the other tile configs once, head_dim 128 where registers and shared memory peak."""
+    the other tile configs once, and the backward of head_dim 128, where registers peak."""
     swin = CONFIGS[2]
     register_specialization("fwd", "fp16", swin, 32)
     register_specialization("fwd", "fp32", swin, 32)
@@ -717,7 +723,8 @@ def _register_window_kernels() -> None:
     for kernel in ("dq", "dkdv", "dtable"):
         register_specialization(kernel, "bf16", swin_backward, 32, COSINE=True)
     register_specialization("dq", "fp32", swin_backward, 32)
-    register_specialization("dkdv", "bf16", swin_backward, 128)
+    for kernel in ("dq", "dkdv", "dtable"):
+        register_specialization(kernel, "bf16", prune_configs(49, 128, backward=True), 128)
     block_p = 64
     aot.register(_relative_bias_grad_kernel, signature={"dsum_ptr": "*fp32:16", "dtable_ptr": "*fp32:16",
                                                          "chunks": "i32", "heads": "i32", "Wh": "i32", "Ww": "i32"},
