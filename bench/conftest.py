@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import shapes
+from vitkernels.testing import stop_on_cuda_fault
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
@@ -21,6 +22,11 @@ def pytest_report_header(config):
     chosen = ", ".join(f"{v}={os.environ[v]}" for v in SELECTION if os.environ.get(v)) or "every op and provider"
     return (f"vitkernels bench: device {DEVICE} ({name}), dtype {str(DTYPE).replace('torch.', '')}, "
             f"shapes {shapes.default_subset(DEVICE)!r} (VITKERNELS_BENCH_SHAPES=quick|standard|all); {chosen}")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item):
+    stop_on_cuda_fault(item)
 
 
 @pytest.fixture(scope="session")

@@ -72,7 +72,9 @@ CAPS = {"env": 60, "build": 240, "build_check": 60, "tests_ops": 150, "tests_cud
 RESERVE = {"env": 10, "build": 30, "build_check": 10, "tests_ops": 30, "tests_cuda": 20, "ceilings": 30,
            "large": 15, "bench": 90, "sanitize_memcheck": 40, "sanitize_racecheck": 60}
 # The compact benchmark set: shapes, providers and modes of each run of bench/test_bench_ops.py.
-COMPACT_PROVIDERS = "cuda,triton,torch,cpu,eager,eager-sdpa,sdpa"
+# A kernel fault on the GPU ends a benchmark run (bench/conftest.py) and the providers run in this
+# order, so the cuda backend, whose kernels have the shortest record on hardware, comes last.
+COMPACT_PROVIDERS = "triton,torch,cpu,eager,eager-sdpa,sdpa,cuda"
 COMPACT_MODES = "fwd,bwd,fwd+bwd"
 # Runs of the compiled providers (name: ops, providers, -k shapes), slowest to compile last.
 COMPILED_RUNS = {
@@ -81,10 +83,13 @@ COMPILED_RUNS = {
                 "swin_t.s1.w7.shifted or vit_b_224 or swin_t.s1-"),
     "max-autotune": ("window_attention", "compile-max-autotune", "swin_t.s1.w7.shifted"),
 }
-MODEL_PROVIDERS = "stock,cuda,triton,cpu"
+MODEL_PROVIDERS = "stock,triton,cpu,cuda"
 # The kernels under compute-sanitizer: the fp32 reference comparisons of the CUDA and Triton backends.
 SANITIZE_K = "test_matches_reference and (cuda or triton) and fp32"
 SANITIZE_TOOLS = ("memcheck", "racecheck")
+# What a pytest run prints when it stops on a kernel fault (vitkernels.testing.CUDA_CONTEXT_LOST;
+# this script imports no vitkernels module into its own process).
+CUDA_CONTEXT_LOST = "CUDA context lost"
 MIN_STEP_S = 10
 INTERRUPT_GRACE_S = 10  # seconds between SIGINT and SIGKILL of a step that runs out of time
 
@@ -706,12 +711,19 @@ def _pytest_step(runner: Runner, name: str, args: list[str], later: list[str]) -
 
 
 def review_pytest(step: Step, output: str) -> None:
-    """Puts pytest's summary line in the step's detail; nothing selected (exit 5) is not a failure."""
+    """Puts pytest's summary line in the step's detail; nothing selected (exit 5) is not a failure.
+    A run that lost its CUDA context to a kernel fault failed, whatever its exit status, and the
+    detail names the test that was running."""
     summary = parse_pytest_summary(output)
     if step.status == "failed" and step.detail == "exit 5" and "no tests ran" in summary:
         step.status, step.detail = "ok", ""
     if summary:
         step.detail = f"{summary}; {step.detail}" if step.detail else summary
+    lost = [line[line.index(CUDA_CONTEXT_LOST):].rstrip(" !") for line in output.splitlines()
+            if CUDA_CONTEXT_LOST in line]
+    if lost:
+        step.status = "failed"
+        step.detail = f"{step.detail}; {lost[0]}" if step.detail else lost[0]
 
 
 ORDER = ["env", "build", "build_check", "tests_ops", "tests_cuda", "ceilings", "large", "bench"]

@@ -81,8 +81,8 @@ def _train_step(fn, model: torch.nn.Module):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("provider", cases.selected("VITKERNELS_BENCH_MODEL_PROVIDERS", PROVIDERS))
 @pytest.mark.parametrize("shape", MODELS, ids=[s.name for s in MODELS])
+@pytest.mark.parametrize("provider", cases.selected("VITKERNELS_BENCH_MODEL_PROVIDERS", PROVIDERS))
 def test_model(benchmark, shape, provider, mode, device, dtype):
     benchmark.group = f"model {mode} {shape.name}"
     model = _model(shape, provider, device, dtype)

@@ -15,6 +15,9 @@ and ``matmul_tflops`` (bench/device_check.py writes one), the ``fraction_of_ceil
 Timing (bench/timing.py): CUDA events with inputs rotated through a pool twice the L2 size on
 GPU, pytest-benchmark's wall clock on CPU; rounds are fixed from a timed trial call.
 
+Cases run provider by provider, in the order the selection names them: a kernel that faults on
+the GPU ends the run (bench/conftest.py), and every provider before it keeps its measurements.
+
 Run: ``pytest bench/test_bench_ops.py -q``. Selection by environment variables (comma-separated):
 ``VITKERNELS_BENCH_SHAPES=quick|standard|all``, ``VITKERNELS_BENCH_OPS=layernorm,attention``,
 ``VITKERNELS_BENCH_PROVIDERS=cuda,eager,sdpa``, ``VITKERNELS_BENCH_MODES=fwd,fwd+bwd``.
@@ -135,8 +138,8 @@ def record(benchmark, op, shape, provider, mode, dtype, pool: int, variant: Opti
 
 
 @pytest.mark.parametrize("mode", cases.selected("VITKERNELS_BENCH_MODES", cases.MODES))
-@pytest.mark.parametrize("provider", cases.selected("VITKERNELS_BENCH_PROVIDERS", PROVIDERS))
 @pytest.mark.parametrize("op, shape", CASES)
+@pytest.mark.parametrize("provider", cases.selected("VITKERNELS_BENCH_PROVIDERS", PROVIDERS))
 def test_op(benchmark, op, shape, provider, mode, device, dtype):
     _bench_case(benchmark, op, shape, provider, mode, device, dtype)
 

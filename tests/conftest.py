@@ -8,6 +8,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from vitkernels.testing import stop_on_cuda_fault  # noqa: E402
+
 CUDA = torch.cuda.is_available()
 
 
@@ -23,6 +25,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item):
+    stop_on_cuda_fault(item)
 
 
 @pytest.fixture(autouse=True)

@@ -336,3 +336,13 @@ def test_gpu_run_wires_every_step(dc, tmp_path, monkeypatch):
     assert {p.name for p in folder.iterdir()} >= {"device_check.md", "device_check.json", "bench.json", "logs.tar.gz",
                                                  "device_check.log", "speedup_fwd.png"}
     assert "## Past 2^31 elements" in (folder / "device_check.md").read_text()
+
+
+def test_review_pytest_fails_a_run_that_lost_its_cuda_context(dc):
+    from vitkernels.testing import CUDA_CONTEXT_LOST
+
+    assert dc.CUDA_CONTEXT_LOST == CUDA_CONTEXT_LOST
+    line = f"{CUDA_CONTEXT_LOST} during or before bench/test_bench_ops.py::test_op[cuda-x]: illegal address"
+    step = dc.Step("bench:layernorm", "failed", 1.0, "exit 3")
+    dc.review_pytest(step, f"....\n4 passed in 9.00s\n! _pytest.outcomes.Exit: {line} !\n")
+    assert step.status == "failed" and step.detail == f"4 passed in 9.00s; exit 3; {line}"

@@ -1,4 +1,4 @@
-"""Tolerance policy shared by tests, benchmarks and the demo.
+"""Tolerance policy shared by tests, benchmarks and the demo, and the check for a lost CUDA context.
 
 * fp32 / fp64 against the reference computed in fp64: relative error max|a - b| / max|b| below
   1e-5 for forward values, 1e-4 for gradients.
@@ -8,10 +8,15 @@
 """
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
+
+if TYPE_CHECKING:
+    import pytest
 
 FORWARD_RTOL = 1e-5
 GRAD_RTOL = 1e-4
@@ -74,3 +79,41 @@ def assert_close(
     if not ok or torch.isnan(actual).any() != torch.isnan(reference64).any():
         raise AssertionError(f"{name} differs from the reference: {detail}")
     return err
+
+
+# Printed when a test or benchmark run stops because a kernel left the CUDA context unusable.
+CUDA_CONTEXT_LOST = "CUDA context lost"
+
+
+def cuda_fault() -> Optional[str]:
+    """The first line of the error a device synchronize raises, or None.
+
+    An asynchronous kernel fault (an illegal address, a device-side assert) surfaces at the next
+    synchronizing call and leaves the process's CUDA context unusable: every later CUDA call fails
+    too. Never initializes CUDA.
+    """
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    try:
+        torch.cuda.synchronize()
+    except RuntimeError as err:  # torch.AcceleratorError derives from it
+        return (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return None
+
+
+def stop_on_cuda_fault(item: pytest.Item) -> None:
+    """For a pytest_runtest_teardown hook: once a kernel has faulted, nothing later in this
+    process can use the GPU, so rather than fail every later test with the same error, the run
+    stops, naming the test that was running. A pytest-xdist worker exits at once and xdist starts
+    a fresh one for the remaining tests; a plain run ends, keeping what it measured so far."""
+    fault = cuda_fault()
+    if fault is None:
+        return
+    import pytest  # the package itself never needs pytest
+
+    message = f"{CUDA_CONTEXT_LOST} during or before {item.nodeid}: {fault}"
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        sys.stderr.write(f"{message}; ending this worker\n")
+        sys.stderr.flush()
+        os._exit(3)
+    pytest.exit(message, returncode=3)

@@ -8,7 +8,9 @@
 #include <utility>
 
 // Each function is cloned per instruction set; the loader picks the widest the CPU runs.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// VITKERNELS_CPU_SINGLE_TARGET compiles one version, for the compiler's -march: that is how the
+// tests run each clone's code (tests/ops/test_cpu_math.py) whatever the CPU would pick.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(VITKERNELS_CPU_SINGLE_TARGET)
 #define VITKERNELS_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define VITKERNELS_CPU_CLONES
