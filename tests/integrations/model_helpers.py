@@ -4,7 +4,7 @@ import copy
 import torch
 
 import vitkernels
-from vitkernels.testing import errors
+from vitkernels.testing import LOW_PRECISION, errors
 
 
 def perturb(model: torch.nn.Module, scale: float = 0.2) -> torch.nn.Module:
@@ -19,10 +19,28 @@ def perturb(model: torch.nn.Module, scale: float = 0.2) -> torch.nn.Module:
 
 
 def _check(name, patched, stock, reference64, factor):
-    """The patched fp32 result is at most ``factor`` times as far from fp64 as stock fp32 is."""
+    """The patched result is at most ``factor`` times as far from fp64 as stock's in the same dtype is,
+    plus a floor relative to the largest value (DESIGN.md's tolerance policy).
+
+    In fp16 / bf16 the rule bounds the mean error, and the max error by twice the factor: rounding
+    differences grow chaotically through a randomly initialized network, and the max over a few
+    logits then swings by more than 2x between two equally accurate computations (a patched model
+    on the reference backend, whose ops round less than stock's, measured 2.4x stock's max error
+    with a smaller mean). Faults still fail it: a missing shift put the mean error of a small Swin
+    at 11x the bound, a softmax scale 5% off that of a small ViT at 1.3x.
+    """
     ours, theirs = errors(patched, reference64), errors(stock, reference64)
-    bound = factor * theirs.max_abs + 1e-6 * reference64.abs().max().item()
-    assert ours.max_abs <= bound, f"{name}: patched {ours}; stock fp32 {theirs}; bound {bound:.3e}"
+    scale = reference64.abs().max().item()
+    if patched.dtype in LOW_PRECISION:
+        bound = factor * theirs.mean_abs + 1e-3 * scale
+        max_bound = 2 * factor * theirs.max_abs + 1e-3 * scale
+        ok = ours.mean_abs <= bound and ours.max_abs <= max_bound
+        detail = f"bounds: mean {bound:.3e}, max {max_bound:.3e}"
+    else:
+        bound = factor * theirs.max_abs + 1e-6 * scale
+        ok = ours.max_abs <= bound
+        detail = f"bound {bound:.3e}"
+    assert ok, f"{name}: patched {ours}; stock in {str(stock.dtype).replace('torch.', '')} {theirs}; {detail}"
 
 
 def _grads(model):
