@@ -109,6 +109,12 @@ def op_backend_params(backend_names=None) -> list:
     return params
 
 
+def gpu_op_backend_params() -> list:
+    """(op, backend) pairs of every op with each compiled GPU backend (triton, cuda) available here."""
+    return [pytest.param(op, name, id=f"{op}-{name}") for op in ops.OPS for name in ops.backend_table(op)
+            if name in ("cuda", "triton") and backends.unavailable_reason(name) is None]
+
+
 def outputs_of(result) -> list[torch.Tensor]:
     return list(result) if isinstance(result, (tuple, list)) else [result]
 

@@ -3,22 +3,16 @@ captured CUDA graph: what torch.compile(mode="reduce-overhead") and graph-captur
 import pytest
 import torch
 
-from op_cases import CASES, outputs_of, run
-from vitkernels import backends, ops
+from op_cases import CASES, gpu_op_backend_params, outputs_of, run
 
 pytestmark = pytest.mark.cuda
-
-
-def _gpu_params():
-    return [pytest.param(op, name, id=f"{op}-{name}") for op in ops.OPS for name in ops.backend_table(op)
-            if name in ("triton", "cuda") and backends.unavailable_reason(name) is None]
 
 
 def _bf16_cuda(op: str) -> dict:
     return {k: t.to("cuda", torch.bfloat16) for k, t in CASES[op].make(2).items()}
 
 
-@pytest.mark.parametrize("op,backend", _gpu_params())
+@pytest.mark.parametrize("op,backend", gpu_op_backend_params())
 def test_forward_and_backward_never_synchronize(op, backend):
     tensors = _bf16_cuda(op)
     run(CASES[op], backend, tensors)  # compiles and tunes the kernels, which may synchronize
@@ -30,7 +24,7 @@ def test_forward_and_backward_never_synchronize(op, backend):
         torch.cuda.set_sync_debug_mode("default")
 
 
-@pytest.mark.parametrize("op,backend", _gpu_params())
+@pytest.mark.parametrize("op,backend", gpu_op_backend_params())
 def test_forward_replays_from_a_cuda_graph(op, backend):
     static = _bf16_cuda(op)
     side = torch.cuda.Stream()

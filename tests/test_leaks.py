@@ -5,8 +5,7 @@ import os
 import pytest
 import torch
 
-from op_cases import CASES, op_backend_params, run
-from vitkernels import backends, ops
+from op_cases import CASES, gpu_op_backend_params, op_backend_params, run
 
 CALLS, BACKWARD_CALLS, WARMUP = 1000, 100, 20
 RSS_SLACK = 1 << 20  # allocator noise (up to ~200 KiB seen); one leaked output per call would pass it
@@ -38,13 +37,8 @@ def test_cpu_rss_is_flat(op, backend):
     assert grown <= RSS_SLACK, f"{op} on {backend}: resident memory grew {grown / 2**20:.1f} MiB over {CALLS} calls"
 
 
-def _cuda_params():
-    return [pytest.param(op, name, id=f"{op}-{name}") for op in ops.OPS for name in ops.backend_table(op)
-            if name in ("cuda", "triton") and backends.unavailable_reason(name) is None]
-
-
 @pytest.mark.cuda
-@pytest.mark.parametrize("op,backend", _cuda_params())
+@pytest.mark.parametrize("op,backend", gpu_op_backend_params())
 def test_cuda_allocated_memory_is_flat(op, backend):
     tensors = {k: t.float().cuda() for k, t in CASES[op].make(2).items()}
     _calls(op, backend, tensors, WARMUP, WARMUP)

@@ -92,6 +92,10 @@ def _rows(matrix, rows: int):
     return (ctypes.c_void_p * rows)(*[matrix.data_ptr() + i * matrix.stride(0) * 4 for i in range(rows)])
 
 
+def _tile_multiple(cols: int) -> int:
+    return -(-cols // TILE) * TILE
+
+
 def _padded(rows: int, cols: int, ld: int, scale: float = 1.0):
     """A random [rows, ld] fp32 buffer (its columns from cols on are padding) and its float64 view."""
     buffer = torch.randn(rows, ld) * scale
@@ -135,7 +139,7 @@ def _softmax_reference(x, add):
 @pytest.mark.parametrize("with_add", [False, True])
 @pytest.mark.parametrize("rows,cols", [(1, 1), (21, 15), (16, 16), (17, 49), (3, 50)])
 def test_softmax_rows_unnormalized(lib, rows, cols, with_add):
-    ld = -(-cols // TILE) * TILE + TILE
+    ld = _tile_multiple(cols) + TILE
     s, x = _padded(rows, cols, ld, scale=4.0)
     add, add64 = _padded(rows, cols, ld, scale=4.0) if with_add else (None, None)
     lse, inv_sum = torch.randn(rows), torch.randn(rows)
@@ -145,7 +149,7 @@ def test_softmax_rows_unnormalized(lib, rows, cols, with_add):
     assert_close(s[:, :cols], expected, name="probabilities")
     assert_close(lse, expected_lse, name="lse")
     assert_close(inv_sum, expected_inv, name="1 / sum")
-    tail = s[:, cols:-(-cols // TILE) * TILE]
+    tail = s[:, cols:_tile_multiple(cols)]
     assert torch.equal(tail, torch.zeros_like(tail)), f"columns past {cols} not zeroed: {tail}"
 
 
@@ -162,7 +166,7 @@ def test_softmax_rows_unnormalized_keeps_nan(lib):
 @pytest.mark.parametrize("with_add", [False, True])
 @pytest.mark.parametrize("rows,cols", [(1, 1), (21, 15), (17, 49)])
 def test_exp_rows_minus(lib, rows, cols, with_add):
-    ld = -(-cols // TILE) * TILE
+    ld = _tile_multiple(cols)
     s, x = _padded(rows, cols, ld, scale=4.0)
     add, add64 = _padded(rows, cols, ld, scale=4.0) if with_add else (None, None)
     _, lse64, _ = _softmax_reference(x, add64)
