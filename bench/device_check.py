@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """The one command to run on a GPU machine: build, GPU tests, measured ceilings, benchmarks, report.
 
-    python bench/device_check.py [--out DIR] [--quick] [--cpu] [--sanitize] [--no-build] [--budget SECONDS]
+    python bench/device_check.py [--out DIR] [--quick] [--cpu] [--sanitize] [--no-build] [--tests-k EXPR]
+                                 [--budget SECONDS]
 
 Steps (each in a subprocess with a timeout, logged to RESULTS/logs/<step>.log; a failing step is
 recorded and the next one runs; a step out of time gets SIGINT, then SIGKILL):
@@ -38,7 +39,8 @@ device_check.log (this script's own output) and logs/ (every step's raw log). Th
 under --budget seconds (default 400); the exit status is 1 when a step failed or timed out.
 
 DIR defaults to $OUT, else ./out. --quick skips slow tests, benchmarks forward and
-forward+backward only and leaves the compiled providers out.
+forward+backward only and leaves the compiled providers out. --tests-k EXPR runs only the tests
+that pytest's -k EXPR selects (the report's mode says so).
 --pack-logs replaces RESULTS/logs by RESULTS/logs.tar.gz at the end.
 """
 from __future__ import annotations
@@ -514,8 +516,8 @@ PROBES = {"env": lambda args: probe_env(), "ceilings": lambda args: probe_ceilin
 # --- the runner -----------------------------------------------------------------------------------
 
 class Runner:
-    def __init__(self, out: str, budget: float, cpu: bool, quick: bool):
-        self.out, self.budget, self.cpu, self.quick = out, budget, cpu, quick
+    def __init__(self, out: str, budget: float, cpu: bool, quick: bool, tests_k: Optional[str] = None):
+        self.out, self.budget, self.cpu, self.quick, self.tests_k = out, budget, cpu, quick, tests_k
         self.logs = os.path.join(out, "logs")
         os.makedirs(self.logs, exist_ok=True)
         self.start = time.monotonic()
@@ -706,6 +708,8 @@ def _pytest_step(runner: Runner, name: str, args: list[str], later: list[str]) -
     command = [sys.executable, "-m", "pytest", *args, "-q", "-p", "no:cacheprovider", *pytest_workers(runner.cpu)]
     if runner.quick:
         command += ["-m", "not slow"] if "-m" not in args else []
+    if runner.tests_k:
+        command += ["-k", runner.tests_k]
     step, _ = runner.command(name, command, runner.timeout_for(name, later), review=review_pytest)
     return step
 
@@ -919,6 +923,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                              "(memcheck, racecheck) instead of tests and benchmarks")
     parser.add_argument("--no-build", action="store_true", help="skip building the extension")
     parser.add_argument("--pack-logs", action="store_true", help="replace DIR/logs by DIR/logs.tar.gz at the end")
+    parser.add_argument("--tests-k", metavar="EXPR",
+                        help="run only the tests pytest -k EXPR selects in the two test steps (a rerun of "
+                             "what an earlier run found, leaving the budget to the benchmarks)")
     parser.add_argument("--budget", type=float, default=None,
                         help=f"total seconds for every step (default {DEFAULT_BUDGET_S}, "
                              f"with --sanitize {SANITIZE_BUDGET_S})")
@@ -940,8 +947,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     out = os.path.join(os.path.abspath(args.out), relative)
     if os.path.exists(out):
         shutil.rmtree(out)
-    runner = Runner(out, args.budget, cpu=args.cpu, quick=args.quick)
+    runner = Runner(out, args.budget, cpu=args.cpu, quick=args.quick, tests_k=args.tests_k)
     mode = ("cpu" if args.cpu else "gpu") + (" quick" if args.quick else "") + (" sanitize" if args.sanitize else "")
+    mode += f", tests -k {args.tests_k!r}" if args.tests_k else ""
     runner.say(f"device check ({mode}) in {ROOT}; results in {out} (commit them as bench/results/{relative}/); "
                f"budget {args.budget:.0f}s")
     result: dict = {"env": {}}

@@ -11,6 +11,9 @@ import pytest  # noqa: E402
 from vitkernels.testing import stop_on_cuda_fault  # noqa: E402
 
 CUDA = torch.cuda.is_available()
+# cuDNN runs fp32 convolutions in TF32 by default (matmuls not): the fp32 tolerance assumes IEEE fp32,
+# both for the torch backend's convolution and for the references run in fp32.
+torch.backends.cudnn.allow_tf32 = False
 
 
 def pytest_configure(config):

@@ -346,3 +346,18 @@ def test_review_pytest_fails_a_run_that_lost_its_cuda_context(dc):
     step = dc.Step("bench:layernorm", "failed", 1.0, "exit 3")
     dc.review_pytest(step, f"....\n4 passed in 9.00s\n! _pytest.outcomes.Exit: {line} !\n")
     assert step.status == "failed" and step.detail == f"4 passed in 9.00s; exit 3; {line}"
+
+
+def test_tests_k_selects_in_each_test_step(dc, tmp_path, monkeypatch):
+    seen = []
+
+    def command(self, name, command, timeout, extra_env=None, log_name=None, review=None):
+        seen.append(command)
+        return dc.Step(name, "ok"), ""
+
+    monkeypatch.setattr(dc.Runner, "command", command)
+    runner = dc.Runner(str(tmp_path), budget=60, cpu=True, quick=True, tests_k="swinv2 or fp32")
+    dc._pytest_step(runner, "tests_cuda", ["tests", "-m", "cuda"], [])
+    assert seen[-1][-2:] == ["-k", "swinv2 or fp32"] and "not slow" not in seen[-1]
+    dc._pytest_step(dc.Runner(str(tmp_path), budget=60, cpu=True, quick=False), "tests_ops", ["tests/ops"], [])
+    assert "-k" not in seen[-1]

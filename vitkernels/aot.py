@@ -52,6 +52,11 @@ SHARED_MEMORY_LIMITS = {
     120: 99 * 1024,
 }
 
+# Pipeline depth of a specialization registered without one. Triton's own launch default is 3, which
+# multiplies the shared buffers of a loop's loads: a launch that names no config passes this
+# explicitly, so that what runs is what the check compiled.
+NUM_STAGES = 2
+
 # Seconds the out-of-process compile (interpreter mode) may take per kernel and arch.
 WORKER_SECONDS_PER_JOB = 120
 
@@ -71,7 +76,7 @@ class KernelSpec:
     signature: dict[str, str]
     constexprs: dict[str, Any]
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = NUM_STAGES
     options: dict[str, Any] = field(default_factory=dict)
 
     def compile_options(self) -> dict[str, Any]:
@@ -150,7 +155,7 @@ def _constexpr_value(value: Any) -> Any:
     return getattr(value, "value", value) if type(value).__name__ == "constexpr" else value
 
 
-def make_spec(kernel: Any, *, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 2,
+def make_spec(kernel: Any, *, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int = NUM_STAGES,
               name: Optional[str] = None, options: Optional[dict] = None) -> KernelSpec:
     """Checks a specialization against the kernel's arguments and returns it as a KernelSpec."""
     fn = _python_function(kernel)
@@ -188,7 +193,8 @@ class Registry:
         self._specs: dict[str, KernelSpec] = {}
 
     def register(self, kernel: Any, *, signature: dict, constexprs: dict, num_warps: int = 4,
-                 num_stages: int = 2, name: Optional[str] = None, options: Optional[dict] = None) -> KernelSpec:
+                 num_stages: int = NUM_STAGES, name: Optional[str] = None,
+                 options: Optional[dict] = None) -> KernelSpec:
         """Adds one specialization of ``kernel``; returns its spec.
 
         ``name`` defaults to the kernel's name with its constexprs, warps and stages. Registering the
@@ -430,7 +436,7 @@ def _worker_main() -> None:
 _REGISTRY = Registry()
 
 
-def register(kernel: Any, *, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 2,
+def register(kernel: Any, *, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int = NUM_STAGES,
              name: Optional[str] = None, options: Optional[dict] = None) -> KernelSpec:
     """Registers one specialization of a ``@triton.jit`` kernel with the package's registry.
 

@@ -1,7 +1,7 @@
 """Shared harness for op tests: run one backend and the reference on the same random inputs."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import pytest
 import torch
@@ -13,10 +13,17 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def backend_params(op: str) -> list:
-    """Every backend in the op's table, skipped with its reason where it cannot run here."""
+    """Every backend in the op's table, skipped with its reason where it cannot run here.
+
+    The tests put their inputs on DEVICE, so on a GPU machine the cpu backend, which takes CPU
+    tensors only, is skipped: the run without a GPU covers it (and tests/ops/test_cpu_backend.py
+    runs everywhere).
+    """
     params = []
     for name in ops.backend_table(op):
         reason = backends.unavailable_reason(name)
+        if not reason and name == "cpu" and DEVICE != "cpu":
+            reason = f"takes CPU tensors; these tests run on {DEVICE}"
         marks = [pytest.mark.skip(reason=f"{name}: {reason}")] if reason else []
         params.append(pytest.param(name, marks=marks, id=name))
     return params
@@ -34,17 +41,19 @@ def compare_with_reference(
     """Checks ``run`` on ``inputs`` cast to ``dtype`` against ``reference`` in float64.
 
     ``inputs`` are float64 masters (None allowed); both callables take them positionally and
-    return a tensor or a tuple of tensors. With ``grad``, gradients of a random projection of
+    return a tensor or a tuple of tensors. For fp16/bf16 the reference also runs in that precision
+    and in float64 on the rounded inputs: the tolerance's two bases (vitkernels.testing.assert_close). With ``grad``, gradients of a random projection of
     the outputs are compared for every floating input, under the gradient tolerances.
     """
 
-    def prepare(cast: torch.dtype):
+    def prepare(cast: torch.dtype, rounded_to: Optional[torch.dtype] = None):
         out = []
         for t in inputs:
             if t is None or not t.is_floating_point():
                 out.append(t)
             else:
-                out.append(t.detach().to(cast).requires_grad_(grad))
+                t = t.detach() if rounded_to is None else t.detach().to(rounded_to)
+                out.append(t.to(cast).requires_grad_(grad))
         return out
 
     def outputs(result):
@@ -53,11 +62,16 @@ def compare_with_reference(
     runs = {"kernel": (prepare(dtype), run), "ref64": (prepare(torch.float64), reference)}
     if dtype in LOW_PRECISION:
         runs["ref_low"] = (prepare(dtype), reference)
+        runs["ref_rounded"] = (prepare(torch.float64, rounded_to=dtype), reference)
     results = {key: outputs(fn(*args)) for key, (args, fn) in runs.items()}
 
+    def bases(found: dict, i: int) -> dict:
+        if "ref_low" not in found:
+            return {}
+        return {"low_precision_reference": found["ref_low"][i], "rounded_input_reference": found["ref_rounded"][i]}
+
     for i, actual in enumerate(results["kernel"]):
-        low = results["ref_low"][i] if "ref_low" in results else None
-        assert_close(actual, results["ref64"][i], low_precision_reference=low, name=f"{name}[{i}]")
+        assert_close(actual, results["ref64"][i], **bases(results, i), name=f"{name}[{i}]")
     if not grad:
         return
 
@@ -71,11 +85,9 @@ def compare_with_reference(
         # an input the output does not depend on has gradient zero, whether or not autograd says None
         grads[key] = [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(found, leaves)]
     for i, actual in enumerate(grads["kernel"]):
-        expected = grads["ref64"][i]
-        low = grads["ref_low"][i] if "ref_low" in grads else None
-        assert_close(actual, expected, low_precision_reference=low, grad=True, name=f"grad of input {i}")
+        assert_close(actual, grads["ref64"][i], **bases(grads, i), grad=True, name=f"grad of input {i}")
 
 
-def random(*shape: int, scale: float = 1.0) -> torch.Tensor:
-    """A float64 master tensor on the test device."""
-    return torch.randn(*shape, dtype=torch.float64, device=DEVICE) * scale
+def random(*shape: int, scale: float = 1.0, device: str = DEVICE) -> torch.Tensor:
+    """A float64 master tensor, on the test device unless ``device`` says otherwise."""
+    return torch.randn(*shape, dtype=torch.float64, device=device) * scale

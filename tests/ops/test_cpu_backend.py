@@ -1,9 +1,12 @@
 """The C++ "cpu" backend beyond the shared op tests: bf16, opcheck of each C++ op, reproducible
-reductions and torch.compile."""
+reductions and torch.compile. Every tensor is on the CPU, also on a machine with a GPU."""
+import functools
+
 import pytest
 import torch
 
-from op_helpers import compare_with_reference, random
+import op_helpers
+from op_helpers import compare_with_reference
 from vitkernels import backends, ops
 from vitkernels.ops.attention.reference import attention_reference
 from vitkernels.ops.layernorm_mlp.reference import (
@@ -13,6 +16,8 @@ from vitkernels.ops.layernorm_mlp.reference import (
 )
 from vitkernels.ops.patch_embed.reference import patch_embed_reference
 from vitkernels.ops.window_attention.reference import window_attention_reference
+
+random = functools.partial(op_helpers.random, device="cpu")
 
 pytestmark = pytest.mark.skipif(
     backends.unavailable_reason("cpu") is not None, reason=f"cpu: {backends.unavailable_reason('cpu')}"

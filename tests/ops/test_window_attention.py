@@ -162,10 +162,11 @@ def test_head_dims(backend, head_dim):
 @pytest.mark.parametrize("window", [(7, 7), (5, 11)], ids=["49-tokens", "55-tokens-non-square"])
 def test_wide_head_backward_tiles(backend, window):
     """head_dim 96 beyond 32 tokens: the backward's 32x32 tiles, several query and key blocks, and the
-    table gradient of its own kernel."""
+    table gradient of its own kernel; the fp32 forward's 64x32 tile, two key blocks."""
     kernels = importlib.import_module("vitkernels.ops.window_attention.triton_kernels")
     tokens = window[0] * window[1]
     assert kernels.prune_configs(tokens, 96, backward=True) == kernels.WIDE_HEAD_BACKWARD
+    assert kernels.prune_configs(tokens, 96, fp32=True) == kernels.WIDE_HEAD_FP32_FORWARD
     heads, shift = 1, (window[0] // 2, window[1] // 2)
     run, reference = _triton_run(heads, window, shift)
     compare_with_reference(run, reference, list(_make(1, window[0] + 2, window[1] + 1, heads, 96, window)),

@@ -257,7 +257,7 @@ def layernorm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Opt
         _layernorm_fwd_kernel[(rows,)](
             x, residual, weight, bias, total, y, mean, rstd, channels, eps,
             HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None, STORE_Y=store_y,
-            BLOCK_N=block_n, num_warps=_row_warps(block_n))
+            BLOCK_N=block_n, num_warps=_row_warps(block_n), num_stages=aot.NUM_STAGES)
     return y, total, mean, rstd
 
 
@@ -280,7 +280,7 @@ def layernorm_bwd(dy: torch.Tensor, dres: Optional[torch.Tensor], x: torch.Tenso
         _layernorm_bwd_kernel[(programs,)](
             dy, dres, x, weight, dx, dw, db, rows, channels, eps, per_program,
             HAS_DRES=dres is not None, HAS_W=weight is not None, COMPUTE_DWB=weight_grads, BLOCK_N=block_n,
-            num_warps=_row_warps(block_n))
+            num_warps=_row_warps(block_n), num_stages=aot.NUM_STAGES)
     if not weight_grads:
         return dx, None, None
     return dx, dw.sum(0), db.sum(0)
@@ -317,7 +317,8 @@ def gelu_bwd_(grad: torch.Tensor, pre: torch.Tensor, approximate: str) -> torch.
     numel = grad.numel()
     block = 1024
     if numel:
-        _gelu_bwd_kernel[(triton.cdiv(numel, block),)](grad, pre, numel, MODE=GELU_MODES[approximate], BLOCK=block)
+        _gelu_bwd_kernel[(triton.cdiv(numel, block),)](grad, pre, numel, MODE=GELU_MODES[approximate], BLOCK=block,
+                                                       num_stages=aot.NUM_STAGES)
     return grad
 
 

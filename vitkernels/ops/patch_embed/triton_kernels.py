@@ -220,11 +220,23 @@ def _pos_embed_grad(dtable, pos_embed, pos_embed_grid, grid):
     return torch.cat([dtable[:covered].to(compute), dgrid]).to(pos_embed.dtype).reshape(pos_embed.shape)
 
 
-def _image_grads(dz_map, x, weight, scale, image, mean, std, needs):
+def _patch_rows(image, ph, pw):
+    """[B, C, Gh * ph, Gw * pw] -> [B * Gh * Gw, C * ph * pw]: one row per patch, in the conv weight's
+    (C, ph, pw) order. The patches do not overlap (stride = kernel), so the conv is one GEMM on these
+    rows, and its backward two: torch's GEMMs keep fp32 in IEEE precision unless the user allows TF32
+    for matmuls, where cuDNN's convolutions use TF32 by default."""
+    batch, channels, height, width = image.shape
+    rows = image.reshape(batch, channels, height // ph, ph, width // pw, pw).permute(0, 2, 4, 1, 3, 5)
+    return rows.reshape(-1, channels * ph * pw)
+
+
+def _image_grads(dz, grid, x, weight, scale, image, mean, std, needs):
     """(dx, dmean, dstd) through the conv and the input normalization; None where not needed."""
-    ph, pw = weight.shape[-2:]
+    dim, channels, ph, pw = weight.shape
     height, width = x.shape[-2:]
-    dimage = F.conv_transpose2d(dz_map, weight, stride=(ph, pw))[..., :height, :width].float()
+    drows = dz @ weight.reshape(dim, -1)  # [B * Gh * Gw, C * ph * pw]
+    dimage = drows.view(x.shape[0], grid[0], grid[1], channels, ph, pw).permute(0, 3, 1, 4, 2, 5)
+    dimage = dimage.reshape(x.shape[0], channels, grid[0] * ph, grid[1] * pw)[..., :height, :width].float()
     per_channel = (1, -1, 1, 1)
     dx = (dimage * scale.view(per_channel)).to(x.dtype) if needs[0] else None
     inv_std = 1.0 if std is None else 1.0 / std.float()
@@ -242,7 +254,7 @@ def patch_embed_bwd(dout, x, weight, bias, prefix_tokens, pos_embed, pos_embed_g
 
     ``needs``: 9 bools for (x, weight, bias, prefix_tokens, pos_embed, norm_weight, norm_bias, mean, std).
     Returns their gradients in that order, None where not needed. The conv's weight and image
-    gradients are torch convolution-backward calls on the normalized (and padded) image.
+    gradients are torch GEMMs on the normalized (and padded) image's patch rows.
     """
     batch = x.shape[0]
     dim, _, ph, pw = weight.shape
@@ -265,12 +277,11 @@ def patch_embed_bwd(dout, x, weight, bias, prefix_tokens, pos_embed, pos_embed_g
         grads[6] = dnb.to(norm_bias.dtype) if needs[6] else None
     if needs[2]:
         grads[2] = dz.sum(0)
-    dz_map = dz.view(batch, grid[0], grid[1], dim).permute(0, 3, 1, 2)
     per_channel = (1, -1, 1, 1)
     image = (x.float() * scale.view(per_channel) + shift.view(per_channel)).to(weight.dtype)
     image = F.pad(image, (0, grid[1] * pw - x.shape[-1], 0, grid[0] * ph - x.shape[-2]))
     if needs[1]:
-        grads[1] = torch.nn.grad.conv2d_weight(image, weight.shape, dz_map, stride=(ph, pw))
+        grads[1] = (dz.t() @ _patch_rows(image, ph, pw)).view(weight.shape)
     if needs[0] or needs[7] or needs[8]:
-        grads[0], grads[7], grads[8] = _image_grads(dz_map, x, weight, scale, image, mean, std, needs)
+        grads[0], grads[7], grads[8] = _image_grads(dz, grid, x, weight, scale, image, mean, std, needs)
     return grads

@@ -459,9 +459,12 @@ MAX_WARPS = 8  # 16 warps would cap a thread at 128 registers, which these kerne
 # per thread of the dq, dk/dv and table kernels 176 / 144 / 264, against 1592 / 1568 / 1568 for a
 # 64x64 tile with 8 warps (bf16, cosine attention, same report).
 WIDE_HEAD_BACKWARD = Config(32, 32, 8)
+# The fp32 forward of those head dims beyond 32 tokens: fp32 operands of a 64x64 tile take 176 KiB of
+# shared memory (sm_80 has 163), of a 64x32 tile 104 KiB.
+WIDE_HEAD_FP32_FORWARD = Config(64, 32, 8)
 
 
-def prune_configs(tokens: int, head_dim: int, backward: bool = False) -> Config:
+def prune_configs(tokens: int, head_dim: int, backward: bool = False, fp32: bool = False) -> Config:
     """The one config launched for windows of ``tokens`` tokens (no autotuning: it cannot run under
     the interpreter, and every launched config is compiled ahead of time).
 
@@ -469,10 +472,10 @@ def prune_configs(tokens: int, head_dim: int, backward: bool = False) -> Config:
     the forward's warps they spill (bf16 with cosine attention, bytes of stack per thread of the dq,
     dk/dv and table kernels: 16x16 tiles 16 / 40 / 160, 32x32 tiles 80 / 160 / 352), with twice
     as many not, so they launch with twice the forward's warps, up to :data:`MAX_WARPS` (64x64
-    tiles: 24 / 0 / 0 with 8 warps, 240 / 280 / 688 with 4).
+    tiles: 24 / 0 / 0 with 8 warps, 240 / 280 / 688 with 4). ``fp32``: the forward's inputs are fp32.
     """
-    if backward and head_dim > 64 and tokens > CONFIGS[1].block_n:
-        return WIDE_HEAD_BACKWARD
+    if head_dim > 64 and tokens > CONFIGS[1].block_n and (backward or fp32):
+        return WIDE_HEAD_BACKWARD if backward else WIDE_HEAD_FP32_FORWARD
     for config in CONFIGS[:3]:
         if tokens <= config.block_n:
             break
@@ -541,14 +544,14 @@ def window_attention_fwd(qkv, num_heads, window, shift, bias_table=None, qkv_bia
     batch, height, width, three_c = qkv.shape
     out = qkv.new_empty(batch, height, width, three_c // 3)
     lse = torch.empty(launch.grid_windows, num_heads, launch.tokens, device=qkv.device, dtype=torch.float32)
-    config = prune_configs(launch.tokens, launch.head_dim)
+    config = prune_configs(launch.tokens, launch.head_dim, fp32=qkv.dtype == torch.float32)
     packed = heads_per_program(num_heads, launch.tokens, launch.grid_windows, config)
     grid = (launch.grid_windows, num_heads // packed, triton.cdiv(launch.tokens, config.block_m))
     _window_attention_fwd_kernel[grid](
         qkv, out, lse, _contiguous(bias_table, qkv), _contiguous(qkv_bias, qkv), _contiguous(logit_scale, qkv),
         qkv if bias is None else bias, *launch.strides, *launch.sizes, **launch.flags, HEADS_PER_PROGRAM=packed,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=_block_d(launch.head_dim),
-        num_warps=config.num_warps,
+        num_warps=config.num_warps, num_stages=aot.NUM_STAGES,
     )
     return out, lse
 
@@ -583,7 +586,7 @@ def _recompute_dsum(stats, tensors, launch, config):
         *stats, dsum, *tensors, *launch.strides[:3],
         height, width, wh, ww, sh, sw, num_windows, launch.grid_windows, per_chunk, heads, head_dim, scale,
         mask_value, **flags, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=_block_d(head_dim),
-        num_warps=config.num_warps,
+        num_warps=config.num_warps, num_stages=aot.NUM_STAGES,
     )
     return dsum
 
@@ -596,6 +599,7 @@ def _gather_table(dsum, bias_table, launch):
     block_e = max(1, GATHER_TILE // block_p)
     _relative_bias_grad_kernel[(triton.cdiv(dtable.shape[0], block_e), heads)](
         dsum, dtable, dsum.shape[0], heads, wh, ww, BLOCK_E=block_e, BLOCK_P=block_p,
+        num_stages=aot.NUM_STAGES,
     )
     return dtable.to(bias_table.dtype)
 
@@ -637,7 +641,7 @@ def window_attention_bwd(dout, qkv, out, lse, num_heads, window, shift, bias_tab
     dsum = torch.empty(programs, heads, tokens, tokens, **f32) if table_in_dq else lse
     dfill = torch.empty(launch.grid_windows, key_blocks, 2, channels, **f32) if launch.flags["HAS_FILL"] else lse
     common = dict(**launch.flags, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=_block_d(head_dim),
-                  num_warps=config.num_warps)
+                  num_warps=config.num_warps, num_stages=aot.NUM_STAGES)
     _window_attention_bwd_dq_kernel[(programs, heads, query_blocks)](
         qkv, out, dout, lse, delta, dqkv, dscale, dbias, dsum, *tensors, dense, *launch.strides, *launch.sizes,
         launch.grid_windows, per_program, BIAS_GRAD=need_bias, TABLE_GRAD=table_in_dq, **common,
@@ -714,6 +718,7 @@ def _register_window_kernels() -> None:
     swin = CONFIGS[2]
     register_specialization("fwd", "fp16", swin, 32)
     register_specialization("fwd", "fp32", swin, 32)
+    register_specialization("fwd", "fp32", WIDE_HEAD_FP32_FORWARD, 128)
     register_specialization("fwd", "bf16", swin, 32, param_dtype="fp32", PAD_FIRST=True)
     register_specialization("fwd", "bf16", swin, 32, COSINE=True)
     register_specialization("fwd", "bf16", swin, 32, HEADS_PER_PROGRAM=3)
