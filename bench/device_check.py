@@ -617,7 +617,7 @@ def run_with_timeout(command: list[str], env: dict, log, timeout: float, grace: 
     """Runs ``command`` in ROOT with its output appended to ``log``.
 
     Returns the exit status, None when it ran out of time, or an error message. At ``timeout -
-    grace`` seconds (when the timeout is long enough to spare them) the process group gets SIGINT,
+    grace`` seconds (grace at most a quarter of the timeout) the process group gets SIGINT,
     which lets pytest finish its session and pytest-benchmark write the results measured so far;
     at ``timeout`` the whole group is killed, so that no compiler or worker it started lingers.
     """
@@ -626,7 +626,7 @@ def run_with_timeout(command: list[str], env: dict, log, timeout: float, grace: 
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     except OSError as err:
         return f"{type(err).__name__}: {err}"
-    grace = grace if timeout > 3 * grace else 0.0
+    grace = min(grace, timeout / 4)
     try:
         return proc.wait(timeout=timeout - grace)
     except subprocess.TimeoutExpired:

@@ -138,6 +138,10 @@ def test_a_timed_out_step_is_interrupted_before_it_is_killed(dc, tmp_path):
     with open(log_path, "w") as log:
         assert dc.run_with_timeout([sys.executable, "-c", script], dict(os.environ), log, 4.0, grace=1.0) is None
     assert "interrupted" in log_path.read_text()
+    # a timeout shorter than three default graces still leaves a quarter of it to the interrupt
+    with open(log_path, "w") as log:
+        assert dc.run_with_timeout([sys.executable, "-c", script], dict(os.environ), log, 4.0) is None
+    assert "interrupted" in log_path.read_text()
 
 
 def test_runner_records_a_step_with_its_log(dc, tmp_path, capsys):
