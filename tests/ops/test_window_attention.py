@@ -73,6 +73,39 @@ def test_swinv2_cosine(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", backend_params("window_attention"))
+@pytest.mark.parametrize("window", [(4, 4), (9, 9)], ids=["one-key-block", "several-key-blocks"])
+def test_logit_scale_gradient_is_not_amplified(backend, window):
+    """fp16 cosine attention with logits scaled by 90: the logit-scale gradient, a sum of
+    dS * q.k over every window, stays within 3x of the error that rounding the inputs to fp16 alone
+    causes (the float64 computation on the rounded inputs). A backward whose delta = rowsum(dO * O)
+    used the fp16 output measured 5x."""
+    skip_refused_dtype(backend, torch.float16)
+    heads, head_dim, shift = 2, 8, (window[0] // 2, window[1] // 2)
+    batch, height, width = 2, 2 * window[0] + 1, 2 * window[1]
+    qkv, table, _ = _make(batch, height, width, heads, head_dim, window)
+    logit_scale = torch.full((heads,), 4.5, dtype=torch.float64, device=DEVICE)  # x90, under the clamp
+    upstream = random(batch, height, width, heads * head_dim)
+
+    def kernel(qkv, table, logit_scale):
+        return ops.window_attention(qkv, heads, window, shift, table, logit_scale=logit_scale, backend=backend)
+
+    def reference(qkv, table, logit_scale):
+        return window_attention_reference(qkv, heads, window, shift, table, logit_scale=logit_scale)
+
+    def logit_scale_grad(run, dtype, rounded_to=None):
+        inputs = [(t if rounded_to is None else t.to(rounded_to)).to(dtype).requires_grad_()
+                  for t in (qkv, table, logit_scale)]
+        return torch.autograd.grad((run(*inputs).double() * upstream).sum(), inputs[2])[0].double()
+
+    exact = logit_scale_grad(reference, torch.float64)
+    error = (logit_scale_grad(kernel, torch.float16) - exact).abs().max().item()
+    rounding = (logit_scale_grad(reference, torch.float64, rounded_to=torch.float16) - exact).abs().max().item()
+    floor = 1e-3 * exact.abs().max().item()
+    assert error <= 3 * rounding + floor, (
+        f"logit-scale gradient error {error:.3e} > 3 x {rounding:.3e} (rounding the inputs) + {floor:.3e}")
+
+
+@pytest.mark.parametrize("backend", backend_params("window_attention"))
 def test_no_bias_and_custom_scale(backend):
     skip_refused_dtype(backend, torch.float32)
     qkv, _, _ = _make(1, 8, 8, 2, 8, (4, 4))

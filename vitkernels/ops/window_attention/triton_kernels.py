@@ -113,6 +113,22 @@ def _key_block(win, start, n, H, W, Wh, Ww, sh, sw, qkv_base, stride_qh, stride_
 
 
 @triton.jit
+def _key_block_scores(qn, do, lse, scale, win, start, n, H, W, Wh, Ww, sh, sw, qkv_base, stride_qh, stride_qw, channels,
+                      d, d_mask, fill_base, tq, qi, qj, q_region, table_ptr, heads, mask_value, bias_base, stride_bq,
+                      stride_bk, PAD_FIRST: tl.constexpr, HAS_FILL: tl.constexpr, COSINE: tl.constexpr,
+                      HAS_TABLE: tl.constexpr, SHIFTED: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """The query rows' view of keys ``start`` .. ``start + BLOCK_N``: (tokens, normalized keys, P, dP =
+    dO V^T, q.k), P and dP fp32 [BLOCK_M, BLOCK_N]."""
+    tk, ki, kj, k_region, k, v = _key_block(win, start, n, H, W, Wh, Ww, sh, sw, qkv_base, stride_qh, stride_qw,
+                                            channels, d, d_mask, fill_base, PAD_FIRST, HAS_FILL, BLOCK_N)
+    kn = _unit_rows(k) if COSINE else k
+    raw, s = _logits(qn, kn, scale, tq, qi, qj, q_region, tk, ki, kj, k_region, n, table_ptr, heads, Wh, Ww,
+                     mask_value, bias_base, stride_bq, stride_bk, HAS_TABLE, SHIFTED, HAS_BIAS, IEEE)
+    return tk, kn, tl.exp(s - lse[:, None]), _dot(do, tl.trans(v), IEEE), raw
+
+
+@triton.jit
 def _unit_rows(x):
     """F.normalize(x, dim=-1, eps=1e-12), computed in fp32, returned in x's dtype."""
     xf = x.to(tl.float32)
@@ -235,7 +251,7 @@ def _window_attention_bwd_dq_kernel(
     out_ptr,  # [B, H, W, C] contiguous, forward output
     dout_ptr,  # [B, H, W, C] contiguous
     lse_ptr,  # [B * nW, heads, N] fp32
-    delta_ptr,  # [B * nW, heads, N] fp32, written: rowsum(dO * O)
+    delta_ptr,  # [B * nW, heads, N] fp32, written: rowsum(P * dP) / rowsum(P)
     dqkv_ptr,  # [B, H, W, 3C] contiguous, q slots written
     dscale_ptr,  # [B * nW, cdiv(N, BLOCK_M), heads] fp32 partial sums of dS * q.k (COSINE)
     dbias_ptr,  # [B, heads, N, N] contiguous fp32, dS (BIAS_GRAD)
@@ -245,10 +261,12 @@ def _window_attention_bwd_dq_kernel(
     H, W, Wh, Ww, sh, sw, num_windows, heads, head_dim, scale, mask_value, total_windows, windows_per_program,
     PAD_FIRST: tl.constexpr, SHIFTED: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_FILL: tl.constexpr,
     COSINE: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, TABLE_GRAD: tl.constexpr,
-    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IEEE: tl.constexpr, ONE_KEY_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # One program runs windows_per_program consecutive windows; when one key block covers the
-    # window (TABLE_GRAD, N <= BLOCK_N), it also sums their dS tiles for the bias-table gradient.
+    # window (ONE_KEY_BLOCK: N <= BLOCK_N) and TABLE_GRAD, it also sums their dS tiles for the
+    # bias-table gradient.
     h = tl.program_id(1)
     n = Wh * Ww
     channels = heads * head_dim
@@ -268,22 +286,36 @@ def _window_attention_bwd_dq_kernel(
         map_offsets = (b.to(tl.int64) * H * W + qy * W + qx) * channels + h * head_dim
         rows_mask = q_real[:, None] & d_mask[None, :]
         do = tl.load(dout_ptr + map_offsets[:, None] + d[None, :], mask=rows_mask, other=0.0)
-        o = tl.load(out_ptr + map_offsets[:, None] + d[None, :], mask=rows_mask, other=0.0)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         row_stats = (bw * heads + h) * n + tq
-        tl.store(delta_ptr + row_stats, delta, mask=tq < n)
         lse = tl.load(lse_ptr + row_stats, mask=tq < n, other=float("inf"))
+        # delta = rowsum(P * dP) / rowsum(P) in fp32: rowsum(dO * O), but for O's rounding to the
+        # input dtype, which the logit-scale gradient (dS * q.k summed over every window, scaled by
+        # up to 100) magnifies several times over; dividing by rowsum(P) cancels the rounding of
+        # lse, which is as large as the logits. A window wider than one key block takes a pass of
+        # its own; one key block computes it in the pass below.
+        delta = tl.zeros((BLOCK_M,), tl.float32)
+        if not ONE_KEY_BLOCK:
+            p_sum = tl.zeros((BLOCK_M,), tl.float32)
+            for start in range(0, n, BLOCK_N):
+                _, _, p, dp, _ = _key_block_scores(
+                    qn, do, lse, scale, win, start, n, H, W, Wh, Ww, sh, sw, qkv_base, stride_qh, stride_qw, channels,
+                    d, d_mask, fill_base, tq, qi, qj, q_region, table_ptr + h, heads, mask_value, bias_base,
+                    stride_bq, stride_bk, PAD_FIRST, HAS_FILL, COSINE, HAS_TABLE, SHIFTED, HAS_BIAS, IEEE, BLOCK_N)
+                delta += tl.sum(p * dp, 1)
+                p_sum += tl.sum(p, 1)
+            delta = tl.where(p_sum > 0, delta / p_sum, 0.0)
 
         dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         dscale = tl.zeros((BLOCK_M,), tl.float32)
         for start in range(0, n, BLOCK_N):
-            tk, ki, kj, k_region, k, v = _key_block(win, start, n, H, W, Wh, Ww, sh, sw, qkv_base, stride_qh, stride_qw,
-                                                    channels, d, d_mask, fill_base, PAD_FIRST, HAS_FILL, BLOCK_N)
-            kn = _unit_rows(k) if COSINE else k
-            raw, s = _logits(qn, kn, scale, tq, qi, qj, q_region, tk, ki, kj, k_region, n, table_ptr + h, heads, Wh, Ww,
-                             mask_value, bias_base, stride_bq, stride_bk, HAS_TABLE, SHIFTED, HAS_BIAS, IEEE)
-            p = tl.exp(s - lse[:, None])
-            ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
+            tk, kn, p, dp, raw = _key_block_scores(
+                qn, do, lse, scale, win, start, n, H, W, Wh, Ww, sh, sw, qkv_base, stride_qh, stride_qw, channels,
+                d, d_mask, fill_base, tq, qi, qj, q_region, table_ptr + h, heads, mask_value, bias_base,
+                stride_bq, stride_bk, PAD_FIRST, HAS_FILL, COSINE, HAS_TABLE, SHIFTED, HAS_BIAS, IEEE, BLOCK_N)
+            if ONE_KEY_BLOCK:
+                p_sum = tl.sum(p, 1)
+                delta = tl.where(p_sum > 0, tl.sum(p * dp, 1) / p_sum, 0.0)
+            ds = p * (dp - delta[:, None])
             dq += _dot(ds, kn, IEEE)
             if COSINE:
                 dscale += tl.sum(ds * raw, 1)
@@ -292,6 +324,7 @@ def _window_attention_bwd_dq_kernel(
             if BIAS_GRAD:
                 pair = (tq < n)[:, None] & (tk < n)[None, :]
                 tl.store(dbias_ptr + ((b * heads + h).to(tl.int64) * n + tq[:, None]) * n + tk[None, :], ds, mask=pair)
+        tl.store(delta_ptr + row_stats, delta, mask=tq < n)
         dq = dq * scale
         if COSINE:
             dq = _unit_rows_bwd(q, dq)
@@ -644,7 +677,8 @@ def window_attention_bwd(dout, qkv, out, lse, num_heads, window, shift, bias_tab
                   num_warps=config.num_warps, num_stages=aot.NUM_STAGES)
     _window_attention_bwd_dq_kernel[(programs, heads, query_blocks)](
         qkv, out, dout, lse, delta, dqkv, dscale, dbias, dsum, *tensors, dense, *launch.strides, *launch.sizes,
-        launch.grid_windows, per_program, BIAS_GRAD=need_bias, TABLE_GRAD=table_in_dq, **common,
+        launch.grid_windows, per_program, BIAS_GRAD=need_bias, TABLE_GRAD=table_in_dq, ONE_KEY_BLOCK=key_blocks == 1,
+        **common,
     )
     _window_attention_bwd_dkdv_kernel[(launch.grid_windows, heads, key_blocks)](
         qkv, out, dout, lse, delta, dqkv, dfill, *tensors, dense, *launch.strides, *launch.sizes, **common,
@@ -676,7 +710,7 @@ def _logit_scale_grad(dscale, logit_scale):
 _POINTER_DTYPES = {"qkv_ptr": "act", "out_ptr": "act", "dout_ptr": "act", "dqkv_ptr": "act", "bias_ptr": "param",
                    "table_ptr": "param", "fill_ptr": "param", "logit_scale_ptr": "param"}
 FLAGS = dict(PAD_FIRST=False, SHIFTED=True, HAS_TABLE=True, HAS_FILL=True, COSINE=False, HAS_BIAS=False,
-             BIAS_GRAD=False, TABLE_GRAD=True, HEADS_PER_PROGRAM=1)
+             BIAS_GRAD=False, TABLE_GRAD=True, HEADS_PER_PROGRAM=1, ONE_KEY_BLOCK=True)
 KERNELS = {"fwd": _window_attention_fwd_kernel, "dq": _window_attention_bwd_dq_kernel,
            "dkdv": _window_attention_bwd_dkdv_kernel, "dtable": _window_attention_bwd_dtable_kernel}
 
@@ -706,7 +740,7 @@ def register_specialization(kernel: str, dtype: str, config: Config, head_dim: i
               "BLOCK_D": _block_d(head_dim)}
     constexprs = {k: v for k, v in values.items() if k in names}
     suffix = "" if param_dtype is None else f"_params_{param_dtype}"
-    flag_names = ", ".join(f"{k}={v}" for k, v in sorted(flags.items()) if v != FLAGS.get(k))
+    flag_names = ", ".join(f"{k}={v}" for k, v in sorted(flags.items()) if v != FLAGS.get(k) and k in names)
     name = (f"{kernel.fn.__name__}[{dtype}{suffix}, {config.block_m}x{config.block_n}, d={head_dim}"
             f"{', ' + flag_names if flag_names else ''}, warps={config.num_warps}]")
     aot.register(kernel, signature=signature, constexprs=constexprs, num_warps=config.num_warps, name=name)
@@ -729,7 +763,7 @@ def _register_window_kernels() -> None:
         register_specialization(kernel, "bf16", swin_backward, 32, COSINE=True)
     register_specialization("dq", "fp32", swin_backward, 32)
     for kernel in ("dq", "dkdv", "dtable"):
-        register_specialization(kernel, "bf16", prune_configs(49, 128, backward=True), 128)
+        register_specialization(kernel, "bf16", prune_configs(49, 128, backward=True), 128, ONE_KEY_BLOCK=False)
     block_p = 64
     aot.register(_relative_bias_grad_kernel, signature={"dsum_ptr": "*fp32:16", "dtable_ptr": "*fp32:16",
                                                          "chunks": "i32", "heads": "i32", "Wh": "i32", "Ww": "i32"},
