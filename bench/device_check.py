@@ -74,9 +74,9 @@ CAPS = {"env": 60, "build": 240, "build_check": 60, "tests_ops": 150, "tests_cud
 RESERVE = {"env": 10, "build": 30, "build_check": 10, "tests_ops": 30, "tests_cuda": 20, "ceilings": 30,
            "large": 15, "bench": 90, "sanitize_memcheck": 40, "sanitize_racecheck": 60}
 # The compact benchmark set: shapes, providers and modes of each run of bench/test_bench_ops.py.
-# A kernel fault on the GPU ends a benchmark run (bench/conftest.py) and the providers run in this
-# order, so the cuda backend, whose kernels have the shortest record on hardware, comes last.
-COMPACT_PROVIDERS = "triton,torch,cpu,eager,eager-sdpa,sdpa,cuda"
+# The providers run in this order and a run cut short by its timeout keeps what it measured: the
+# vitkernels GPU backends first, then the baselines users compare them with, then the reference.
+COMPACT_PROVIDERS = "triton,cuda,eager-sdpa,eager,sdpa,torch,cpu"
 COMPACT_MODES = "fwd,bwd,fwd+bwd"
 # Runs of the compiled providers (name: ops, providers, -k shapes), slowest to compile last.
 COMPILED_RUNS = {

@@ -105,12 +105,13 @@ def test_model(benchmark, shape, provider, mode, device, dtype):
         def call():
             step(next(pool), labels)
 
-    timing.measure(benchmark, call, device)
+    # the case before the timing: a run interrupted during it still names what it measured
     benchmark.extra_info.update(
         op="model", shape=shape.name, model=shape.model, backend=provider,
         provider_kind="vitkernels" if provider in backends.BACKENDS else "baseline", mode=mode, batch=shape.batch,
         dtype=str(dtype).replace("torch.", ""), device=device, metric="images/s", input_pool=count,
     )
+    timing.measure(benchmark, call, device)
     stats = getattr(benchmark, "stats", None)
     if stats is not None and stats.stats.median > 0:
         benchmark.extra_info["value"] = shape.batch / stats.stats.median

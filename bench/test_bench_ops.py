@@ -153,6 +153,9 @@ def _bench_case(benchmark, op, shape, provider, mode, device, dtype, variant: Op
     pool = [inputs] + [_clone(inputs) for _ in range(size - 1)]
     with cases.skip_outside_failures(provider):
         call = make_call(fn, pool, mode)
+    # the case before the timing (a run interrupted during it still names what it measured), the
+    # achieved rate after
+    record(benchmark, op, shape, provider, mode, dtype, len(pool), variant)
     timing.measure(benchmark, call, device)
     record(benchmark, op, shape, provider, mode, dtype, len(pool), variant)
 
