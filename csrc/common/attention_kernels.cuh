@@ -68,17 +68,22 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Policy po
   }
 }
 
-// Pass 1 of the query kernel: O = P V recomputed from lse, then delta = rowsum(dO * O) of the
-// warp's rows, written to a.delta and returned (both lanes of a row hold it).
+// Pass 1 of the query kernel: delta = rowsum(P * dP) / rowsum(P) of the warp's rows in fp32, P
+// recomputed from lse and dP = dO V^T, written to a.delta and returned (both lanes of a row hold
+// it). That is rowsum(dO * O) without the rounding of O (or of P) to the input dtype, which the
+// logit-scale gradient, a sum of dS * q.k over every window scaled by up to 100, magnifies several
+// times over; dividing by rowsum(P) cancels the rounding of lse, which is as large as the logits.
 template <class Policy, typename T, int D>
 __device__ float recompute_delta(const Policy& policy, const TileArgs<T>& a, unsigned char* smem, const Layout& l,
                                  int64_t group, int h, float alpha, int tile0) {
   const int warp = threadIdx.x / 32;
   float* score = warp_region<float>(smem, l, l.score, warp);
+  float* dp = warp_region<float>(smem, l, l.dp, warp);
   T* prob = warp_region<T>(smem, l, l.prob, warp);
-  float* acc = warp_region<float>(smem, l, l.acc, warp);
   const int row0 = warp * kWarpRows;
-  zero_accumulator<D>(acc);
+  const LaneRow lr;
+  float p_dp = 0.0f;
+  float p_sum = 0.0f;
   for (int key0 = 0; key0 < a.n; key0 += kTile) {
     int64_t* k_pixel = region<int64_t>(smem, l.k_pixel);
     load_part<Policy, T, D>(policy, a, group, h, key0, 1, k_pixel, region<int32_t>(smem, l.k_tag),
@@ -88,12 +93,17 @@ __device__ float recompute_delta(const Policy& policy, const TileArgs<T>& a, uns
                     a.fill, a.vectorized);
     __syncthreads();
     warp_scores<T, D>(region<T>(smem, l.q) + row0 * ld_tile<D>(), region<T>(smem, l.k), score);
+    warp_scores<T, D>(region<T>(smem, l.dout) + row0 * ld_tile<D>(), region<T>(smem, l.v), dp);
     probabilities(policy, a, group, h, alpha, tile0 + row0, key0, false, region<int32_t>(smem, l.q_tag) + row0,
                   region<int32_t>(smem, l.k_tag), region<float>(smem, l.lse) + row0, score, prob);
-    warp_accumulate<T, D>(prob, region<T>(smem, l.v), acc);
+    p_dp += half_row_dot(score, dp);
+    for (int c = lr.first_column(kTile); c < lr.first_column(kTile) + kTile / 2; ++c) {
+      p_sum += score[lr.r * kLdScore + c];
+    }
   }
-  const LaneRow lr;
-  const float delta = row_dot<T, D>(acc, region<T>(smem, l.dout) + (row0 + lr.r) * ld_tile<D>());
+  p_dp = pair_sum(p_dp);
+  p_sum = pair_sum(p_sum);
+  const float delta = p_sum > 0.0f ? p_dp / p_sum : 0.0f;
   const int i = tile0 + row0 + lr.r;
   if (lr.half == 0 && i < a.n) {
     a.delta[(group * a.heads + h) * a.n + i] = delta;
@@ -137,6 +147,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_query_kernel(const Pol
       delta_tile[row0 + threadIdx.x % 32 / 2] = delta;
     }
     zero_accumulator<D>(acc);
+    float logit_row = 0.0f;  // cosine attention: sum of dS * q.k over the lane's half of its row
     for (int key0 = 0; key0 < a.n; key0 += kTile) {
       int64_t* k_pixel = region<int64_t>(smem, l.k_pixel);
       load_part<Policy, T, D>(policy, a, group, h, key0, 1, k_pixel, region<int32_t>(smem, l.k_tag),
@@ -151,12 +162,21 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_query_kernel(const Pol
                     region<int32_t>(smem, l.k_tag), region<float>(smem, l.lse) + row0, score, prob);
       score_gradient(score, dp, prob, false, delta_tile + row0);
       bias_gradient(policy, group, h, a.n, tile0 + row0, key0, dp, partial);
+      if (a.tau != nullptr) {
+        // q.k once more (score holds P by now): the logit-scale gradient sums dS * q.k in fp32, not
+        // q . dQ, whose dS went through the input dtype on its way into the tensor cores.
+        warp_scores<T, D>(q_warp, region<T>(smem, l.k), score);
+        logit_row += half_row_dot(dp, score);
+      }
       warp_accumulate<T, D>(prob, region<T>(smem, l.k), acc);
     }
-    const float logit_grad = finish_gradient<T, D>(acc, q_warp, region<float>(smem, l.q_norm) + row0, alpha,
-                                                   a.tau != nullptr, warp_region<float>(smem, l, l.row_dot, warp));
-    if (threadIdx.x % 32 == 0 && a.tau != nullptr) {
-      partial[a.table_rows + a.head_dim] += logit_grad;
+    finish_gradient<T, D>(acc, q_warp, region<float>(smem, l.q_norm) + row0, alpha, a.tau != nullptr);
+    if (a.tau != nullptr) {
+      const float logit_grad =
+          alpha * warp_rows_total(pair_sum(logit_row), warp_region<float>(smem, l, l.row_dot, warp));
+      if (threadIdx.x % 32 == 0) {
+        partial[a.table_rows + a.head_dim] += logit_grad;
+      }
     }
     store_gradient<T, D>(a, acc, q_pixel + row0, static_cast<int64_t>(h) * a.head_dim,
                          a.fill != nullptr ? partial + a.table_rows : nullptr);
@@ -210,8 +230,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_key_kernel(const Polic
       score_gradient(score, dp, prob, true, region<float>(smem, l.delta));
       warp_accumulate<T, D>(prob, region<T>(smem, l.q), dk);
     }
-    finish_gradient<T, D>(dk, k_warp, region<float>(smem, l.k_norm) + row0, alpha, a.tau != nullptr,
-                          warp_region<float>(smem, l, l.row_dot, warp));
+    finish_gradient<T, D>(dk, k_warp, region<float>(smem, l.k_norm) + row0, alpha, a.tau != nullptr);
     const int64_t column = static_cast<int64_t>(h) * a.head_dim;
     const bool sums = a.fill != nullptr && a.partial != nullptr;
     store_gradient<T, D>(a, dk, k_pixel + row0, a.channels + column, sums ? partial : nullptr);

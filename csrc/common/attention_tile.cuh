@@ -403,18 +403,16 @@ __device__ float row_dot(const float* acc, const T* tile_row) {
 }
 
 // acc <- alpha * acc, then (cosine attention) the backward of F.normalize from the normalized
-// rows x_hat and their norms. Returns sum_r x_hat_r . (alpha acc_r), the logit-scale gradient of
-// the warp's rows, summed in row order (lane 0 holds it).
+// rows x_hat and their norms.
 template <typename T, int D>
-__device__ float finish_gradient(float* acc, const T* x_hat, const float* norm, float alpha, bool cosine,
-                                 float* row_dots) {
+__device__ void finish_gradient(float* acc, const T* x_hat, const float* norm, float alpha, bool cosine) {
   const LaneRow lr;
   for (int c = lr.first_column(D); c < lr.first_column(D) + D / 2; ++c) {
     acc[lr.r * ld_acc<D>() + c] *= alpha;
   }
   __syncwarp();
   if (!cosine) {
-    return 0.0f;
+    return;
   }
   const T* x = x_hat + lr.r * ld_tile<D>();
   const float along = row_dot<T, D>(acc, x);
@@ -424,13 +422,31 @@ __device__ float finish_gradient(float* acc, const T* x_hat, const float* norm, 
     float& g = acc[lr.r * ld_acc<D>() + c];
     g = (g - to_float(x[c]) * radial) * inv;
   }
+  __syncwarp();
+}
+
+// sum_c a[r, c] b[r, c] over the lane's half of its row r of two fp32 [16, 64] warp blocks; the
+// lane pair's halves add up to the row's.
+__device__ inline float half_row_dot(const float* a, const float* b) {
+  const LaneRow lr;
+  float sum = 0.0f;
+  for (int c = lr.first_column(kTile); c < lr.first_column(kTile) + kTile / 2; ++c) {
+    sum += a[lr.r * kLdScore + c] * b[lr.r * kLdScore + c];
+  }
+  return sum;
+}
+
+// The sum over a warp's 16 rows, in row order, of a value both lanes of each row hold; every lane
+// gets it.
+__device__ inline float warp_rows_total(float row_value, float* row_values) {
+  const LaneRow lr;
   if (lr.half == 0) {
-    row_dots[lr.r] = along;
+    row_values[lr.r] = row_value;
   }
   __syncwarp();
   float total = 0.0f;
   for (int r = 0; r < kWarpRows; ++r) {
-    total += row_dots[r];
+    total += row_values[r];
   }
   __syncwarp();
   return total;
