@@ -15,8 +15,9 @@
 // rescaling work on plain row-major fp32 arrays instead of on the opaque fragment layouts, which is
 // simpler to get right than register-level mma.sync layouts, at some shared-memory traffic.
 //
-// Backward without atomics: the query kernel recomputes O = P V from the saved lse to get
-// delta = rowsum(dO * O), then dQ = dS K and the bias gradient; the key kernel (key tile per CTA,
+// Backward without atomics: the query kernel recomputes P from the saved lse to get
+// delta = rowsum(P * dP) / rowsum(P) (rowsum(dO * O) without O's rounding), then dQ = dS K and the
+// bias gradient; the key kernel (key tile per CTA,
 // looping over query tiles) computes dK = dS^T Q and dV = P^T dO. Reduced gradients (the bias table,
 // qkv_bias, logit_scale) go to per-CTA, per-warp partial sums in a fixed order; a CTA walks a fixed
 // set of problems, so the partials, and their fixed-order sum by a second small kernel, are deterministic.
@@ -76,7 +77,7 @@ struct TileArgs {
   const T* grad_out;  // [pixels, C]
   T* out;             // forward: out [pixels, C]; backward: dqkv [pixels, 3C]
   float* lse;         // [groups * heads, N]
-  float* delta;       // [groups * heads, N] rowsum(dO * O), written by the query kernel
+  float* delta;       // [groups * heads, N] rowsum(P * dP) / rowsum(P), written by the query kernel
   float* partial;     // [heads, gridDim.y * gridDim.x, partial_width] per-CTA sums, or null
   const float* fill;  // [3C] q, k, v of padding tokens, or null (zeros)
   const float* tau;   // [heads] cosine attention temperature, or null (then scale)

@@ -14,7 +14,8 @@ Global attention (``vitkernels.ops.attention``) runs the same kernels with one w
 whole sequence (window (1, N) on a [B, 1, N, 3C] view) and an additive bias read through strides.
 
 Backward is flash attention's: P is recomputed from the saved log-sum-exp. The dq kernel also
-stores D = rowsum(dO * O) for the dk/dv kernel. The bias-table gradient is deterministic (no
+stores D = rowsum(P * dP) / rowsum(P), which is rowsum(dO * O) without O's rounding to the input
+dtype, for the dk/dv kernel. The bias-table gradient is deterministic (no
 atomics): dS is summed over a chunk of windows per program into a [chunks, heads, N, N] buffer (by
 the dq kernel when one key block covers the window, the common case; by a kernel of its own for
 wider windows), then a last kernel reduces the chunks in order and gathers each table row's pairs.
