@@ -4,11 +4,13 @@ Under TRITON_INTERPRET=1 (set by conftest.py on machines without CUDA) the kerne
 interpreted functions; vitkernels.aot compiles them in a fresh process that imports this module
 without the interpreter, so they must stay at module level.
 """
+import op_cases
 import pytest
+import torch
 import triton
 import triton.language as tl
 
-from vitkernels import aot
+from vitkernels import aot, ops
 
 
 @triton.jit
@@ -128,3 +130,25 @@ def test_every_package_kernel_compiles_for_sm80_and_sm90():
     specs = aot.registered()
     results = aot.compile_all(ARCHS)
     assert len(results) == len(specs) * len(ARCHS)
+
+
+@pytest.mark.skipif(not aot.interpreter_on(), reason="records the launches through the Triton interpreter")
+@pytest.mark.parametrize("op", ops.OPS)
+def test_every_launch_names_its_pipeline_depth(op, monkeypatch):
+    """Triton launches with 3 pipeline stages unless told otherwise, while a kernel registered without
+    a depth is compiled with aot.NUM_STAGES: every launch names its depth, so what runs is what the
+    check compiled (3 stages once asked a wide-head forward for 256 KiB of shared memory)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launches = []
+    interpret = InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        launches.append((self.fn.__name__, kwargs.get("num_stages")))
+        return interpret(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", run)
+    case = op_cases.CASES[op]
+    op_cases.run(case, "triton", case.make(1), torch.float32)
+    unnamed = sorted({name for name, stages in launches if stages is None})
+    assert launches and not unnamed, f"{op}: launches without num_stages: {unnamed}"
