@@ -237,10 +237,13 @@ def render_markdown(result: dict) -> str:
 
 
 def results_folder(device_name: str, date: str, commit: str) -> str:
-    """``<gpu>/<date>-<commit>``, the layout of bench/results/: 'h100-80gb-hbm3/2026-11-26-4bdc99b'."""
+    """``<gpu>/<date>-<commit>``, the layout of bench/results/: 'h100-80gb-hbm3/2026-11-26-4bdc99b'
+    ('...-4bdc99b-dirty' when the working tree differed from the commit)."""
     slug = re.sub(r"[^a-z0-9]+", "-", (device_name or "unknown").lower()).strip("-")
     slug = re.sub(r"^nvidia-", "", slug) or "unknown"
-    return f"{slug}/{(date or 'undated')[:10]}-{(commit or 'unknown')[:7]}"
+    commit = commit or "unknown"
+    short = commit[:7] + ("-dirty" if commit.endswith("-dirty") else "")
+    return f"{slug}/{(date or 'undated')[:10]}-{short}"
 
 
 def parse_sanitizer_summary(text: str) -> Optional[int]:
@@ -651,10 +654,14 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
 
 
 def _git_commit() -> str:
+    """HEAD's hash, with "-dirty" when tracked files differ from it: the run measured other code."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
         if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip()
+            status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                    capture_output=True, text=True, timeout=30)
+            dirty = status.returncode == 0 and bool(status.stdout.strip())
+            return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
     return "unknown"

@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -163,6 +164,7 @@ def test_results_folder_names_gpu_date_and_commit(dc):
     assert dc.results_folder("NVIDIA H100 80GB HBM3", "2026-11-26T03:00:00+00:00", "4bdc99b692ac76fc") == \
         "h100-80gb-hbm3/2026-11-26-4bdc99b"
     assert dc.results_folder("cpu", "2026-11-26", "unknown") == "cpu/2026-11-26-unknown"
+    assert dc.results_folder("NVIDIA H200", "2026-11-26", "4bdc99b692ac76fc-dirty") == "h200/2026-11-26-4bdc99b-dirty"
     assert dc.results_folder("", "", "") == "unknown/undated-unknown"
 
 
@@ -323,7 +325,7 @@ def test_gpu_run_wires_every_step(dc, tmp_path, monkeypatch):
     seen = _fake_gpu_machine(dc, monkeypatch)
     assert dc.main(["--out", str(tmp_path), "--budget", "1000", "--pack-logs"]) == 0
     (folder,) = (tmp_path / "h100-80gb-hbm3").iterdir()
-    assert folder.name.endswith(dc._git_commit()[:7])
+    assert dc._git_commit()[:7] in folder.name
     report = json.loads((folder / "device_check.json").read_text())
     names = [s["name"] for s in report["steps"]]
     assert names[:8] == ["env", "build", "build_check", "tests_ops", "tests_cuda", "ceilings", "large",
@@ -365,3 +367,20 @@ def test_tests_k_selects_in_each_test_step(dc, tmp_path, monkeypatch):
     assert seen[-1][-2:] == ["-k", "swinv2 or fp32"] and "not slow" not in seen[-1]
     dc._pytest_step(dc.Runner(str(tmp_path), budget=60, cpu=True, quick=False), "tests_ops", ["tests/ops"], [])
     assert "-k" not in seen[-1]
+
+
+def test_git_commit_marks_a_working_tree_that_differs(dc, tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    subprocess.run(git[:5] + ["init", "-q", str(repo)], check=True)
+    (repo / "f.txt").write_text("one\n")
+    subprocess.run(git + ["add", "f.txt"], check=True)
+    subprocess.run(git + ["commit", "-qm", "one"], check=True)
+    monkeypatch.setattr(dc, "ROOT", str(repo))
+    clean = dc._git_commit()
+    assert len(clean) == 40 and not clean.endswith("-dirty")
+    (repo / "untracked.txt").write_text("x\n")
+    assert dc._git_commit() == clean
+    (repo / "f.txt").write_text("two\n")
+    assert dc._git_commit() == clean + "-dirty"
