@@ -119,9 +119,10 @@ def make_call(fn, pool: list[cases.Inputs], mode: str) -> Callable[[], None]:
     return backward
 
 
-def record(benchmark, op, shape, provider, mode, dtype, pool: int, variant: Optional[str] = None) -> None:
-    """Puts the case, its work, the achieved rate and its fraction of the measured ceiling in extra_info;
-    ``variant`` names a non-default schedule of vitkernels backend ``provider``."""
+def record(benchmark, op, shape, provider, mode, dtype, pool: int, variant: Optional[str] = None) -> cases.Work:
+    """Puts the case and its work in extra_info (before the timing: a run interrupted during it still
+    names what it measured); returns the work. ``variant`` names a non-default schedule of vitkernels
+    backend ``provider``."""
     work = cases.work(op, shape, torch.empty((), dtype=dtype).element_size(), mode)
     benchmark.extra_info.update(
         op=op, shape=shape.name, model=shape.model, backend=f"{provider} ({variant})" if variant else provider,
@@ -132,6 +133,11 @@ def record(benchmark, op, shape, provider, mode, dtype, pool: int, variant: Opti
         dtype=str(dtype).replace("torch.", ""), device=DEVICE, bytes=work.bytes, flops=work.flops,
         metric=cases.metric(op), input_pool=pool,
     )
+    return work
+
+
+def record_achieved(benchmark, op, work) -> None:
+    """Puts the achieved rate and its fraction of the measured ceiling in extra_info."""
     stats = getattr(benchmark, "stats", None)
     if stats is not None and stats.stats.median > 0:
         benchmark.extra_info.update(timing.achieved(work, stats.stats.median, cases.metric(op), timing.ceilings()))
@@ -153,11 +159,9 @@ def _bench_case(benchmark, op, shape, provider, mode, device, dtype, variant: Op
     pool = [inputs] + [_clone(inputs) for _ in range(size - 1)]
     with cases.skip_outside_failures(provider):
         call = make_call(fn, pool, mode)
-    # the case before the timing (a run interrupted during it still names what it measured), the
-    # achieved rate after
-    record(benchmark, op, shape, provider, mode, dtype, len(pool), variant)
+    work = record(benchmark, op, shape, provider, mode, dtype, len(pool), variant)
     timing.measure(benchmark, call, device)
-    record(benchmark, op, shape, provider, mode, dtype, len(pool), variant)
+    record_achieved(benchmark, op, work)
 
 
 WINDOW_CASES = [case for case in CASES if case.values[0] == "window_attention"]
