@@ -1,9 +1,14 @@
 """Timing for the benchmarks: CUDA-event clocks and input pools larger than the L2 cache on GPU.
 
-On CPU pytest-benchmark's own wall clock times each round. On GPU each round is timed by CUDA
-events (:class:`CudaEventClock` replaces the fixture's timer) and the calls rotate through copies
-of their inputs whose total exceeds twice the L2 cache (:func:`pool_size`), so that no round reads
-inputs the previous round left in L2; pytest-benchmark then reports the median of the rounds.
+On CPU pytest-benchmark's own wall clock times each round, of one call. On GPU each round is timed
+by CUDA events (:class:`CudaEventClock` replaces the fixture's timer) around
+:data:`CALLS_PER_ROUND` calls launched back to back: the clock waits for the device at each reading,
+so a round of one call would also time the host's path to its first launch (Python, dispatch,
+Triton's launcher), while in a row of calls that path overlaps the device work of the call before,
+as in a model's forward and in ``triton.testing.do_bench``. The calls rotate through copies of
+their inputs whose total exceeds twice the L2 cache (:func:`pool_size`), so that no call reads
+inputs the previous one left in L2; pytest-benchmark then reports the median over rounds of the
+time per call.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import torch
 ROUND_BUDGET_S = {"cuda": 0.25, "cpu": 0.2}
 MIN_ROUNDS, MAX_ROUNDS = 3, 200
 WARMUP_CALLS = 2
+CALLS_PER_ROUND = {"cuda": 10, "cpu": 1}
 MAX_POOL = 16
 
 
@@ -67,7 +73,8 @@ def synchronizer(device: str) -> Callable[[], None]:
 
 
 def measure(benchmark, call: Callable[[], None], device: str) -> None:
-    """Warm-up calls, a trial call that sets the rounds, then the timed rounds (one call each).
+    """Warm-up calls, a trial call that sets the rounds, then the timed rounds
+    (:data:`CALLS_PER_ROUND` calls each; pytest-benchmark records the time per call).
 
     ``call`` must not synchronize: on GPU the CUDA-event clock waits for each round's end itself.
     """
@@ -78,11 +85,13 @@ def measure(benchmark, call: Callable[[], None], device: str) -> None:
     start = time.perf_counter()
     call()
     sync()
-    rounds = rounds_for(time.perf_counter() - start, device)
+    calls = CALLS_PER_ROUND.get(device, 1)
+    rounds = rounds_for(calls * (time.perf_counter() - start), device)
     if device == "cuda":
         benchmark._timer = CudaEventClock()  # pytest-benchmark reads each round's timer from this attribute
-    benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=0)
-    benchmark.extra_info["timer"] = "cuda events" if device == "cuda" else "wall clock"
+    benchmark.pedantic(call, rounds=rounds, iterations=calls, warmup_rounds=0)
+    clock = "cuda events" if device == "cuda" else "wall clock"
+    benchmark.extra_info["timer"] = f"{clock}, {calls} calls per round"
 
 
 def ceilings() -> dict:
