@@ -168,11 +168,12 @@ WINDOW_CASES = [case for case in CASES if case.values[0] == "window_attention"]
 
 
 @pytest.mark.parametrize("op, shape", WINDOW_CASES)
-def test_window_forward_one_head_per_program(benchmark, op, shape, device, dtype, monkeypatch):
-    """The Triton window forward with one head per program, beside ``test_op``'s default schedule,
-    which packs several heads of a small window into one program (triton_kernels' docstring)."""
+def test_window_forward_one_program_per_window(benchmark, op, shape, device, dtype, monkeypatch):
+    """The Triton one-tile window forward with a program per (window, head), beside ``test_op``'s
+    default schedule, where a few programs per multiprocessor walk the windows (triton_kernels'
+    docstring)."""
     if device != "cuda":
         pytest.skip("Triton on CPU runs in the interpreter, whose timings say nothing about the kernels")
     kernels = importlib.import_module("vitkernels.ops.window_attention.triton_kernels")
-    monkeypatch.setattr(kernels, "MAX_HEADS_PER_PROGRAM", 1)
-    _bench_case(benchmark, op, shape, "triton", "fwd", device, dtype, variant="1 head per program")
+    monkeypatch.setattr(kernels, "window_programs", lambda device, windows, heads: windows)
+    _bench_case(benchmark, op, shape, "triton", "fwd", device, dtype, variant="1 program per window")

@@ -291,14 +291,15 @@ def test_table_gradient_summed_over_chunks_of_windows(backend, window, monkeypat
 
 @pytest.mark.parametrize("backend", TRITON)
 @pytest.mark.parametrize("pad_first", [False, True], ids=["timm-order", "hf-tv-order"])
-@pytest.mark.parametrize("heads,packed,cosine", [(4, 4, False), (6, 3, True)], ids=["4-of-4-heads", "3-of-6-cosine"])
-def test_forward_walks_several_heads_per_program(backend, pad_first, heads, packed, cosine, monkeypatch):
-    """The small-window schedule: one forward program walks ``packed`` heads of its window."""
+@pytest.mark.parametrize("heads,programs,cosine", [(4, 1, False), (3, 5, True)],
+                         ids=["4-heads-1-program", "3-heads-5-programs-cosine"])
+def test_one_tile_forward_walks_windows(backend, pad_first, heads, programs, cosine, monkeypatch):
+    """The one-tile schedule: each program walks every ``programs``-th window of its head, the
+    boundary windows of the shift among them, with the head's bias computed once."""
     kernels = importlib.import_module("vitkernels.ops.window_attention.triton_kernels")
-    monkeypatch.setattr(kernels, "MIN_PROGRAMS", 1)
-    batch, height, width, window, shift = 2, 9, 6, (4, 4), (2, 2)
-    tokens, windows = window[0] * window[1], batch * 3 * 2
-    assert kernels.heads_per_program(heads, tokens, windows, kernels.prune_configs(tokens, 8)) == packed
+    monkeypatch.setattr(kernels, "window_programs", lambda device, windows, heads: programs)
+    batch, height, width, window, shift = 2, 9, 10, (4, 4), (2, 2)
+    assert kernels.one_tile(window[0] * window[1], kernels.prune_configs(window[0] * window[1], 8))
     qkv, table, qkv_bias = _make(batch, height, width, heads, 8, window)
     logit_scale = 3.0 + random(heads) if cosine else None
 
@@ -315,15 +316,15 @@ def test_forward_walks_several_heads_per_program(backend, pad_first, heads, pack
     compare_with_reference(run, reference, inputs, torch.float16)
 
 
-def test_heads_per_program_keeps_enough_programs():
+def test_one_tile_schedule():
     kernels = importlib.import_module("vitkernels.ops.window_attention.triton_kernels")
-    single_tile, multi_tile = kernels.prune_configs(49, 32), kernels.prune_configs(256, 32)
-    assert kernels.heads_per_program(3, 49, 128 * 64, single_tile) == 3  # Swin-T stage 1, batch 128
-    assert kernels.heads_per_program(24, 49, 128, single_tile) == 3  # stage 4: 3072 programs become 1024, not 768
-    assert kernels.heads_per_program(24, 49, 64, single_tile) == 1  # 1536 programs: any packing leaves too few
-    assert kernels.heads_per_program(24, 49, 1024, single_tile) == 4
-    assert kernels.heads_per_program(7, 49, 1 << 20, single_tile) == 1  # no divisor up to the limit
-    assert kernels.heads_per_program(4, 256, 1 << 20, multi_tile) == 1  # several key tiles: one head each
+    assert kernels.one_tile(49, kernels.prune_configs(49, 32))  # Swin's 7x7 window
+    assert kernels.one_tile(64, kernels.prune_configs(64, 32))  # SwinV2's 8x8
+    assert not kernels.one_tile(144, kernels.prune_configs(144, 32))  # 12x12: several key blocks
+    assert not kernels.one_tile(49, kernels.prune_configs(49, 128, fp32=True))  # fp32 wide heads: 64x32 tiles
+    cpu = torch.device("cpu")
+    assert kernels.window_programs(cpu, 1, 3) == 1
+    assert kernels.window_programs(cpu, 8192, 3) == 2  # the interpreter: a few, each walking many windows
 
 
 @pytest.mark.parametrize("backend", TRITON)

@@ -1,6 +1,7 @@
 """Triton pieces shared by the ops' GEMM-like kernels."""
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -8,6 +9,12 @@ import triton
 import triton.language as tl
 
 from .. import aot
+
+
+@functools.lru_cache(maxsize=None)
+def multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def gemm_config(block_m: int, block_n: int, block_k: int, warps: int, stages: int) -> triton.Config:

@@ -15,7 +15,7 @@ from ..window_attention.triton_kernels import (
     prune_configs, register_specialization, window_attention_bwd, window_attention_fwd)
 
 # ViT-B's launches: 197 tokens tiled 128x64 forward and 64x64 backward, head_dim 64, with a bias.
-GLOBAL = dict(SHIFTED=False, HAS_TABLE=False, HAS_FILL=False, HAS_BIAS=True, TABLE_GRAD=False)
+GLOBAL = dict(SHIFTED=False, HAS_TABLE=False, HAS_FILL=False, HAS_BIAS=True)
 VIT_B_FORWARD, VIT_B_BACKWARD = prune_configs(197, 64), prune_configs(197, 64, backward=True)
 register_specialization("fwd", "bf16", VIT_B_FORWARD, 64, **GLOBAL)
 register_specialization("fwd", "fp16", VIT_B_FORWARD, 64, **{**GLOBAL, "HAS_BIAS": False})

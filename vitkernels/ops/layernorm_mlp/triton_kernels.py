@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ... import aot
-from .._triton import autotune_by_depth, dot, gemm_config, grouped_tile
+from .._triton import autotune_by_depth, dot, gemm_config, grouped_tile, multiprocessors
 
 GELU_MODES = {"none": 1, "tanh": 2}  # 0: no activation
 # Module-level constants of a jitted function must be constexprs; keep a tensor on the left of each
@@ -37,7 +37,7 @@ _TL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp3
 def _num_programs(device: torch.device, rows: int) -> int:
     """Programs for a row-looping reduction kernel: a few per SM on a GPU, few under the interpreter."""
     if device.type == "cuda":
-        return max(1, min(rows, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
+        return max(1, min(rows, 4 * multiprocessors(device)))
     return max(1, min(rows, 4))
 
 

@@ -1,8 +1,9 @@
 """Triton kernels of window attention: from the qkv map straight to the map before proj.
 
-One program owns one (window, head, block of BLOCK_M query tokens) and loops over the window's keys
-in blocks of BLOCK_N with an online softmax; a window of up to 64 tokens (Swin's 7x7 = 49) is one
-tile, so the loop runs once. Everything the reference builds with copies is index arithmetic here:
+A window wider than one tile takes one program per (window, head, block of BLOCK_M query tokens),
+which loops over the window's keys in blocks of BLOCK_N with an online softmax; a window of up to
+64 tokens (Swin's 7x7 = 49) is one tile, and its programs walk many windows each (the schedule
+below). Everything the reference builds with copies is index arithmetic here:
 
 * frame position ``t`` of window ``w`` sits at row ``r``, column ``c`` of the shifted, padded map;
   :func:`_frame` maps it to the source token of the un-shifted, un-padded qkv map (the same token
@@ -13,13 +14,15 @@ tile, so the loop runs once. Everything the reference builds with copies is inde
 Global attention (``vitkernels.ops.attention``) runs the same kernels with one window covering the
 whole sequence (window (1, N) on a [B, 1, N, 3C] view) and an additive bias read through strides.
 
-Backward is flash attention's: P is recomputed from the saved log-sum-exp. The dq kernel also
-stores D = rowsum(P * dP) / rowsum(P), which is rowsum(dO * O) without O's rounding to the input
-dtype, for the dk/dv kernel. The bias-table gradient is deterministic (no
+Backward is flash attention's: P is recomputed from the saved log-sum-exp, and D = rowsum(P * dP)
+/ rowsum(P), which is rowsum(dO * O) without O's rounding to the input dtype. A one-tile window
+takes one pass (:func:`_window_attention_bwd_tile_kernel`, scheduled as the one-tile forward): P,
+dP and dS of the window give its dq, dk and dv together. Wider windows and global attention take a
+dq kernel, which also stores D, and a dk/dv kernel. The bias-table gradient is deterministic (no
 atomics): dS is summed over a chunk of windows per program into a [chunks, heads, N, N] buffer (by
-the dq kernel when one key block covers the window, the common case; by a kernel of its own for
-wider windows), then a last kernel reduces the chunks in order and gathers each table row's pairs.
-The qkv bias gradient (padding tokens' dk, dv) and the logit-scale gradient go through small
+the one-tile kernel over the windows each program walks; by a kernel of its own for wider
+windows), then a last kernel reduces the chunks in order and gathers each table row's pairs. The
+qkv bias gradient (padding tokens' dk, dv) and the logit-scale gradient go through small
 per-program partial sums that torch reduces.
 
 Accepted layout: qkv [B, H, W, 3C] with any batch / row / column strides and a contiguous last dim
@@ -27,15 +30,17 @@ Accepted layout: qkv [B, H, W, 3C] with any batch / row / column strides and a c
 
 Schedule of small windows. Swin's 7x7 window is 49 tokens, which a 64x64 tile holds at 77% of its
 rows (59% of its logits). Packing several windows into one tile would not help: their logits form
-a block-diagonal matrix, so a tile of k windows does k times the useful products. The forward
-packs heads instead: when a window fits one tile, a program walks ``heads_per_program`` heads of
-its window one after another (up to :data:`MAX_HEADS_PER_PROGRAM`, a divisor of the head count).
-The window's query frame (source pixel, padding and shift region of each token) and the output
-offsets are computed once for all of them, the program's successive heads read adjacent bytes of
-each qkv row (over three heads, 3 * 32 * 2 = 192 contiguous bytes of a Swin-T bf16 row, where a
-program of one head reads 64), and Swin-T stage 1 at batch 128 launches 8192 programs instead of
-24576. Packing stops where it would leave
-fewer than :data:`MIN_PROGRAMS` programs to spread over the multiprocessors.
+a block-diagonal matrix, so a tile of k windows does k times the useful products. What a window of
+one tile costs beyond its two products is index and bias arithmetic on the [64, 64] logits, and
+that is the same for every window of a head: the relative position bias (a gather from the table),
+the -inf of keys past the window. So a one-tile window runs :func:`_window_attention_fwd_tile_kernel`,
+where program (p, h) walks windows p, p + P, p + 2P, ... of head h, P = :func:`window_programs`
+(:data:`PROGRAMS_PER_SM` per multiprocessor over all heads). The head's bias tile and the tokens'
+window rows and columns are computed once, before the loop; each window adds its source pixels,
+its loads and the shift mask, which only the windows of the last window row or column need (the
+others' tokens all lie in one shift region, so they skip it). The loop over windows is what
+Triton's software pipeliner overlaps: the next window's q, k and v are copied to shared memory
+while the current one is computed (``num_stages`` = 2).
 """
 from __future__ import annotations
 
@@ -49,26 +54,33 @@ import triton
 import triton.language as tl
 
 from ... import aot
+from .._triton import multiprocessors
 
 LOG_SCALE_MAX = tl.constexpr(math.log(100.0))  # SwinV2 clamps its logit scale here before exp
 NORM_EPS = tl.constexpr(1e-12)  # F.normalize's eps in cosine attention
 # Elements of fp32 dS the bias-table gradient may buffer ([chunks, heads, N, N]).
 DTABLE_BUFFER_ELEMENTS = 1 << 22
 GATHER_TILE = 4096  # table rows x window tokens gathered per program of the table-gradient kernel
-MAX_HEADS_PER_PROGRAM = 4  # heads one forward program walks when its window fits one tile
-MIN_PROGRAMS = 1024  # fewest forward programs packing may leave (about 8 per multiprocessor on an H100)
+PROGRAMS_PER_SM = 4  # one-tile forward programs launched per multiprocessor, over all heads
 
 
 @triton.jit
 def _frame(win, t, H, W, Wh, Ww, sh, sw, PAD_FIRST: tl.constexpr):
     """Frame tokens ``t`` of window ``win`` -> (row, column in the window, source row, column,
     is a real token, shift region id)."""
-    n = Wh * Ww
+    i = t // Ww
+    j = t % Ww
+    y, x, real, region = _frame_at(win, t, i, j, H, W, Wh, Ww, sh, sw, PAD_FIRST)
+    return i, j, y, x, real, region
+
+
+@triton.jit
+def _frame_at(win, t, i, j, H, W, Wh, Ww, sh, sw, PAD_FIRST: tl.constexpr):
+    """:func:`_frame` of tokens ``t`` whose window row and column ``i``, ``j`` are known: (source
+    row, column, is a real token, shift region id)."""
     windows_per_row = tl.cdiv(W, Ww)
     hp = tl.cdiv(H, Wh) * Wh
     wp = windows_per_row * Ww
-    i = t // Ww
-    j = t % Ww
     r = (win // windows_per_row) * Wh + i
     c = (win % windows_per_row) * Ww + j
     if PAD_FIRST:
@@ -77,10 +89,10 @@ def _frame(win, t, H, W, Wh, Ww, sh, sw, PAD_FIRST: tl.constexpr):
     else:
         y = tl.where(r < H, (r + sh) % H, r)
         x = tl.where(c < W, (c + sw) % W, c)
-    real = (t < n) & (y < H) & (x < W)
+    real = (t < Wh * Ww) & (y < H) & (x < W)
     region_r = tl.where(sh > 0, (r >= hp - Wh).to(tl.int32) + (r >= hp - sh).to(tl.int32), 0)
     region_c = tl.where(sw > 0, (c >= wp - Ww).to(tl.int32) + (c >= wp - sw).to(tl.int32), 0)
-    return i, j, y, x, real, region_r * 3 + region_c
+    return y, x, real, region_r * 3 + region_c
 
 
 @triton.jit
@@ -173,6 +185,14 @@ def _head_scale(logit_scale_ptr, h, scale, COSINE: tl.constexpr):
 
 
 @triton.jit
+def _relative_bias(table_ptr, heads, qi, qj, ki, kj, Wh, Ww, pair):
+    """[queries, keys] fp32 relative position bias of one head (``table_ptr`` at its column), gathered
+    from the table with the index of each pair's row and column offsets; 0 outside ``pair``."""
+    index = (qi[:, None] - ki[None, :] + Wh - 1) * (2 * Ww - 1) + (qj[:, None] - kj[None, :] + Ww - 1)
+    return tl.load(table_ptr + index * heads, mask=pair, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _logits(qn, kn, scale, tq, qi, qj, q_region, tk, ki, kj, k_region, n, table_ptr, heads, Wh, Ww, mask_value,
             bias_ptr, stride_bq, stride_bk,
             HAS_TABLE: tl.constexpr, SHIFTED: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
@@ -181,8 +201,7 @@ def _logits(qn, kn, scale, tq, qi, qj, q_region, tk, ki, kj, k_region, n, table_
     s = raw * scale
     pair = (tq < n)[:, None] & (tk < n)[None, :]
     if HAS_TABLE:
-        index = (qi[:, None] - ki[None, :] + Wh - 1) * (2 * Ww - 1) + (qj[:, None] - kj[None, :] + Ww - 1)
-        s += tl.load(table_ptr + index * heads, mask=pair, other=0.0).to(tl.float32)
+        s += _relative_bias(table_ptr, heads, qi, qj, ki, kj, Wh, Ww, pair)
     if HAS_BIAS:
         s += tl.load(bias_ptr + tq[:, None] * stride_bq + tk[None, :] * stride_bk, mask=pair, other=0.0).to(tl.float32)
     if SHIFTED:
@@ -202,48 +221,136 @@ def _window_attention_fwd_kernel(
     stride_qb, stride_qh, stride_qw, stride_bb, stride_bh, stride_bq, stride_bk,
     H, W, Wh, Ww, sh, sw, num_windows, heads, head_dim, scale, mask_value,
     PAD_FIRST: tl.constexpr, SHIFTED: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_FILL: tl.constexpr,
-    COSINE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
+    COSINE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    # Windows wider than one tile, and global attention: one program per (window, head, query block).
     bw = tl.program_id(0)
+    h = tl.program_id(1)
     n = Wh * Ww
     channels = heads * head_dim
     d = tl.arange(0, BLOCK_D)
     d_mask = d < head_dim
     tq = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-    qi, qj, qy, qx, q_real, q_region = _frame(bw % num_windows, tq, H, W, Wh, Ww, sh, sw, PAD_FIRST)
-    q_offsets = _map_offsets(qy, qx, stride_qh, stride_qw)
-    out_rows = (qy * W + qx).to(tl.int64) * channels
-    for head in range(HEADS_PER_PROGRAM):
-        h = tl.program_id(1) * HEADS_PER_PROGRAM + head
-        image, win, qkv_base, bias_base = _window_bases(bw, h, num_windows, head_dim, qkv_ptr, stride_qb,
-                                                        bias_ptr, stride_bb, stride_bh)
-        fill_base = fill_ptr + h * head_dim
-        head_scale = _head_scale(logit_scale_ptr, h, scale, COSINE)
-        q = _load_rows(qkv_base, q_offsets, q_real, tq < n, d, d_mask, fill_base, HAS_FILL)
+    image, win, qkv_base, bias_base = _window_bases(bw, h, num_windows, head_dim, qkv_ptr, stride_qb,
+                                                    bias_ptr, stride_bb, stride_bh)
+    qi, qj, qy, qx, q_real, q_region = _frame(win, tq, H, W, Wh, Ww, sh, sw, PAD_FIRST)
+    fill_base = fill_ptr + h * head_dim
+    head_scale = _head_scale(logit_scale_ptr, h, scale, COSINE)
+    q = _load_rows(qkv_base, _map_offsets(qy, qx, stride_qh, stride_qw), q_real, tq < n, d, d_mask, fill_base,
+                   HAS_FILL)
+    if COSINE:
+        q = _unit_rows(q)
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for start in range(0, n, BLOCK_N):
+        tk, ki, kj, k_region, k, v = _key_block(win, start, n, H, W, Wh, Ww, sh, sw, qkv_base, stride_qh, stride_qw,
+                                                channels, d, d_mask, fill_base, PAD_FIRST, HAS_FILL, BLOCK_N)
+        if COSINE:
+            k = _unit_rows(k)
+        _, s = _logits(q, k, head_scale, tq, qi, qj, q_region, tk, ki, kj, k_region, n, table_ptr + h, heads, Wh,
+                       Ww, mask_value, bias_base, stride_bq, stride_bk, HAS_TABLE, SHIFTED, HAS_BIAS, IEEE)
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p, v, IEEE)
+        m = m_new
+    _store_rows(out_ptr, lse_ptr, acc / l[:, None], m + tl.log(l), image, bw, h, tq, qy, qx, q_real, d, d_mask, H,
+                W, n, heads, head_dim)
+
+
+@triton.jit
+def _store_rows(out_ptr, lse_ptr, out, lse, image, bw, h, t, y, x, real, d, d_mask, H, W, n, heads, head_dim):
+    """Stores one head's output rows at their map pixels (y, x) and their log-sum-exp."""
+    channels = heads * head_dim
+    offsets = (image.to(tl.int64) * H * W + y * W + x) * channels + h * head_dim
+    tl.store(out_ptr + offsets[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=real[:, None] & d_mask[None, :])
+    tl.store(lse_ptr + (bw * heads + h) * n + t, lse, mask=t < n)
+
+
+@triton.jit
+def _shared_logits(table_ptr, heads, i, j, in_window, Wh, Ww, HAS_TABLE: tl.constexpr, BLOCK: tl.constexpr):
+    """What a one-tile window's [BLOCK, BLOCK] logits add to q.k * scale, the same in every window of
+    a head: the relative position bias (``table_ptr`` at the head's column), -inf past the window's keys."""
+    shared = tl.where(in_window[None, :], tl.zeros((BLOCK, BLOCK), tl.float32), float("-inf"))
+    if HAS_TABLE:
+        shared += _relative_bias(table_ptr, heads, i, j, i, j, Wh, Ww, in_window[:, None] & in_window[None, :])
+    return shared
+
+
+@triton.jit
+def _tile_head(table_ptr, fill_ptr, logit_scale_ptr, h, heads, head_dim, scale, Wh, Ww, HAS_TABLE: tl.constexpr,
+               COSINE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """What a one-tile program of head ``h`` computes once: its tokens, their window rows and columns,
+    which lie in the window, the head-dim lanes and their mask, the head's :func:`_shared_logits`,
+    its qkv-bias fill and its scale."""
+    t = tl.arange(0, BLOCK)
+    i = t // Ww
+    j = t % Ww
+    in_window = t < Wh * Ww
+    d = tl.arange(0, BLOCK_D)
+    shared = _shared_logits(table_ptr + h, heads, i, j, in_window, Wh, Ww, HAS_TABLE, BLOCK)
+    return (t, i, j, in_window, d, d < head_dim, shared, fill_ptr + h * head_dim,
+            _head_scale(logit_scale_ptr, h, scale, COSINE))
+
+
+@triton.jit
+def _tile_window(qkv_base, fill_base, win, t, i, j, in_window, d, d_mask, stride_qh, stride_qw, H, W, Wh, Ww, sh, sw,
+                 channels, PAD_FIRST: tl.constexpr, HAS_FILL: tl.constexpr):
+    """Window ``win`` of a one-tile program (``qkv_base`` at its image and head): its tokens' source
+    rows, columns, reality and shift regions, and their q, k, v rows."""
+    y, x, real, region = _frame_at(win, t, i, j, H, W, Wh, Ww, sh, sw, PAD_FIRST)
+    offsets = _map_offsets(y, x, stride_qh, stride_qw)
+    q = _load_rows(qkv_base, offsets, real, in_window, d, d_mask, fill_base, HAS_FILL)
+    k = _load_rows(qkv_base + channels, offsets, real, in_window, d, d_mask, fill_base + channels, HAS_FILL)
+    v = _load_rows(qkv_base + 2 * channels, offsets, real, in_window, d, d_mask, fill_base + 2 * channels, HAS_FILL)
+    return y, x, real, region, q, k, v
+
+
+@triton.jit
+def _shift_masked(s, win, region, H, W, Wh, Ww, mask_value, SHIFTED: tl.constexpr):
+    """One-tile logits ``s`` of window ``win`` with the shift mask added; only windows of the last
+    window row or column have tokens in more than one shift region, the others skip it."""
+    if SHIFTED:
+        windows_per_row = tl.cdiv(W, Ww)
+        if (win // windows_per_row == tl.cdiv(H, Wh) - 1) | (win % windows_per_row == windows_per_row - 1):
+            s += tl.where(region[:, None] != region[None, :], mask_value, 0.0)
+    return s
+
+
+@triton.jit
+def _window_attention_fwd_tile_kernel(
+    qkv_ptr, out_ptr, lse_ptr, table_ptr, fill_ptr, logit_scale_ptr,  # as in _window_attention_fwd_kernel
+    stride_qb, stride_qh, stride_qw,
+    H, W, Wh, Ww, sh, sw, num_windows, total_windows, heads, head_dim, scale, mask_value,
+    PAD_FIRST: tl.constexpr, SHIFTED: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_FILL: tl.constexpr,
+    COSINE: tl.constexpr, IEEE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # Windows of one tile: program (p, h) walks windows p, p + P, ... of head h (see the schedule in
+    # the module's docstring); what every window of the head shares is computed before the loop.
+    h = tl.program_id(1)
+    n = Wh * Ww
+    channels = heads * head_dim
+    t, i, j, in_window, d, d_mask, shared, fill_base, head_scale = _tile_head(
+        table_ptr, fill_ptr, logit_scale_ptr, h, heads, head_dim, scale, Wh, Ww, HAS_TABLE, COSINE, BLOCK, BLOCK_D)
+    for bw in range(tl.program_id(0), total_windows, tl.num_programs(0)):
+        image = bw // num_windows
+        y, x, real, region, q, k, v = _tile_window(
+            qkv_ptr + image.to(tl.int64) * stride_qb + h * head_dim, fill_base, bw % num_windows, t, i, j, in_window,
+            d, d_mask, stride_qh, stride_qw, H, W, Wh, Ww, sh, sw, channels, PAD_FIRST, HAS_FILL)
         if COSINE:
             q = _unit_rows(q)
-        m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        l = tl.zeros((BLOCK_M,), tl.float32)
-        acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-        for start in range(0, n, BLOCK_N):
-            tk, ki, kj, k_region, k, v = _key_block(win, start, n, H, W, Wh, Ww, sh, sw, qkv_base, stride_qh, stride_qw,
-                                                    channels, d, d_mask, fill_base, PAD_FIRST, HAS_FILL, BLOCK_N)
-            if COSINE:
-                k = _unit_rows(k)
-            _, s = _logits(q, k, head_scale, tq, qi, qj, q_region, tk, ki, kj, k_region, n, table_ptr + h, heads, Wh,
-                           Ww, mask_value, bias_base, stride_bq, stride_bk, HAS_TABLE, SHIFTED, HAS_BIAS, IEEE)
-            m_new = tl.maximum(m, tl.max(s, 1))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l = l * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _dot(p, v, IEEE)
-            m = m_new
-        out = acc / l[:, None]
-        out_offsets = image.to(tl.int64) * H * W * channels + out_rows + h * head_dim
-        tl.store(out_ptr + out_offsets[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=q_real[:, None] & d_mask[None, :])
-        tl.store(lse_ptr + (bw * heads + h) * n + tq, m + tl.log(l), mask=tq < n)
+            k = _unit_rows(k)
+        s = _shift_masked(_dot(q, tl.trans(k), IEEE) * head_scale + shared, bw % num_windows, region, H, W, Wh, Ww,
+                          mask_value, SHIFTED)
+        m = tl.max(s, 1)
+        p = tl.exp(s - m[:, None])
+        l = tl.sum(p, 1)
+        _store_rows(out_ptr, lse_ptr, _dot(p, v, IEEE) / l[:, None], m + tl.log(l), image, bw, h, t, y, x, real, d,
+                    d_mask, H, W, n, heads, head_dim)
 
 
 @triton.jit
@@ -256,18 +363,17 @@ def _window_attention_bwd_dq_kernel(
     dqkv_ptr,  # [B, H, W, 3C] contiguous, q slots written
     dscale_ptr,  # [B * nW, cdiv(N, BLOCK_M), heads] fp32 partial sums of dS * q.k (COSINE)
     dbias_ptr,  # [B, heads, N, N] contiguous fp32, dS (BIAS_GRAD)
-    dsum_ptr,  # [programs along axis 0, heads, N, N] fp32: dS summed over the program's windows (TABLE_GRAD)
     table_ptr, fill_ptr, logit_scale_ptr, bias_ptr,  # as in the forward
     stride_qb, stride_qh, stride_qw, stride_bb, stride_bh, stride_bq, stride_bk,
-    H, W, Wh, Ww, sh, sw, num_windows, heads, head_dim, scale, mask_value, total_windows, windows_per_program,
+    H, W, Wh, Ww, sh, sw, num_windows, heads, head_dim, scale, mask_value,
     PAD_FIRST: tl.constexpr, SHIFTED: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_FILL: tl.constexpr,
-    COSINE: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, TABLE_GRAD: tl.constexpr,
+    COSINE: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
     IEEE: tl.constexpr, ONE_KEY_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # One program runs windows_per_program consecutive windows; when one key block covers the
-    # window (ONE_KEY_BLOCK: N <= BLOCK_N) and TABLE_GRAD, it also sums their dS tiles for the
-    # bias-table gradient.
+    # One program per (window, head, block of query rows): windows wider than one tile, and global
+    # attention (whose N may also fit one key block: ONE_KEY_BLOCK).
+    bw = tl.program_id(0)
     h = tl.program_id(1)
     n = Wh * Ww
     channels = heads * head_dim
@@ -276,66 +382,57 @@ def _window_attention_bwd_dq_kernel(
     fill_base = fill_ptr + h * head_dim
     scale = _head_scale(logit_scale_ptr, h, scale, COSINE)
     tq = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-    dsum = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    first = tl.program_id(0) * windows_per_program
-    for bw in range(first, tl.minimum(first + windows_per_program, total_windows)):
-        b, win, qkv_base, bias_base = _window_bases(bw, h, num_windows, head_dim, qkv_ptr, stride_qb, bias_ptr,
-                                                    stride_bb, stride_bh)
-        qi, qj, qy, qx, q_real, q_region = _frame(win, tq, H, W, Wh, Ww, sh, sw, PAD_FIRST)
-        q = _load_rows(qkv_base, _map_offsets(qy, qx, stride_qh, stride_qw), q_real, tq < n, d, d_mask, fill_base, HAS_FILL)
-        qn = _unit_rows(q) if COSINE else q
-        map_offsets = (b.to(tl.int64) * H * W + qy * W + qx) * channels + h * head_dim
-        rows_mask = q_real[:, None] & d_mask[None, :]
-        do = tl.load(dout_ptr + map_offsets[:, None] + d[None, :], mask=rows_mask, other=0.0)
-        row_stats = (bw * heads + h) * n + tq
-        lse = tl.load(lse_ptr + row_stats, mask=tq < n, other=float("inf"))
-        # delta = rowsum(P * dP) / rowsum(P) in fp32: rowsum(dO * O), but for O's rounding to the
-        # input dtype, which the logit-scale gradient (dS * q.k summed over every window, scaled by
-        # up to 100) magnifies several times over; dividing by rowsum(P) cancels the rounding of
-        # lse, which is as large as the logits. A window wider than one key block takes a pass of
-        # its own; one key block computes it in the pass below.
-        delta = tl.zeros((BLOCK_M,), tl.float32)
-        if not ONE_KEY_BLOCK:
-            p_sum = tl.zeros((BLOCK_M,), tl.float32)
-            for start in range(0, n, BLOCK_N):
-                _, _, p, dp, _ = _key_block_scores(
-                    qn, do, lse, scale, win, start, n, H, W, Wh, Ww, sh, sw, qkv_base, stride_qh, stride_qw, channels,
-                    d, d_mask, fill_base, tq, qi, qj, q_region, table_ptr + h, heads, mask_value, bias_base,
-                    stride_bq, stride_bk, PAD_FIRST, HAS_FILL, COSINE, HAS_TABLE, SHIFTED, HAS_BIAS, IEEE, BLOCK_N)
-                delta += tl.sum(p * dp, 1)
-                p_sum += tl.sum(p, 1)
-            delta = tl.where(p_sum > 0, delta / p_sum, 0.0)
-
-        dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-        dscale = tl.zeros((BLOCK_M,), tl.float32)
+    b, win, qkv_base, bias_base = _window_bases(bw, h, num_windows, head_dim, qkv_ptr, stride_qb, bias_ptr,
+                                                stride_bb, stride_bh)
+    qi, qj, qy, qx, q_real, q_region = _frame(win, tq, H, W, Wh, Ww, sh, sw, PAD_FIRST)
+    q = _load_rows(qkv_base, _map_offsets(qy, qx, stride_qh, stride_qw), q_real, tq < n, d, d_mask, fill_base, HAS_FILL)
+    qn = _unit_rows(q) if COSINE else q
+    map_offsets = (b.to(tl.int64) * H * W + qy * W + qx) * channels + h * head_dim
+    rows_mask = q_real[:, None] & d_mask[None, :]
+    do = tl.load(dout_ptr + map_offsets[:, None] + d[None, :], mask=rows_mask, other=0.0)
+    row_stats = (bw * heads + h) * n + tq
+    lse = tl.load(lse_ptr + row_stats, mask=tq < n, other=float("inf"))
+    # delta = rowsum(P * dP) / rowsum(P) in fp32: rowsum(dO * O), but for O's rounding to the
+    # input dtype, which the logit-scale gradient (dS * q.k summed over every window, scaled by
+    # up to 100) magnifies several times over; dividing by rowsum(P) cancels the rounding of
+    # lse, which is as large as the logits. A window wider than one key block takes a pass of
+    # its own; one key block computes it in the pass below.
+    delta = tl.zeros((BLOCK_M,), tl.float32)
+    if not ONE_KEY_BLOCK:
+        p_sum = tl.zeros((BLOCK_M,), tl.float32)
         for start in range(0, n, BLOCK_N):
-            tk, kn, p, dp, raw = _key_block_scores(
+            _, _, p, dp, _ = _key_block_scores(
                 qn, do, lse, scale, win, start, n, H, W, Wh, Ww, sh, sw, qkv_base, stride_qh, stride_qw, channels,
                 d, d_mask, fill_base, tq, qi, qj, q_region, table_ptr + h, heads, mask_value, bias_base,
                 stride_bq, stride_bk, PAD_FIRST, HAS_FILL, COSINE, HAS_TABLE, SHIFTED, HAS_BIAS, IEEE, BLOCK_N)
-            if ONE_KEY_BLOCK:
-                p_sum = tl.sum(p, 1)
-                delta = tl.where(p_sum > 0, tl.sum(p * dp, 1) / p_sum, 0.0)
-            ds = p * (dp - delta[:, None])
-            dq += _dot(ds, kn, IEEE)
-            if COSINE:
-                dscale += tl.sum(ds * raw, 1)
-            if TABLE_GRAD:
-                dsum += ds
-            if BIAS_GRAD:
-                pair = (tq < n)[:, None] & (tk < n)[None, :]
-                tl.store(dbias_ptr + ((b * heads + h).to(tl.int64) * n + tq[:, None]) * n + tk[None, :], ds, mask=pair)
-        tl.store(delta_ptr + row_stats, delta, mask=tq < n)
-        dq = dq * scale
+            delta += tl.sum(p * dp, 1)
+            p_sum += tl.sum(p, 1)
+        delta = tl.where(p_sum > 0, delta / p_sum, 0.0)
+
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    dscale = tl.zeros((BLOCK_M,), tl.float32)
+    for start in range(0, n, BLOCK_N):
+        tk, kn, p, dp, raw = _key_block_scores(
+            qn, do, lse, scale, win, start, n, H, W, Wh, Ww, sh, sw, qkv_base, stride_qh, stride_qw, channels,
+            d, d_mask, fill_base, tq, qi, qj, q_region, table_ptr + h, heads, mask_value, bias_base,
+            stride_bq, stride_bk, PAD_FIRST, HAS_FILL, COSINE, HAS_TABLE, SHIFTED, HAS_BIAS, IEEE, BLOCK_N)
+        if ONE_KEY_BLOCK:
+            p_sum = tl.sum(p, 1)
+            delta = tl.where(p_sum > 0, tl.sum(p * dp, 1) / p_sum, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds, kn, IEEE)
         if COSINE:
-            dq = _unit_rows_bwd(q, dq)
-            tl.store(dscale_ptr + (bw * tl.num_programs(2) + tl.program_id(2)) * heads + h, tl.sum(dscale, 0))
-        dqkv_offsets = (b.to(tl.int64) * H * W + qy * W + qx) * (3 * channels) + h * head_dim
-        tl.store(dqkv_ptr + dqkv_offsets[:, None] + d[None, :], dq.to(dqkv_ptr.dtype.element_ty), mask=rows_mask)
-    if TABLE_GRAD:
-        pair = (tq < n)[:, None] & (tl.arange(0, BLOCK_N) < n)[None, :]
-        dsum_rows = (tl.program_id(0) * heads + h).to(tl.int64) * n + tq
-        tl.store(dsum_ptr + dsum_rows[:, None] * n + tl.arange(0, BLOCK_N)[None, :], dsum, mask=pair)
+            dscale += tl.sum(ds * raw, 1)
+        if BIAS_GRAD:
+            pair = (tq < n)[:, None] & (tk < n)[None, :]
+            tl.store(dbias_ptr + ((b * heads + h).to(tl.int64) * n + tq[:, None]) * n + tk[None, :], ds, mask=pair)
+    tl.store(delta_ptr + row_stats, delta, mask=tq < n)
+    dq = dq * scale
+    if COSINE:
+        dq = _unit_rows_bwd(q, dq)
+        tl.store(dscale_ptr + (bw * tl.num_programs(2) + tl.program_id(2)) * heads + h, tl.sum(dscale, 0))
+    dqkv_offsets = (b.to(tl.int64) * H * W + qy * W + qx) * (3 * channels) + h * head_dim
+    tl.store(dqkv_ptr + dqkv_offsets[:, None] + d[None, :], dq.to(dqkv_ptr.dtype.element_ty), mask=rows_mask)
 
 
 @triton.jit
@@ -400,6 +497,80 @@ def _window_attention_bwd_dkdv_kernel(
         dfill_base = dfill_ptr + (bw * tl.num_programs(2) + tl.program_id(2)) * 2 * channels + h * head_dim + d
         tl.store(dfill_base, tl.sum(tl.where(padding, dk, 0.0), 0), mask=d_mask)
         tl.store(dfill_base + channels, tl.sum(tl.where(padding, dv, 0.0), 0), mask=d_mask)
+
+
+@triton.jit
+def _window_attention_bwd_tile_kernel(
+    qkv_ptr, dout_ptr, lse_ptr,  # as in the dq kernel
+    dqkv_ptr,  # [B, H, W, 3C] contiguous, written
+    dscale_ptr,  # [programs along axis 0, 1, heads] fp32: dS * q.k summed over the program's windows (COSINE)
+    dsum_ptr,  # [programs along axis 0, heads, N, N] fp32: dS summed over the program's windows (TABLE_GRAD)
+    dfill_ptr,  # [programs along axis 0, 1, 2, C] fp32: dk, dv summed over the program's padding tokens (HAS_FILL)
+    table_ptr, fill_ptr, logit_scale_ptr,
+    stride_qb, stride_qh, stride_qw,
+    H, W, Wh, Ww, sh, sw, num_windows, total_windows, heads, head_dim, scale, mask_value,
+    PAD_FIRST: tl.constexpr, SHIFTED: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_FILL: tl.constexpr,
+    COSINE: tl.constexpr, TABLE_GRAD: tl.constexpr, IEEE: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # The backward of one-tile windows in one pass: a window's P, dP and dS give its dq, dk and dv at
+    # once, walked as the one-tile forward walks them.
+    h = tl.program_id(1)
+    n = Wh * Ww
+    channels = heads * head_dim
+    t, i, j, in_window, d, d_mask, shared, fill_base, scale = _tile_head(
+        table_ptr, fill_ptr, logit_scale_ptr, h, heads, head_dim, scale, Wh, Ww, HAS_TABLE, COSINE, BLOCK, BLOCK_D)
+    dsum = tl.zeros((BLOCK, BLOCK), tl.float32)
+    dscale = tl.zeros((BLOCK,), tl.float32)
+    dfill_k = tl.zeros((BLOCK_D,), tl.float32)
+    dfill_v = tl.zeros((BLOCK_D,), tl.float32)
+    for bw in range(tl.program_id(0), total_windows, tl.num_programs(0)):
+        image = bw // num_windows
+        y, x, real, region, q, k, v = _tile_window(
+            qkv_ptr + image.to(tl.int64) * stride_qb + h * head_dim, fill_base, bw % num_windows, t, i, j, in_window,
+            d, d_mask, stride_qh, stride_qw, H, W, Wh, Ww, sh, sw, channels, PAD_FIRST, HAS_FILL)
+        qn = _unit_rows(q) if COSINE else q
+        kn = _unit_rows(k) if COSINE else k
+        rows = (image.to(tl.int64) * H * W + y * W + x) * channels + h * head_dim
+        rows_mask = real[:, None] & d_mask[None, :]
+        do = tl.load(dout_ptr + rows[:, None] + d[None, :], mask=rows_mask, other=0.0)
+        lse = tl.load(lse_ptr + (bw * heads + h) * n + t, mask=in_window, other=float("inf"))
+        raw = _dot(qn, tl.trans(kn), IEEE)
+        s = _shift_masked(raw * scale + shared, bw % num_windows, region, H, W, Wh, Ww, mask_value, SHIFTED)
+        p = tl.exp(s - lse[:, None])
+        dp = _dot(do, tl.trans(v), IEEE)
+        p_sum = tl.sum(p, 1)
+        delta = tl.where(p_sum > 0, tl.sum(p * dp, 1) / p_sum, 0.0)  # D as the dq kernel computes it
+        ds = p * (dp - delta[:, None])
+        dq = _dot(ds, kn, IEEE) * scale
+        dk = _dot(tl.trans(ds), qn, IEEE) * scale
+        dv = _dot(tl.trans(p), do, IEEE)
+        if COSINE:
+            dscale += tl.sum(ds * raw, 1)
+            dq = _unit_rows_bwd(q, dq)
+            dk = _unit_rows_bwd(k, dk)
+        if TABLE_GRAD:
+            dsum += ds
+        if HAS_FILL:
+            padding = (in_window & ~real)[:, None]
+            dfill_k += tl.sum(tl.where(padding, dk, 0.0), 0)
+            dfill_v += tl.sum(tl.where(padding, dv, 0.0), 0)
+        dqkv_rows = (image.to(tl.int64) * H * W + y * W + x) * (3 * channels) + h * head_dim
+        dqkv = dqkv_ptr + dqkv_rows[:, None] + d[None, :]
+        tl.store(dqkv, dq.to(dqkv_ptr.dtype.element_ty), mask=rows_mask)
+        tl.store(dqkv + channels, dk.to(dqkv_ptr.dtype.element_ty), mask=rows_mask)
+        tl.store(dqkv + 2 * channels, dv.to(dqkv_ptr.dtype.element_ty), mask=rows_mask)
+    program = tl.program_id(0)
+    if COSINE:
+        tl.store(dscale_ptr + program * heads + h, tl.sum(dscale, 0))
+    if TABLE_GRAD:
+        pair = in_window[:, None] & in_window[None, :]
+        dsum_rows = (program * heads + h).to(tl.int64) * n + t
+        tl.store(dsum_ptr + dsum_rows[:, None] * n + t[None, :], dsum, mask=pair)
+    if HAS_FILL:
+        dfill_base = dfill_ptr + program * 2 * channels + h * head_dim + d
+        tl.store(dfill_base, dfill_k, mask=d_mask)
+        tl.store(dfill_base + channels, dfill_v, mask=d_mask)
 
 
 @triton.jit
@@ -483,10 +654,9 @@ class Config:
 
 # Single-tile configs for windows up to 64 tokens first, then the tiled ones. Warps are chosen by the
 # compiler's resource report (``python -m vitkernels aot``; ptxas for sm_90 through Triton 3.6,
-# head_dim 32): a 64x64 tile with 4 warps spills registers in the fp32 forward (1208 bytes of stack
-# per thread), with fp32 parameters under autocast (48) and with heads packed (24); with 8 it
-# spills 208, 0 and 0, and the plain fp16 / bf16 forward, which spills with neither, keeps its
-# occupancy (about 200 registers: two CTAs of 4 warps or one of 8 per multiprocessor).
+# head_dim 32): the one-tile forward of a 64x64 tile takes 229 registers with 4 warps (bf16; fp32
+# spills 312 bytes of stack per thread) and 125 to 133 with 8 (no stack), so with 8 warps two CTAs
+# share a multiprocessor: 16 warps to hide the window loads' latency, against 8 with 4 warps.
 CONFIGS = (Config(16, 16, 1), Config(32, 32, 2), Config(64, 64, 8), Config(128, 64, 8))
 MAX_WARPS = 8  # 16 warps would cap a thread at 128 registers, which these kernels exceed
 # The backward of head dims above 64 (BLOCK_D 128; ViT-H's 80 too) beyond 32 tokens: bytes of stack
@@ -557,6 +727,11 @@ def _contiguous(t: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tens
     return fallback if t is None else t.reshape(-1).contiguous()
 
 
+def _parameters(qkv, bias_table, qkv_bias, logit_scale) -> tuple:
+    """The table, qkv bias and logit scale as the kernels take them (qkv where absent)."""
+    return _contiguous(bias_table, qkv), _contiguous(qkv_bias, qkv), _contiguous(logit_scale, qkv)
+
+
 def window_attention_fwd(qkv, num_heads, window, shift, bias_table=None, qkv_bias=None, logit_scale=None, scale=None,
                          pad_first=False, mask_value=-100.0, bias=None):
     """Fused window attention forward.
@@ -579,27 +754,37 @@ def window_attention_fwd(qkv, num_heads, window, shift, bias_table=None, qkv_bia
     out = qkv.new_empty(batch, height, width, three_c // 3)
     lse = torch.empty(launch.grid_windows, num_heads, launch.tokens, device=qkv.device, dtype=torch.float32)
     config = prune_configs(launch.tokens, launch.head_dim, fp32=qkv.dtype == torch.float32)
-    packed = heads_per_program(num_heads, launch.tokens, launch.grid_windows, config)
-    grid = (launch.grid_windows, num_heads // packed, triton.cdiv(launch.tokens, config.block_m))
+    tensors = _parameters(qkv, bias_table, qkv_bias, logit_scale)
+    block_d = _block_d(launch.head_dim)
+    if one_tile(launch.tokens, config) and bias is None:
+        flags = {k: v for k, v in launch.flags.items() if k != "HAS_BIAS"}
+        programs = window_programs(qkv.device, launch.grid_windows, num_heads)
+        _window_attention_fwd_tile_kernel[(programs, num_heads)](
+            qkv, out, lse, *tensors, *launch.strides[:3], *launch.sizes[:7], launch.grid_windows, *launch.sizes[7:],
+            **flags, BLOCK=config.block_m, BLOCK_D=block_d, num_warps=config.num_warps, num_stages=aot.NUM_STAGES,
+        )
+        return out, lse
+    grid = (launch.grid_windows, num_heads, triton.cdiv(launch.tokens, config.block_m))
     _window_attention_fwd_kernel[grid](
-        qkv, out, lse, _contiguous(bias_table, qkv), _contiguous(qkv_bias, qkv), _contiguous(logit_scale, qkv),
-        qkv if bias is None else bias, *launch.strides, *launch.sizes, **launch.flags, HEADS_PER_PROGRAM=packed,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=_block_d(launch.head_dim),
-        num_warps=config.num_warps, num_stages=aot.NUM_STAGES,
+        qkv, out, lse, *tensors, qkv if bias is None else bias, *launch.strides, *launch.sizes, **launch.flags,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, num_warps=config.num_warps,
+        num_stages=aot.NUM_STAGES,
     )
     return out, lse
 
 
-def heads_per_program(heads: int, tokens: int, windows: int, config: Config) -> int:
-    """Heads one forward program walks (see the module's schedule): the largest divisor of ``heads``
-    up to :data:`MAX_HEADS_PER_PROGRAM` that leaves :data:`MIN_PROGRAMS` programs, when the window
-    is one tile; else 1."""
-    if tokens > config.block_m or tokens > config.block_n:
-        return 1
-    for packed in range(min(MAX_HEADS_PER_PROGRAM, heads), 1, -1):
-        if heads % packed == 0 and windows * (heads // packed) >= MIN_PROGRAMS:
-            return packed
-    return 1
+def one_tile(tokens: int, config: Config) -> bool:
+    """Whether a window of ``tokens`` tokens is one square tile of ``config``: the forward then runs
+    :func:`_window_attention_fwd_tile_kernel`."""
+    return config.block_m == config.block_n and tokens <= config.block_n
+
+
+def window_programs(device: torch.device, windows: int, heads: int) -> int:
+    """Programs per head of the one-tile forward: :data:`PROGRAMS_PER_SM` per multiprocessor over all
+    heads, at most one per window (a few under the interpreter, so that each walks several windows)."""
+    if device.type != "cuda":
+        return max(1, min(windows, 2))
+    return max(1, min(windows, PROGRAMS_PER_SM * multiprocessors(device) // heads))
 
 
 def _table_chunks(launch: _Launch) -> tuple[int, int]:
@@ -662,32 +847,26 @@ def window_attention_bwd(dout, qkv, out, lse, num_heads, window, shift, bias_tab
     tokens, heads, head_dim = launch.tokens, num_heads, launch.head_dim
     channels = heads * head_dim
     config = prune_configs(tokens, head_dim, backward=True)
-    query_blocks, key_blocks = triton.cdiv(tokens, config.block_m), triton.cdiv(tokens, config.block_n)
-    table_in_dq = need_table and key_blocks == 1
-    per_program, programs = _table_chunks(launch) if table_in_dq else (1, launch.grid_windows)
-    tensors = (_contiguous(bias_table, qkv), _contiguous(qkv_bias, qkv), _contiguous(logit_scale, qkv))
-    dense = qkv if bias is None else bias
+    tensors = _parameters(qkv, bias_table, qkv_bias, logit_scale)
     f32 = dict(device=qkv.device, dtype=torch.float32)
-    delta = torch.empty_like(lse)
     dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
-    dscale = torch.empty(launch.grid_windows, query_blocks, heads, **f32) if launch.flags["COSINE"] else lse
-    dbias = torch.empty(qkv.shape[0], heads, tokens, tokens, **f32) if need_bias else lse
-    dsum = torch.empty(programs, heads, tokens, tokens, **f32) if table_in_dq else lse
-    dfill = torch.empty(launch.grid_windows, key_blocks, 2, channels, **f32) if launch.flags["HAS_FILL"] else lse
-    common = dict(**launch.flags, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=_block_d(head_dim),
-                  num_warps=config.num_warps, num_stages=aot.NUM_STAGES)
-    _window_attention_bwd_dq_kernel[(programs, heads, query_blocks)](
-        qkv, out, dout, lse, delta, dqkv, dscale, dbias, dsum, *tensors, dense, *launch.strides, *launch.sizes,
-        launch.grid_windows, per_program, BIAS_GRAD=need_bias, TABLE_GRAD=table_in_dq, ONE_KEY_BLOCK=key_blocks == 1,
-        **common,
-    )
-    _window_attention_bwd_dkdv_kernel[(launch.grid_windows, heads, key_blocks)](
-        qkv, out, dout, lse, delta, dqkv, dfill, *tensors, dense, *launch.strides, *launch.sizes, **common,
-    )
+    if one_tile(tokens, config) and bias is None:
+        programs = window_programs(qkv.device, launch.grid_windows, heads)
+        dscale = torch.empty(programs, 1, heads, **f32) if launch.flags["COSINE"] else lse
+        dsum = torch.empty(programs, heads, tokens, tokens, **f32) if need_table else lse
+        dfill = torch.empty(programs, 1, 2, channels, **f32) if launch.flags["HAS_FILL"] else lse
+        flags = {k: v for k, v in launch.flags.items() if k != "HAS_BIAS"}
+        _window_attention_bwd_tile_kernel[(programs, heads)](
+            qkv, dout, lse, dqkv, dscale, dsum, dfill, *tensors, *launch.strides[:3], *launch.sizes[:7],
+            launch.grid_windows, *launch.sizes[7:], **flags, TABLE_GRAD=need_table, BLOCK=config.block_m,
+            BLOCK_D=_block_d(head_dim), num_warps=config.num_warps, num_stages=aot.NUM_STAGES,
+        )
+        dbias = None
+    else:
+        dscale, dsum, dfill, dbias = _backward_by_blocks(dout, qkv, out, lse, dqkv, tensors, launch, config,
+                                                         need_table, need_bias, bias)
     grads = [dqkv if need_qkv else None, None, None, None, None]
     if need_table:
-        if not table_in_dq:
-            dsum = _recompute_dsum((qkv, out, dout, lse, delta), tensors, launch, config)
         grads[1] = _gather_table(dsum, bias_table, launch)
     if need_fill:
         grads[2] = torch.cat([torch.zeros(channels, **f32), dfill.sum((0, 1)).reshape(-1)]).to(qkv_bias.dtype)
@@ -696,6 +875,31 @@ def window_attention_bwd(dout, qkv, out, lse, num_heads, window, shift, bias_tab
     if need_bias:
         grads[4] = dbias.sum_to_size(bias.shape).to(bias.dtype)
     return tuple(grads)
+
+
+def _backward_by_blocks(dout, qkv, out, lse, dqkv, tensors, launch, config, need_table, need_bias, bias):
+    """The dq, dk/dv and (for the table's gradient) dS-sum kernels of windows wider than one tile and
+    of global attention: dqkv written, returns the partial sums (dscale, dsum, dfill) and dS for the
+    bias (each the unused ``lse`` where not needed)."""
+    tokens, heads, channels = launch.tokens, launch.sizes[7], launch.sizes[7] * launch.head_dim
+    query_blocks, key_blocks = triton.cdiv(tokens, config.block_m), triton.cdiv(tokens, config.block_n)
+    dense = qkv if bias is None else bias
+    f32 = dict(device=qkv.device, dtype=torch.float32)
+    delta = torch.empty_like(lse)
+    dscale = torch.empty(launch.grid_windows, query_blocks, heads, **f32) if launch.flags["COSINE"] else lse
+    dbias = torch.empty(qkv.shape[0], heads, tokens, tokens, **f32) if need_bias else lse
+    dfill = torch.empty(launch.grid_windows, key_blocks, 2, channels, **f32) if launch.flags["HAS_FILL"] else lse
+    common = dict(**launch.flags, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=_block_d(launch.head_dim),
+                  num_warps=config.num_warps, num_stages=aot.NUM_STAGES)
+    _window_attention_bwd_dq_kernel[(launch.grid_windows, heads, query_blocks)](
+        qkv, out, dout, lse, delta, dqkv, dscale, dbias, *tensors, dense, *launch.strides, *launch.sizes,
+        BIAS_GRAD=need_bias, ONE_KEY_BLOCK=key_blocks == 1, **common,
+    )
+    _window_attention_bwd_dkdv_kernel[(launch.grid_windows, heads, key_blocks)](
+        qkv, out, dout, lse, delta, dqkv, dfill, *tensors, dense, *launch.strides, *launch.sizes, **common,
+    )
+    dsum = _recompute_dsum((qkv, out, dout, lse, delta), tensors, launch, config) if need_table else lse
+    return dscale, dsum, dfill, dbias
 
 
 def _logit_scale_grad(dscale, logit_scale):
@@ -711,8 +915,9 @@ def _logit_scale_grad(dscale, logit_scale):
 _POINTER_DTYPES = {"qkv_ptr": "act", "out_ptr": "act", "dout_ptr": "act", "dqkv_ptr": "act", "bias_ptr": "param",
                    "table_ptr": "param", "fill_ptr": "param", "logit_scale_ptr": "param"}
 FLAGS = dict(PAD_FIRST=False, SHIFTED=True, HAS_TABLE=True, HAS_FILL=True, COSINE=False, HAS_BIAS=False,
-             BIAS_GRAD=False, TABLE_GRAD=True, HEADS_PER_PROGRAM=1, ONE_KEY_BLOCK=True)
-KERNELS = {"fwd": _window_attention_fwd_kernel, "dq": _window_attention_bwd_dq_kernel,
+             BIAS_GRAD=False, TABLE_GRAD=True, ONE_KEY_BLOCK=True)
+KERNELS = {"tile": _window_attention_fwd_tile_kernel, "fwd": _window_attention_fwd_kernel,
+           "tile_bwd": _window_attention_bwd_tile_kernel, "dq": _window_attention_bwd_dq_kernel,
            "dkdv": _window_attention_bwd_dkdv_kernel, "dtable": _window_attention_bwd_dtable_kernel}
 
 
@@ -731,14 +936,14 @@ def register_specialization(kernel: str, dtype: str, config: Config, head_dim: i
             continue
         if name.endswith("_ptr"):
             signature[name] = f"*{types.get(_POINTER_DTYPES.get(name), 'fp32')}:16"
-        elif name.startswith("stride"):
-            signature[name] = "i32:16"
+        elif name.startswith("stride") or (name == "head_dim" and head_dim % 16 == 0):
+            signature[name] = "i32:16"  # as Triton's launcher specializes multiples of 16
         elif name in ("scale", "mask_value"):
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
-    values = {**FLAGS, **flags, "IEEE": dtype == "fp32", "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
-              "BLOCK_D": _block_d(head_dim)}
+    values = {**FLAGS, **flags, "IEEE": dtype == "fp32", "BLOCK": config.block_m, "BLOCK_M": config.block_m,
+              "BLOCK_N": config.block_n, "BLOCK_D": _block_d(head_dim)}
     constexprs = {k: v for k, v in values.items() if k in names}
     suffix = "" if param_dtype is None else f"_params_{param_dtype}"
     flag_names = ", ".join(f"{k}={v}" for k, v in sorted(flags.items()) if v != FLAGS.get(k) and k in names)
@@ -749,20 +954,24 @@ def register_specialization(kernel: str, dtype: str, config: Config, head_dim: i
 
 def _register_window_kernels() -> None:
     """Swin-T's launches (window 7: the 64x64 single tile, head_dim 32) in each dtype and feature set,
-    the other tile configs once, and the backward of head_dim 128, where registers peak."""
+    the other tile configs once, SwinV2's window of several key blocks, and the backward of head_dim
+    128, where registers peak."""
     swin = CONFIGS[2]
-    register_specialization("fwd", "fp16", swin, 32)
-    register_specialization("fwd", "fp32", swin, 32)
+    register_specialization("tile", "fp16", swin, 32)
+    register_specialization("tile", "fp32", swin, 32)
     register_specialization("fwd", "fp32", WIDE_HEAD_FP32_FORWARD, 128)
-    register_specialization("fwd", "bf16", swin, 32, param_dtype="fp32", PAD_FIRST=True)
-    register_specialization("fwd", "bf16", swin, 32, COSINE=True)
-    register_specialization("fwd", "bf16", swin, 32, HEADS_PER_PROGRAM=3)
-    register_specialization("fwd", "fp16", CONFIGS[0], 32)
+    register_specialization("tile", "bf16", swin, 32, param_dtype="fp32", PAD_FIRST=True)
+    register_specialization("tile", "bf16", swin, 32, COSINE=True)
+    register_specialization("tile", "bf16", swin, 32)
+    register_specialization("tile", "fp16", CONFIGS[0], 32)
     register_specialization("fwd", "fp16", CONFIGS[3], 32)
     swin_backward = prune_configs(49, 32, backward=True)
-    for kernel in ("dq", "dkdv", "dtable"):
-        register_specialization(kernel, "bf16", swin_backward, 32, COSINE=True)
-    register_specialization("dq", "fp32", swin_backward, 32)
+    register_specialization("tile_bwd", "bf16", swin_backward, 32)
+    register_specialization("tile_bwd", "bf16", swin_backward, 32, COSINE=True)
+    register_specialization("tile_bwd", "fp32", swin_backward, 32)
+    for kernel in ("dq", "dkdv", "dtable"):  # SwinV2's 16x16 window: 256 tokens, four key blocks
+        register_specialization(kernel, "bf16", prune_configs(256, 32, backward=True), 32, COSINE=True,
+                                ONE_KEY_BLOCK=False)
     for kernel in ("dq", "dkdv", "dtable"):
         register_specialization(kernel, "bf16", prune_configs(49, 128, backward=True), 128, ONE_KEY_BLOCK=False)
     block_p = 64
