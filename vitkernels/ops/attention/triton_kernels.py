@@ -2,7 +2,7 @@
 
 A sequence qkv [B, N, 3C] is the map [B, 1, N, 3C] cut into a single (1, N) window: no shift, no
 padding, no relative position table, so the window kernels' frame arithmetic reduces to token
-indices, and their key loop is flash attention's, tiled over keys with masks for odd N (197, 577,
+indices (their SEQUENCE mode), and their key loop is flash attention's, tiled over keys with masks for odd N (197, 577,
 1025). The additive bias is read through its strides, broadcast dimensions having stride 0.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from ..window_attention.triton_kernels import (
     prune_configs, register_specialization, window_attention_bwd, window_attention_fwd)
 
 # ViT-B's launches: 197 tokens tiled 128x64 forward and 64x64 backward, head_dim 64, with a bias.
-GLOBAL = dict(SHIFTED=False, HAS_TABLE=False, HAS_FILL=False, HAS_BIAS=True)
+GLOBAL = dict(SEQUENCE=True, SHIFTED=False, HAS_TABLE=False, HAS_FILL=False, HAS_BIAS=True)
 VIT_B_FORWARD, VIT_B_BACKWARD = prune_configs(197, 64), prune_configs(197, 64, backward=True)
 register_specialization("fwd", "bf16", VIT_B_FORWARD, 64, **GLOBAL)
 register_specialization("fwd", "fp16", VIT_B_FORWARD, 64, **{**GLOBAL, "HAS_BIAS": False})

@@ -65,9 +65,13 @@ PROGRAMS_PER_SM = 4  # one-tile forward programs launched per multiprocessor, ov
 
 
 @triton.jit
-def _frame(win, t, H, W, Wh, Ww, sh, sw, PAD_FIRST: tl.constexpr):
+def _frame(win, t, H, W, Wh, Ww, sh, sw, PAD_FIRST: tl.constexpr, SEQUENCE: tl.constexpr = False):
     """Frame tokens ``t`` of window ``win`` -> (row, column in the window, source row, column,
-    is a real token, shift region id)."""
+    is a real token, shift region id). SEQUENCE: the map is one row of W tokens and the window all
+    of it (global attention), so frame token t is token t."""
+    if SEQUENCE:
+        zero = tl.zeros_like(t)
+        return zero, t, zero, t, t < W, zero
     i = t // Ww
     j = t % Ww
     y, x, real, region = _frame_at(win, t, i, j, H, W, Wh, Ww, sh, sw, PAD_FIRST)
@@ -114,11 +118,11 @@ def _load_rows(base_ptr, offsets, real, in_window, d, d_mask, fill_ptr, HAS_FILL
 
 @triton.jit
 def _key_block(win, start, n, H, W, Wh, Ww, sh, sw, qkv_base, stride_qh, stride_qw, channels, d, d_mask, fill_base,
-               PAD_FIRST: tl.constexpr, HAS_FILL: tl.constexpr, BLOCK_N: tl.constexpr):
+               PAD_FIRST: tl.constexpr, HAS_FILL: tl.constexpr, BLOCK_N: tl.constexpr, SEQUENCE: tl.constexpr = False):
     """Keys ``start`` .. ``start + BLOCK_N`` of window ``win``: the tokens, their frame row, column and
     shift region, and their k and v rows."""
     tk = start + tl.arange(0, BLOCK_N)
-    ki, kj, ky, kx, k_real, k_region = _frame(win, tk, H, W, Wh, Ww, sh, sw, PAD_FIRST)
+    ki, kj, ky, kx, k_real, k_region = _frame(win, tk, H, W, Wh, Ww, sh, sw, PAD_FIRST, SEQUENCE)
     k_offsets = _map_offsets(ky, kx, stride_qh, stride_qw)
     k = _load_rows(qkv_base + channels, k_offsets, k_real, tk < n, d, d_mask, fill_base + channels, HAS_FILL)
     v = _load_rows(qkv_base + 2 * channels, k_offsets, k_real, tk < n, d, d_mask, fill_base + 2 * channels, HAS_FILL)
@@ -130,11 +134,11 @@ def _key_block_scores(qn, do, lse, scale, win, start, n, H, W, Wh, Ww, sh, sw, q
                       d, d_mask, fill_base, tq, qi, qj, q_region, table_ptr, heads, mask_value, bias_base, stride_bq,
                       stride_bk, PAD_FIRST: tl.constexpr, HAS_FILL: tl.constexpr, COSINE: tl.constexpr,
                       HAS_TABLE: tl.constexpr, SHIFTED: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-                      BLOCK_N: tl.constexpr):
+                      BLOCK_N: tl.constexpr, SEQUENCE: tl.constexpr):
     """The query rows' view of keys ``start`` .. ``start + BLOCK_N``: (tokens, normalized keys, P, dP =
     dO V^T, q.k), P and dP fp32 [BLOCK_M, BLOCK_N]."""
     tk, ki, kj, k_region, k, v = _key_block(win, start, n, H, W, Wh, Ww, sh, sw, qkv_base, stride_qh, stride_qw,
-                                            channels, d, d_mask, fill_base, PAD_FIRST, HAS_FILL, BLOCK_N)
+                                            channels, d, d_mask, fill_base, PAD_FIRST, HAS_FILL, BLOCK_N, SEQUENCE)
     kn = _unit_rows(k) if COSINE else k
     raw, s = _logits(qn, kn, scale, tq, qi, qj, q_region, tk, ki, kj, k_region, n, table_ptr, heads, Wh, Ww,
                      mask_value, bias_base, stride_bq, stride_bk, HAS_TABLE, SHIFTED, HAS_BIAS, IEEE)
@@ -220,7 +224,8 @@ def _window_attention_fwd_kernel(
     bias_ptr,  # additive bias, [B, heads, N, N] through strides, 0 on broadcast dims (HAS_BIAS)
     stride_qb, stride_qh, stride_qw, stride_bb, stride_bh, stride_bq, stride_bk,
     H, W, Wh, Ww, sh, sw, num_windows, heads, head_dim, scale, mask_value,
-    PAD_FIRST: tl.constexpr, SHIFTED: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_FILL: tl.constexpr,
+    PAD_FIRST: tl.constexpr, SEQUENCE: tl.constexpr, SHIFTED: tl.constexpr, HAS_TABLE: tl.constexpr,
+    HAS_FILL: tl.constexpr,
     COSINE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -234,7 +239,7 @@ def _window_attention_fwd_kernel(
     tq = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     image, win, qkv_base, bias_base = _window_bases(bw, h, num_windows, head_dim, qkv_ptr, stride_qb,
                                                     bias_ptr, stride_bb, stride_bh)
-    qi, qj, qy, qx, q_real, q_region = _frame(win, tq, H, W, Wh, Ww, sh, sw, PAD_FIRST)
+    qi, qj, qy, qx, q_real, q_region = _frame(win, tq, H, W, Wh, Ww, sh, sw, PAD_FIRST, SEQUENCE)
     fill_base = fill_ptr + h * head_dim
     head_scale = _head_scale(logit_scale_ptr, h, scale, COSINE)
     q = _load_rows(qkv_base, _map_offsets(qy, qx, stride_qh, stride_qw), q_real, tq < n, d, d_mask, fill_base,
@@ -246,7 +251,7 @@ def _window_attention_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for start in range(0, n, BLOCK_N):
         tk, ki, kj, k_region, k, v = _key_block(win, start, n, H, W, Wh, Ww, sh, sw, qkv_base, stride_qh, stride_qw,
-                                                channels, d, d_mask, fill_base, PAD_FIRST, HAS_FILL, BLOCK_N)
+                                                channels, d, d_mask, fill_base, PAD_FIRST, HAS_FILL, BLOCK_N, SEQUENCE)
         if COSINE:
             k = _unit_rows(k)
         _, s = _logits(q, k, head_scale, tq, qi, qj, q_region, tk, ki, kj, k_region, n, table_ptr + h, heads, Wh,
@@ -366,7 +371,8 @@ def _window_attention_bwd_dq_kernel(
     table_ptr, fill_ptr, logit_scale_ptr, bias_ptr,  # as in the forward
     stride_qb, stride_qh, stride_qw, stride_bb, stride_bh, stride_bq, stride_bk,
     H, W, Wh, Ww, sh, sw, num_windows, heads, head_dim, scale, mask_value,
-    PAD_FIRST: tl.constexpr, SHIFTED: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_FILL: tl.constexpr,
+    PAD_FIRST: tl.constexpr, SEQUENCE: tl.constexpr, SHIFTED: tl.constexpr, HAS_TABLE: tl.constexpr,
+    HAS_FILL: tl.constexpr,
     COSINE: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
     IEEE: tl.constexpr, ONE_KEY_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -384,7 +390,7 @@ def _window_attention_bwd_dq_kernel(
     tq = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     b, win, qkv_base, bias_base = _window_bases(bw, h, num_windows, head_dim, qkv_ptr, stride_qb, bias_ptr,
                                                 stride_bb, stride_bh)
-    qi, qj, qy, qx, q_real, q_region = _frame(win, tq, H, W, Wh, Ww, sh, sw, PAD_FIRST)
+    qi, qj, qy, qx, q_real, q_region = _frame(win, tq, H, W, Wh, Ww, sh, sw, PAD_FIRST, SEQUENCE)
     q = _load_rows(qkv_base, _map_offsets(qy, qx, stride_qh, stride_qw), q_real, tq < n, d, d_mask, fill_base, HAS_FILL)
     qn = _unit_rows(q) if COSINE else q
     map_offsets = (b.to(tl.int64) * H * W + qy * W + qx) * channels + h * head_dim
@@ -404,7 +410,8 @@ def _window_attention_bwd_dq_kernel(
             _, _, p, dp, _ = _key_block_scores(
                 qn, do, lse, scale, win, start, n, H, W, Wh, Ww, sh, sw, qkv_base, stride_qh, stride_qw, channels,
                 d, d_mask, fill_base, tq, qi, qj, q_region, table_ptr + h, heads, mask_value, bias_base,
-                stride_bq, stride_bk, PAD_FIRST, HAS_FILL, COSINE, HAS_TABLE, SHIFTED, HAS_BIAS, IEEE, BLOCK_N)
+                stride_bq, stride_bk, PAD_FIRST, HAS_FILL, COSINE, HAS_TABLE, SHIFTED, HAS_BIAS, IEEE, BLOCK_N,
+                SEQUENCE)
             delta += tl.sum(p * dp, 1)
             p_sum += tl.sum(p, 1)
         delta = tl.where(p_sum > 0, delta / p_sum, 0.0)
@@ -415,7 +422,8 @@ def _window_attention_bwd_dq_kernel(
         tk, kn, p, dp, raw = _key_block_scores(
             qn, do, lse, scale, win, start, n, H, W, Wh, Ww, sh, sw, qkv_base, stride_qh, stride_qw, channels,
             d, d_mask, fill_base, tq, qi, qj, q_region, table_ptr + h, heads, mask_value, bias_base,
-            stride_bq, stride_bk, PAD_FIRST, HAS_FILL, COSINE, HAS_TABLE, SHIFTED, HAS_BIAS, IEEE, BLOCK_N)
+            stride_bq, stride_bk, PAD_FIRST, HAS_FILL, COSINE, HAS_TABLE, SHIFTED, HAS_BIAS, IEEE, BLOCK_N,
+            SEQUENCE)
         if ONE_KEY_BLOCK:
             p_sum = tl.sum(p, 1)
             delta = tl.where(p_sum > 0, tl.sum(p * dp, 1) / p_sum, 0.0)
@@ -444,7 +452,8 @@ def _window_attention_bwd_dkdv_kernel(
     table_ptr, fill_ptr, logit_scale_ptr, bias_ptr,
     stride_qb, stride_qh, stride_qw, stride_bb, stride_bh, stride_bq, stride_bk,
     H, W, Wh, Ww, sh, sw, num_windows, heads, head_dim, scale, mask_value,
-    PAD_FIRST: tl.constexpr, SHIFTED: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_FILL: tl.constexpr,
+    PAD_FIRST: tl.constexpr, SEQUENCE: tl.constexpr, SHIFTED: tl.constexpr, HAS_TABLE: tl.constexpr,
+    HAS_FILL: tl.constexpr,
     COSINE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -460,7 +469,7 @@ def _window_attention_bwd_dkdv_kernel(
     scale = _head_scale(logit_scale_ptr, h, scale, COSINE)
 
     tk = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ki, kj, ky, kx, k_real, k_region = _frame(win, tk, H, W, Wh, Ww, sh, sw, PAD_FIRST)
+    ki, kj, ky, kx, k_real, k_region = _frame(win, tk, H, W, Wh, Ww, sh, sw, PAD_FIRST, SEQUENCE)
     k_offsets = _map_offsets(ky, kx, stride_qh, stride_qw)
     k = _load_rows(qkv_base + channels, k_offsets, k_real, tk < n, d, d_mask, fill_base + channels, HAS_FILL)
     v = _load_rows(qkv_base + 2 * channels, k_offsets, k_real, tk < n, d, d_mask, fill_base + 2 * channels, HAS_FILL)
@@ -470,7 +479,7 @@ def _window_attention_bwd_dkdv_kernel(
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     for start in range(0, n, BLOCK_M):
         tq = start + tl.arange(0, BLOCK_M)
-        qi, qj, qy, qx, q_real, q_region = _frame(win, tq, H, W, Wh, Ww, sh, sw, PAD_FIRST)
+        qi, qj, qy, qx, q_real, q_region = _frame(win, tq, H, W, Wh, Ww, sh, sw, PAD_FIRST, SEQUENCE)
         q = _load_rows(qkv_base, _map_offsets(qy, qx, stride_qh, stride_qw), q_real, tq < n, d, d_mask, fill_base, HAS_FILL)
         qn = _unit_rows(q) if COSINE else q
         map_offsets = (b.to(tl.int64) * H * W + qy * W + qx) * channels + h * head_dim
@@ -707,7 +716,8 @@ def _prepare(qkv, num_heads, window, shift, bias_table, qkv_bias, logit_scale, s
     num_windows = -(-height // wh) * -(-width // ww)
     tokens = wh * ww
     bias_strides = (0, 0, 0, 0) if bias is None else bias.expand(batch, num_heads, tokens, tokens).stride()
-    flags = dict(PAD_FIRST=pad_first, SHIFTED=bool(sh or sw), HAS_TABLE=bias_table is not None,
+    flags = dict(PAD_FIRST=pad_first, SEQUENCE=height == wh == 1 and ww == width and not (sh or sw),
+                 SHIFTED=bool(sh or sw), HAS_TABLE=bias_table is not None,
                  HAS_FILL=qkv_bias is not None, COSINE=logit_scale is not None, HAS_BIAS=bias is not None,
                  IEEE=qkv.dtype == torch.float32)
     scale = head_dim**-0.5 if scale is None else scale
@@ -717,6 +727,12 @@ def _prepare(qkv, num_heads, window, shift, bias_table, qkv_bias, logit_scale, s
         sizes=(height, width, wh, ww, sh, sw, num_windows, num_heads, head_dim, float(scale), float(mask_value)),
         flags=flags,
     )
+
+
+def _flags(launch: _Launch, *unused: str) -> dict:
+    """The call's flags for a kernel that takes all but ``unused`` and SEQUENCE (the kernels of
+    blocks of keys have it, for global attention)."""
+    return {k: v for k, v in launch.flags.items() if k not in unused and k != "SEQUENCE"}
 
 
 def _block_d(head_dim: int) -> int:
@@ -757,7 +773,7 @@ def window_attention_fwd(qkv, num_heads, window, shift, bias_table=None, qkv_bia
     tensors = _parameters(qkv, bias_table, qkv_bias, logit_scale)
     block_d = _block_d(launch.head_dim)
     if one_tile(launch.tokens, config) and bias is None:
-        flags = {k: v for k, v in launch.flags.items() if k != "HAS_BIAS"}
+        flags = _flags(launch, "HAS_BIAS")
         programs = window_programs(qkv.device, launch.grid_windows, num_heads)
         _window_attention_fwd_tile_kernel[(programs, num_heads)](
             qkv, out, lse, *tensors, *launch.strides[:3], *launch.sizes[:7], launch.grid_windows, *launch.sizes[7:],
@@ -800,7 +816,7 @@ def _recompute_dsum(stats, tensors, launch, config):
     per_chunk, chunks = _table_chunks(launch)
     dsum = torch.empty(chunks, heads, launch.tokens, launch.tokens, device=stats[0].device, dtype=torch.float32)
     tiles = triton.cdiv(launch.tokens, config.block_m) * triton.cdiv(launch.tokens, config.block_n)
-    flags = {k: v for k, v in launch.flags.items() if k not in ("HAS_TABLE", "HAS_BIAS")}
+    flags = _flags(launch, "HAS_TABLE", "HAS_BIAS")
     _window_attention_bwd_dtable_kernel[(chunks, heads, tiles)](
         *stats, dsum, *tensors, *launch.strides[:3],
         height, width, wh, ww, sh, sw, num_windows, launch.grid_windows, per_chunk, heads, head_dim, scale,
@@ -855,7 +871,7 @@ def window_attention_bwd(dout, qkv, out, lse, num_heads, window, shift, bias_tab
         dscale = torch.empty(programs, 1, heads, **f32) if launch.flags["COSINE"] else lse
         dsum = torch.empty(programs, heads, tokens, tokens, **f32) if need_table else lse
         dfill = torch.empty(programs, 1, 2, channels, **f32) if launch.flags["HAS_FILL"] else lse
-        flags = {k: v for k, v in launch.flags.items() if k != "HAS_BIAS"}
+        flags = _flags(launch, "HAS_BIAS")
         _window_attention_bwd_tile_kernel[(programs, heads)](
             qkv, dout, lse, dqkv, dscale, dsum, dfill, *tensors, *launch.strides[:3], *launch.sizes[:7],
             launch.grid_windows, *launch.sizes[7:], **flags, TABLE_GRAD=need_table, BLOCK=config.block_m,
@@ -914,7 +930,7 @@ def _logit_scale_grad(dscale, logit_scale):
 
 _POINTER_DTYPES = {"qkv_ptr": "act", "out_ptr": "act", "dout_ptr": "act", "dqkv_ptr": "act", "bias_ptr": "param",
                    "table_ptr": "param", "fill_ptr": "param", "logit_scale_ptr": "param"}
-FLAGS = dict(PAD_FIRST=False, SHIFTED=True, HAS_TABLE=True, HAS_FILL=True, COSINE=False, HAS_BIAS=False,
+FLAGS = dict(PAD_FIRST=False, SEQUENCE=False, SHIFTED=True, HAS_TABLE=True, HAS_FILL=True, COSINE=False, HAS_BIAS=False,
              BIAS_GRAD=False, TABLE_GRAD=True, ONE_KEY_BLOCK=True)
 KERNELS = {"tile": _window_attention_fwd_tile_kernel, "fwd": _window_attention_fwd_kernel,
            "tile_bwd": _window_attention_bwd_tile_kernel, "dq": _window_attention_bwd_dq_kernel,
