@@ -350,6 +350,7 @@ def probe_env() -> dict:
             facts[package] = importlib.import_module(package).__version__
         except ImportError as err:
             facts[package] = f"unavailable ({err})"
+    facts.update(_toolchain())
     facts["cuda_available"] = torch.cuda.is_available()
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
@@ -364,6 +365,27 @@ def probe_env() -> dict:
     else:
         facts["device_name"] = f"CPU ({platform.processor() or platform.machine()})"
     return facts
+
+
+def _toolchain() -> dict:
+    """The C++ compiler the extension build will use and the C++ runtime this process loaded: an
+    extension built by a newer compiler than that runtime can fail in library code it inlined."""
+    import shlex
+
+    cxx = shlex.split(os.environ.get("CXX", "c++")) or ["c++"]
+    try:
+        done = subprocess.run([*cxx, "--version"], capture_output=True, text=True, timeout=20, check=False)
+        version = (done.stdout or done.stderr).splitlines()[0] if (done.stdout or done.stderr) else "no output"
+    except (OSError, subprocess.TimeoutExpired) as err:
+        version = f"unavailable ({err})"
+    runtime = "unknown"
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libstdc++" in line}
+        runtime = ", ".join(sorted(os.path.realpath(p) for p in paths)) or "not loaded"
+    except OSError:
+        pass
+    return {"cxx": f"{' '.join(cxx)}: {version}", "libstdcxx_loaded": runtime}
 
 
 def _cuda_median_ms(fn: Callable[[], None], reps: int, warmup: int = 3) -> float:

@@ -144,6 +144,20 @@ def test_gather_bad_arguments(shape, dtype, window, message):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize(
+    "shape, window, message",
+    [((45, 2), (0, 5), r"window_h must be in \[1, 65536\], got 0"), ((24, 3), (3, 5), r"got \[24, 3\]")],
+    ids=["number", "shape"],
+)
+def test_gather_cuda_bad_arguments(shape, window, message):
+    """A refused CUDA call's message, numbers and shapes formatted by the C++ library, reaches Python."""
+    if MISSING is not None or not _ext.has_cuda():
+        pytest.skip(MISSING or "the extension was built without CUDA kernels")
+    with pytest.raises(RuntimeError, match=message):
+        gather(torch.zeros(shape, device="cuda"), *window)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gather_cuda_matches_reference(dtype):
     if MISSING is not None or not _ext.has_cuda():
