@@ -58,6 +58,9 @@ from .._triton import multiprocessors
 
 LOG_SCALE_MAX = tl.constexpr(math.log(100.0))  # SwinV2 clamps its logit scale here before exp
 NORM_EPS = tl.constexpr(1e-12)  # F.normalize's eps in cosine attention
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+FAST_EXP2 = tl.constexpr(not aot.interpreter_on())  # PTX ex2 where compiled; the interpreter cannot run PTX
 # Elements of fp32 dS the bias-table gradient may buffer ([chunks, heads, N, N]).
 DTABLE_BUFFER_ELEMENTS = 1 << 22
 GATHER_TILE = 4096  # table rows x window tokens gathered per program of the table-gradient kernel
@@ -87,16 +90,47 @@ def _frame_at(win, t, i, j, H, W, Wh, Ww, sh, sw, PAD_FIRST: tl.constexpr):
     wp = windows_per_row * Ww
     r = (win // windows_per_row) * Wh + i
     c = (win % windows_per_row) * Ww + j
+    # The cyclic shifts as one conditional subtraction: r + sh < 2 hp (sh < Wh <= hp), and for a
+    # real row r + sh % H < 2 H; the same for columns.
     if PAD_FIRST:
-        y = (r + sh) % hp
-        x = (c + sw) % wp
+        y = _wrap(r + sh, hp)
+        x = _wrap(c + sw, wp)
     else:
-        y = tl.where(r < H, (r + sh) % H, r)
-        x = tl.where(c < W, (c + sw) % W, c)
+        y = tl.where(r < H, _wrap(r + sh % H, H), r)
+        x = tl.where(c < W, _wrap(c + sw % W, W), c)
     real = (t < Wh * Ww) & (y < H) & (x < W)
+    return y, x, real, _region(r, c, hp, wp, Wh, Ww, sh, sw)
+
+
+@triton.jit
+def _region(r, c, hp, wp, Wh, Ww, sh, sw):
+    """Shift region ids of frame rows ``r``, columns ``c`` of the shifted map padded to hp x wp."""
     region_r = tl.where(sh > 0, (r >= hp - Wh).to(tl.int32) + (r >= hp - sh).to(tl.int32), 0)
     region_c = tl.where(sw > 0, (c >= wp - Ww).to(tl.int32) + (c >= wp - sw).to(tl.int32), 0)
-    return y, x, real, region_r * 3 + region_c
+    return region_r * 3 + region_c
+
+
+@triton.jit
+def _wrap(v, size):
+    """v % size for 0 <= v < 2 * size."""
+    return tl.where(v >= size, v - size, v)
+
+
+@triton.jit
+def _exp2(x):
+    """2^x in fp32 by one ex2.approx.ftz (results under 2^-126 flush to 0, which no softmax numerator
+    needs); Triton's own exp adds a multiply and, without ftz, a range fix-up of three instructions."""
+    if FAST_EXP2:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
+def _exp(x):
+    """e^x in fp32 through :func:`_exp2`."""
+    return _exp2(x * LOG2E)
 
 
 @triton.jit
@@ -142,7 +176,7 @@ def _key_block_scores(qn, do, lse, scale, win, start, n, H, W, Wh, Ww, sh, sw, q
     kn = _unit_rows(k) if COSINE else k
     raw, s = _logits(qn, kn, scale, tq, qi, qj, q_region, tk, ki, kj, k_region, n, table_ptr, heads, Wh, Ww,
                      mask_value, bias_base, stride_bq, stride_bk, HAS_TABLE, SHIFTED, HAS_BIAS, IEEE)
-    return tk, kn, tl.exp(s - lse[:, None]), _dot(do, tl.trans(v), IEEE), raw
+    return tk, kn, _exp(s - lse[:, None]), _dot(do, tl.trans(v), IEEE), raw
 
 
 @triton.jit
@@ -257,8 +291,8 @@ def _window_attention_fwd_kernel(
         _, s = _logits(q, k, head_scale, tq, qi, qj, q_region, tk, ki, kj, k_region, n, table_ptr + h, heads, Wh,
                        Ww, mask_value, bias_base, stride_bq, stride_bk, HAS_TABLE, SHIFTED, HAS_BIAS, IEEE)
         m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])
+        alpha = _exp(m - m_new)
+        p = _exp(s - m_new[:, None])
         l = l * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + _dot(p, v, IEEE)
         m = m_new
@@ -291,13 +325,14 @@ def _tile_head(table_ptr, fill_ptr, logit_scale_ptr, h, heads, head_dim, scale, 
                COSINE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
     """What a one-tile program of head ``h`` computes once: its tokens, their window rows and columns,
     which lie in the window, the head-dim lanes and their mask, the head's :func:`_shared_logits`,
-    its qkv-bias fill and its scale."""
+    its qkv-bias fill and its scale; the shared logits in log2 units (times log2(e)), for
+    :func:`_exp2`."""
     t = tl.arange(0, BLOCK)
     i = t // Ww
     j = t % Ww
     in_window = t < Wh * Ww
     d = tl.arange(0, BLOCK_D)
-    shared = _shared_logits(table_ptr + h, heads, i, j, in_window, Wh, Ww, HAS_TABLE, BLOCK)
+    shared = _shared_logits(table_ptr + h, heads, i, j, in_window, Wh, Ww, HAS_TABLE, BLOCK) * LOG2E
     return (t, i, j, in_window, d, d < head_dim, shared, fill_ptr + h * head_dim,
             _head_scale(logit_scale_ptr, h, scale, COSINE))
 
@@ -306,22 +341,27 @@ def _tile_head(table_ptr, fill_ptr, logit_scale_ptr, h, heads, head_dim, scale, 
 def _tile_window(qkv_base, fill_base, win, t, i, j, in_window, d, d_mask, stride_qh, stride_qw, H, W, Wh, Ww, sh, sw,
                  channels, PAD_FIRST: tl.constexpr, HAS_FILL: tl.constexpr):
     """Window ``win`` of a one-tile program (``qkv_base`` at its image and head): its tokens' source
-    rows, columns, reality and shift regions, and their q, k, v rows."""
-    y, x, real, region = _frame_at(win, t, i, j, H, W, Wh, Ww, sh, sw, PAD_FIRST)
+    rows, columns and reality, and their q, k, v rows."""
+    y, x, real, _ = _frame_at(win, t, i, j, H, W, Wh, Ww, sh, sw, PAD_FIRST)
     offsets = _map_offsets(y, x, stride_qh, stride_qw)
     q = _load_rows(qkv_base, offsets, real, in_window, d, d_mask, fill_base, HAS_FILL)
     k = _load_rows(qkv_base + channels, offsets, real, in_window, d, d_mask, fill_base + channels, HAS_FILL)
     v = _load_rows(qkv_base + 2 * channels, offsets, real, in_window, d, d_mask, fill_base + 2 * channels, HAS_FILL)
-    return y, x, real, region, q, k, v
+    return y, x, real, q, k, v
 
 
 @triton.jit
-def _shift_masked(s, win, region, H, W, Wh, Ww, mask_value, SHIFTED: tl.constexpr):
-    """One-tile logits ``s`` of window ``win`` with the shift mask added; only windows of the last
-    window row or column have tokens in more than one shift region, the others skip it."""
+def _shift_masked(s, win, i, j, H, W, Wh, Ww, sh, sw, mask_value, SHIFTED: tl.constexpr):
+    """One-tile logits ``s`` of window ``win`` (tokens at window rows ``i``, columns ``j``) with the
+    shift mask added; only windows of the last window row or column have tokens in more than one
+    shift region, so only they compute the regions."""
     if SHIFTED:
         windows_per_row = tl.cdiv(W, Ww)
-        if (win // windows_per_row == tl.cdiv(H, Wh) - 1) | (win % windows_per_row == windows_per_row - 1):
+        window_rows = tl.cdiv(H, Wh)
+        row0 = (win // windows_per_row) * Wh
+        col0 = (win % windows_per_row) * Ww
+        if (row0 == (window_rows - 1) * Wh) | (col0 == (windows_per_row - 1) * Ww):
+            region = _region(row0 + i, col0 + j, window_rows * Wh, windows_per_row * Ww, Wh, Ww, sh, sw)
             s += tl.where(region[:, None] != region[None, :], mask_value, 0.0)
     return s
 
@@ -343,19 +383,19 @@ def _window_attention_fwd_tile_kernel(
         table_ptr, fill_ptr, logit_scale_ptr, h, heads, head_dim, scale, Wh, Ww, HAS_TABLE, COSINE, BLOCK, BLOCK_D)
     for bw in range(tl.program_id(0), total_windows, tl.num_programs(0)):
         image = bw // num_windows
-        y, x, real, region, q, k, v = _tile_window(
+        y, x, real, q, k, v = _tile_window(
             qkv_ptr + image.to(tl.int64) * stride_qb + h * head_dim, fill_base, bw % num_windows, t, i, j, in_window,
             d, d_mask, stride_qh, stride_qw, H, W, Wh, Ww, sh, sw, channels, PAD_FIRST, HAS_FILL)
         if COSINE:
             q = _unit_rows(q)
             k = _unit_rows(k)
-        s = _shift_masked(_dot(q, tl.trans(k), IEEE) * head_scale + shared, bw % num_windows, region, H, W, Wh, Ww,
-                          mask_value, SHIFTED)
+        s = _shift_masked(_dot(q, tl.trans(k), IEEE) * (head_scale * LOG2E) + shared, bw % num_windows, i, j, H, W,
+                          Wh, Ww, sh, sw, mask_value * LOG2E, SHIFTED)
         m = tl.max(s, 1)
-        p = tl.exp(s - m[:, None])
+        p = _exp2(s - m[:, None])
         l = tl.sum(p, 1)
-        _store_rows(out_ptr, lse_ptr, _dot(p, v, IEEE) / l[:, None], m + tl.log(l), image, bw, h, t, y, x, real, d,
-                    d_mask, H, W, n, heads, head_dim)
+        _store_rows(out_ptr, lse_ptr, _dot(p, v, IEEE) / l[:, None], (m + tl.log2(l)) * LN2, image, bw, h, t, y, x,
+                    real, d, d_mask, H, W, n, heads, head_dim)
 
 
 @triton.jit
@@ -489,7 +529,7 @@ def _window_attention_bwd_dkdv_kernel(
         delta = tl.load(delta_ptr + row_stats, mask=tq < n, other=0.0)
         _, s = _logits(qn, kn, scale, tq, qi, qj, q_region, tk, ki, kj, k_region, n, table_ptr + h, heads, Wh, Ww,
                        mask_value, bias_base, stride_bq, stride_bk, HAS_TABLE, SHIFTED, HAS_BIAS, IEEE)
-        p = tl.exp(s - lse[:, None])
+        p = _exp(s - lse[:, None])
         dv += _dot(tl.trans(p), do, IEEE)
         ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
         dk += _dot(tl.trans(ds), qn, IEEE)
@@ -535,7 +575,7 @@ def _window_attention_bwd_tile_kernel(
     dfill_v = tl.zeros((BLOCK_D,), tl.float32)
     for bw in range(tl.program_id(0), total_windows, tl.num_programs(0)):
         image = bw // num_windows
-        y, x, real, region, q, k, v = _tile_window(
+        y, x, real, q, k, v = _tile_window(
             qkv_ptr + image.to(tl.int64) * stride_qb + h * head_dim, fill_base, bw % num_windows, t, i, j, in_window,
             d, d_mask, stride_qh, stride_qw, H, W, Wh, Ww, sh, sw, channels, PAD_FIRST, HAS_FILL)
         qn = _unit_rows(q) if COSINE else q
@@ -545,8 +585,9 @@ def _window_attention_bwd_tile_kernel(
         do = tl.load(dout_ptr + rows[:, None] + d[None, :], mask=rows_mask, other=0.0)
         lse = tl.load(lse_ptr + (bw * heads + h) * n + t, mask=in_window, other=float("inf"))
         raw = _dot(qn, tl.trans(kn), IEEE)
-        s = _shift_masked(raw * scale + shared, bw % num_windows, region, H, W, Wh, Ww, mask_value, SHIFTED)
-        p = tl.exp(s - lse[:, None])
+        s = _shift_masked(raw * (scale * LOG2E) + shared, bw % num_windows, i, j, H, W, Wh, Ww, sh, sw,
+                          mask_value * LOG2E, SHIFTED)
+        p = _exp2(s - lse[:, None] * LOG2E)
         dp = _dot(do, tl.trans(v), IEEE)
         p_sum = tl.sum(p, 1)
         delta = tl.where(p_sum > 0, tl.sum(p * dp, 1) / p_sum, 0.0)  # D as the dq kernel computes it
@@ -624,7 +665,7 @@ def _window_attention_bwd_dtable_kernel(
         delta = tl.load(delta_ptr + row_stats, mask=tq < n, other=0.0)
         _, s = _logits(q, k, scale, tq, qi, qj, q_region, tk, ki, kj, k_region, n, table_ptr + h, heads, Wh, Ww,
                        mask_value, table_ptr, 0, 0, True, SHIFTED, False, IEEE)
-        total += tl.exp(s - lse[:, None]) * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
+        total += _exp(s - lse[:, None]) * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
     pair = (tq < n)[:, None] & (tk < n)[None, :]
     tl.store(dsum_ptr + ((chunk * heads + h).to(tl.int64) * n + tq[:, None]) * n + tk[None, :], total, mask=pair)
 
@@ -663,9 +704,10 @@ class Config:
 
 # Single-tile configs for windows up to 64 tokens first, then the tiled ones. Warps are chosen by the
 # compiler's resource report (``python -m vitkernels aot``; ptxas for sm_90 through Triton 3.6,
-# head_dim 32): the one-tile forward of a 64x64 tile takes 229 registers with 4 warps (bf16; fp32
-# spills 312 bytes of stack per thread) and 125 to 133 with 8 (no stack), so with 8 warps two CTAs
-# share a multiprocessor: 16 warps to hide the window loads' latency, against 8 with 4 warps.
+# head_dim 32): the one-tile forward of a 64x64 tile takes 219 registers with 4 warps (bf16; fp32
+# spills 312 bytes of stack per thread) and 125 with 8 (bf16 and fp16; 148 to 152 with fp32 inputs
+# or parameters; no stack), so with 8 warps two CTAs of the 16-bit forward share a multiprocessor:
+# 16 warps to hide the window loads' latency, against 8 with 4 warps.
 CONFIGS = (Config(16, 16, 1), Config(32, 32, 2), Config(64, 64, 8), Config(128, 64, 8))
 MAX_WARPS = 8  # 16 warps would cap a thread at 128 registers, which these kernels exceed
 # The backward of head dims above 64 (BLOCK_D 128; ViT-H's 80 too) beyond 32 tokens: bytes of stack
