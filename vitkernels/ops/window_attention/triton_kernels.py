@@ -15,7 +15,8 @@ Global attention (``vitkernels.ops.attention``) runs the same kernels with one w
 whole sequence (window (1, N) on a [B, 1, N, 3C] view) and an additive bias read through strides.
 
 Backward is flash attention's: P is recomputed from the saved log-sum-exp, and D = rowsum(P * dP)
-/ rowsum(P), which is rowsum(dO * O) without O's rounding to the input dtype. A one-tile window
+/ rowsum(P), which is rowsum(dO * O) without O's rounding to the input dtype (global attention,
+which sums no dS over windows, takes rowsum(dO * O) itself). A one-tile window
 takes one pass (:func:`_window_attention_bwd_tile_kernel`, scheduled as the one-tile forward): P,
 dP and dS of the window give its dq, dk and dv together. Wider windows and global attention take a
 dq kernel, which also stores D, and a dk/dv kernel. The bias-table gradient is deterministic (no
@@ -233,8 +234,10 @@ def _relative_bias(table_ptr, heads, qi, qj, ki, kj, Wh, Ww, pair):
 @triton.jit
 def _logits(qn, kn, scale, tq, qi, qj, q_region, tk, ki, kj, k_region, n, table_ptr, heads, Wh, Ww, mask_value,
             bias_ptr, stride_bq, stride_bk,
-            HAS_TABLE: tl.constexpr, SHIFTED: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
-    """(q.k, logits) [BLOCK_M, BLOCK_N] fp32; keys past the window are -inf."""
+            HAS_TABLE: tl.constexpr, SHIFTED: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+            MASK_KEYS: tl.constexpr = True):
+    """(q.k, logits) [BLOCK_M, BLOCK_N] fp32; keys past the window are -inf (unless not MASK_KEYS:
+    the caller masks them)."""
     raw = _dot(qn, tl.trans(kn), IEEE)
     s = raw * scale
     pair = (tq < n)[:, None] & (tk < n)[None, :]
@@ -244,7 +247,9 @@ def _logits(qn, kn, scale, tq, qi, qj, q_region, tk, ki, kj, k_region, n, table_
         s += tl.load(bias_ptr + tq[:, None] * stride_bq + tk[None, :] * stride_bk, mask=pair, other=0.0).to(tl.float32)
     if SHIFTED:
         s += tl.where(q_region[:, None] != k_region[None, :], mask_value, 0.0)
-    return raw, tl.where((tk < n)[None, :], s, float("-inf"))
+    if MASK_KEYS:
+        s = tl.where((tk < n)[None, :], s, float("-inf"))
+    return raw, s
 
 
 @triton.jit
@@ -289,7 +294,9 @@ def _window_attention_fwd_kernel(
         if COSINE:
             k = _unit_rows(k)
         _, s = _logits(q, k, head_scale, tq, qi, qj, q_region, tk, ki, kj, k_region, n, table_ptr + h, heads, Wh,
-                       Ww, mask_value, bias_base, stride_bq, stride_bk, HAS_TABLE, SHIFTED, HAS_BIAS, IEEE)
+                       Ww, mask_value, bias_base, stride_bq, stride_bk, HAS_TABLE, SHIFTED, HAS_BIAS, IEEE, False)
+        if start + BLOCK_N > n:  # the last key block alone has keys past the window
+            s = tl.where((tk < n)[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = _exp(m - m_new)
         p = _exp(s - m_new[:, None])
@@ -404,7 +411,7 @@ def _window_attention_bwd_dq_kernel(
     out_ptr,  # [B, H, W, C] contiguous, forward output
     dout_ptr,  # [B, H, W, C] contiguous
     lse_ptr,  # [B * nW, heads, N] fp32
-    delta_ptr,  # [B * nW, heads, N] fp32, written: rowsum(P * dP) / rowsum(P)
+    delta_ptr,  # [B * nW, heads, N] fp32, written: D (below)
     dqkv_ptr,  # [B, H, W, 3C] contiguous, q slots written
     dscale_ptr,  # [B * nW, cdiv(N, BLOCK_M), heads] fp32 partial sums of dS * q.k (COSINE)
     dbias_ptr,  # [B, heads, N, N] contiguous fp32, dS (BIAS_GRAD)
@@ -442,9 +449,13 @@ def _window_attention_bwd_dq_kernel(
     # input dtype, which the logit-scale gradient (dS * q.k summed over every window, scaled by
     # up to 100) magnifies several times over; dividing by rowsum(P) cancels the rounding of
     # lse, which is as large as the logits. A window wider than one key block takes a pass of
-    # its own; one key block computes it in the pass below.
+    # its own; one key block computes it in the pass below. Global attention (SEQUENCE) has no
+    # logit scale nor table to sum dS into: it takes rowsum(dO * O), as flash attention does.
     delta = tl.zeros((BLOCK_M,), tl.float32)
-    if not ONE_KEY_BLOCK:
+    if SEQUENCE and not ONE_KEY_BLOCK:
+        o = tl.load(out_ptr + map_offsets[:, None] + d[None, :], mask=rows_mask, other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    elif not ONE_KEY_BLOCK:
         p_sum = tl.zeros((BLOCK_M,), tl.float32)
         for start in range(0, n, BLOCK_N):
             _, _, p, dp, _ = _key_block_scores(
