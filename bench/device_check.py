@@ -2,7 +2,7 @@
 """The one command to run on a GPU machine: build, GPU tests, measured ceilings, benchmarks, report.
 
     python bench/device_check.py [--out DIR] [--quick] [--cpu] [--sanitize] [--no-build] [--tests-k EXPR]
-                                 [--budget SECONDS]
+                                 [--skip-tests] [--bench LIST] [--budget SECONDS]
 
 Steps (each in a subprocess with a timeout, logged to RESULTS/logs/<step>.log; a failing step is
 recorded and the next one runs; a step out of time gets SIGINT, then SIGKILL):
@@ -40,7 +40,9 @@ under --budget seconds (default 400); the exit status is 1 when a step failed or
 
 DIR defaults to $OUT, else ./out. --quick skips slow tests, benchmarks forward and
 forward+backward only and leaves the compiled providers out. --tests-k EXPR runs only the tests
-that pytest's -k EXPR selects (the report's mode says so).
+that pytest's -k EXPR selects (the report's mode says so); --skip-tests skips both test steps.
+--bench LIST makes only the named benchmark runs (ops, "models", "flex", "compile", "max-autotune"),
+in that order.
 --pack-logs replaces RESULTS/logs by RESULTS/logs.tar.gz at the end.
 """
 from __future__ import annotations
@@ -86,6 +88,7 @@ COMPILED_RUNS = {
     "max-autotune": ("window_attention", "compile-max-autotune", "swin_t.s1.w7.shifted"),
 }
 MODEL_PROVIDERS = "stock,triton,cpu,cuda"
+BENCH_RUNS = (*OPS, "models", *COMPILED_RUNS)  # what --bench may name
 # The kernels under compute-sanitizer: the fp32 reference comparisons of the CUDA and Triton backends.
 SANITIZE_K = "test_matches_reference and (cuda or triton) and fp32"
 SANITIZE_TOOLS = ("memcheck", "racecheck")
@@ -541,8 +544,10 @@ PROBES = {"env": lambda args: probe_env(), "ceilings": lambda args: probe_ceilin
 # --- the runner -----------------------------------------------------------------------------------
 
 class Runner:
-    def __init__(self, out: str, budget: float, cpu: bool, quick: bool, tests_k: Optional[str] = None):
+    def __init__(self, out: str, budget: float, cpu: bool, quick: bool, tests_k: Optional[str] = None,
+                 bench: Optional[list[str]] = None, skip_tests: bool = False):
         self.out, self.budget, self.cpu, self.quick, self.tests_k = out, budget, cpu, quick, tests_k
+        self.bench, self.skip_tests = bench, skip_tests
         self.logs = os.path.join(out, "logs")
         os.makedirs(self.logs, exist_ok=True)
         self.start = time.monotonic()
@@ -781,11 +786,15 @@ def run_steps(runner: Runner, no_build: bool, sanitize: bool = False) -> dict:
         return result
 
     # GPU tests, with compiled Triton (no interpreter) on a GPU
-    if os.path.isdir(os.path.join(ROOT, "tests", "ops")):
+    if runner.skip_tests:
+        runner.skip("tests_ops", "--skip-tests")
+        runner.skip("tests_cuda", "--skip-tests")
+    elif os.path.isdir(os.path.join(ROOT, "tests", "ops")):
         _pytest_step(runner, "tests_ops", ["tests/ops"], later("tests_ops"))
     else:
         runner.skip("tests_ops", "no tests/ops folder")
-    _pytest_step(runner, "tests_cuda", ["tests", "-m", "cuda", "--ignore=tests/ops"], later("tests_cuda"))
+    if not runner.skip_tests:
+        _pytest_step(runner, "tests_cuda", ["tests", "-m", "cuda", "--ignore=tests/ops"], later("tests_cuda"))
     _, result["ceilings"] = runner.probe("ceilings", "ceilings", later("ceilings"))
     if runner.cpu:
         runner.skip("large", "--cpu: the large-tensor case runs on a GPU")
@@ -859,28 +868,41 @@ def run_sanitizer(runner: Runner, tool: str, later: list[str]) -> Step:
     return step
 
 
-def bench_runs(cpu: bool, quick: bool, ceilings_path: Optional[str]) -> list[tuple[str, list[str], dict]]:
-    """(name, pytest arguments, environment) of each benchmark run, in order of importance."""
+def bench_runs(cpu: bool, quick: bool, ceilings_path: Optional[str],
+               selection: Optional[list[str]] = None) -> list[tuple[str, list[str], dict]]:
+    """(name, pytest arguments, environment) of each benchmark run, in order of importance; with
+    ``selection`` (names of BENCH_RUNS), those runs alone, in its order."""
     common = {"VITKERNELS_BENCH_SHAPES": "quick"}
     if ceilings_path:
         common["VITKERNELS_BENCH_CEILINGS"] = ceilings_path
     modes = "fwd,fwd+bwd" if quick else COMPACT_MODES
-    runs = [(f"bench:{op}", ["bench/test_bench_ops.py"],
-             dict(common, VITKERNELS_BENCH_OPS=op, VITKERNELS_BENCH_PROVIDERS=COMPACT_PROVIDERS,
-                  VITKERNELS_BENCH_MODES=modes)) for op in OPS]
-    runs.append(("bench:models", ["bench/test_bench_models.py"],
-                 dict(common, VITKERNELS_BENCH_MODEL_PROVIDERS=MODEL_PROVIDERS)))
-    if not quick:
-        for name, (op_names, provider_names, shapes_k) in COMPILED_RUNS.items():
-            runs.append((f"bench:{name}", ["bench/test_bench_ops.py", "-k", f"test_op and ({shapes_k})"],
-                         dict(common, VITKERNELS_BENCH_OPS=op_names, VITKERNELS_BENCH_PROVIDERS=provider_names,
-                              VITKERNELS_BENCH_MODES="fwd")))
-    return runs
+    runs = {op: (f"bench:{op}", ["bench/test_bench_ops.py"],
+                 dict(common, VITKERNELS_BENCH_OPS=op, VITKERNELS_BENCH_PROVIDERS=COMPACT_PROVIDERS,
+                      VITKERNELS_BENCH_MODES=modes)) for op in OPS}
+    runs["models"] = ("bench:models", ["bench/test_bench_models.py"],
+                      dict(common, VITKERNELS_BENCH_MODEL_PROVIDERS=MODEL_PROVIDERS))
+    for name, (op_names, provider_names, shapes_k) in COMPILED_RUNS.items():
+        runs[name] = (f"bench:{name}", ["bench/test_bench_ops.py", "-k", f"test_op and ({shapes_k})"],
+                      dict(common, VITKERNELS_BENCH_OPS=op_names, VITKERNELS_BENCH_PROVIDERS=provider_names,
+                           VITKERNELS_BENCH_MODES="fwd"))
+    if selection is None:
+        selection = [*OPS, "models", *([] if quick else COMPILED_RUNS)]
+    return [runs[name] for name in selection]
+
+
+def bench_selection(text: str) -> list[str]:
+    """The names of ``--bench``'s comma-separated list, checked against BENCH_RUNS."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in BENCH_RUNS]
+    if unknown or not names:
+        raise ValueError(f"--bench takes a comma-separated list of {', '.join(BENCH_RUNS)}; got {text!r}")
+    return names
 
 
 def run_bench(runner: Runner) -> list[str]:
     ceilings_path = os.path.join(runner.logs, "ceilings.json")
-    runs = bench_runs(runner.cpu, runner.quick, ceilings_path if os.path.exists(ceilings_path) else None)
+    runs = bench_runs(runner.cpu, runner.quick, ceilings_path if os.path.exists(ceilings_path) else None,
+                      runner.bench)
     parts, started, failed = [], time.monotonic(), []
     for i, (name, args, env) in enumerate(runs):
         available = min(runner.remaining(), CAPS["bench"] - (time.monotonic() - started))
@@ -955,12 +977,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--tests-k", metavar="EXPR",
                         help="run only the tests pytest -k EXPR selects in the two test steps (a rerun of "
                              "what an earlier run found, leaving the budget to the benchmarks)")
+    parser.add_argument("--bench", metavar="LIST",
+                        help=f"the benchmark runs to make, in this order (comma-separated: {', '.join(BENCH_RUNS)}; "
+                             "default: every op, then models, then the compiled providers unless --quick)")
+    parser.add_argument("--skip-tests", action="store_true",
+                        help="skip the two test steps (a run for the benchmarks alone)")
     parser.add_argument("--budget", type=float, default=None,
                         help=f"total seconds for every step (default {DEFAULT_BUDGET_S}, "
                              f"with --sanitize {SANITIZE_BUDGET_S})")
     parser.add_argument("--probe", choices=sorted(PROBES), help=argparse.SUPPRESS)
     parser.add_argument("--probe-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    try:
+        args.bench = bench_selection(args.bench) if args.bench is not None else None
+    except ValueError as err:
+        parser.error(str(err))
 
     if args.probe:
         data = PROBES[args.probe](args)
@@ -976,9 +1007,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     out = os.path.join(os.path.abspath(args.out), relative)
     if os.path.exists(out):
         shutil.rmtree(out)
-    runner = Runner(out, args.budget, cpu=args.cpu, quick=args.quick, tests_k=args.tests_k)
+    runner = Runner(out, args.budget, cpu=args.cpu, quick=args.quick, tests_k=args.tests_k, bench=args.bench,
+                    skip_tests=args.skip_tests)
     mode = ("cpu" if args.cpu else "gpu") + (" quick" if args.quick else "") + (" sanitize" if args.sanitize else "")
     mode += f", tests -k {args.tests_k!r}" if args.tests_k else ""
+    mode += ", no tests" if args.skip_tests else ""
+    mode += f", bench {','.join(args.bench)}" if args.bench else ""
     runner.say(f"device check ({mode}) in {ROOT}; results in {out} (commit them as bench/results/{relative}/); "
                f"budget {args.budget:.0f}s")
     result: dict = {"env": {}}

@@ -243,6 +243,30 @@ def test_bench_runs_pass_the_measured_ceilings(dc):
     assert all("VITKERNELS_BENCH_CEILINGS" not in env for _, _, env in quick)
 
 
+def test_bench_selection_makes_the_named_runs_in_order(dc):
+    runs = dc.bench_runs(cpu=False, quick=True, ceilings_path=None, selection=["attention", "compile", "models"])
+    assert [name for name, _, _ in runs] == ["bench:attention", "bench:compile", "bench:models"]
+    assert runs[1][2]["VITKERNELS_BENCH_PROVIDERS"] == "compile"
+    assert dc.bench_selection(" window_attention, flex ") == ["window_attention", "flex"]
+    for bad in ("window_attention,softmax", "", ","):
+        with pytest.raises(ValueError, match="--bench takes a comma-separated list of window_attention"):
+            dc.bench_selection(bad)
+
+
+def test_bench_only_run_skips_the_tests(dc, tmp_path, monkeypatch):
+    _fake_gpu_machine(dc, monkeypatch)
+    assert dc.main(["--out", str(tmp_path), "--budget", "1000", "--skip-tests", "--bench", "layernorm,models"]) == 0
+    (folder,) = (tmp_path / "h100-80gb-hbm3").iterdir()
+    report = json.loads((folder / "device_check.json").read_text())
+    steps = {s["name"]: s for s in report["steps"]}
+    assert steps["tests_ops"]["status"] == steps["tests_cuda"]["status"] == "skipped"
+    assert [s["name"] for s in report["steps"] if s["name"].startswith("bench:")] == ["bench:layernorm",
+                                                                                       "bench:models"]
+    assert report["mode"] == "gpu, no tests, bench layernorm,models"
+    with pytest.raises(SystemExit):
+        dc.main(["--out", str(tmp_path), "--bench", "softmax"])
+
+
 def test_speedups_compare_the_best_fused_backend_with_each_provider(dc, tmp_path):
     def row(backend, kind, ms, shape="vit_b_224", mode="fwd"):
         return {"op": "attention", "mode": mode, "shape": shape, "backend": backend, "kind": kind, "median_ms": ms}
