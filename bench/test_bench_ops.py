@@ -167,13 +167,23 @@ def _bench_case(benchmark, op, shape, provider, mode, device, dtype, variant: Op
 WINDOW_CASES = [case for case in CASES if case.values[0] == "window_attention"]
 
 
+# Schedules of the Triton window kernels other than the default, timed beside it (triton_kernels'
+# docstring): the name of each, and the attribute of triton_kernels it replaces.
+WINDOW_VARIANTS = {
+    "1 program per window": ("window_programs", lambda device, windows, heads: windows),
+    "key-block kernels": ("one_tile", lambda tokens, config: False),
+}
+
+
+@pytest.mark.parametrize("mode", [m for m in cases.selected("VITKERNELS_BENCH_MODES", cases.MODES) if m != "bwd"])
 @pytest.mark.parametrize("op, shape", WINDOW_CASES)
-def test_window_forward_one_program_per_window(benchmark, op, shape, device, dtype, monkeypatch):
-    """The Triton one-tile window forward with a program per (window, head), beside ``test_op``'s
-    default schedule, where a few programs per multiprocessor walk the windows (triton_kernels'
-    docstring)."""
+@pytest.mark.parametrize("variant", list(WINDOW_VARIANTS))
+def test_window_schedule_variant(benchmark, op, shape, variant, mode, device, dtype, monkeypatch):
+    """The Triton window attention of one-tile windows with one of WINDOW_VARIANTS: a program per
+    (window, head) instead of a few per multiprocessor walking the windows, or the kernels of wider
+    windows (a program per window and head, the bias gathered in each, and a dq and a dk/dv kernel)."""
     if device != "cuda":
         pytest.skip("Triton on CPU runs in the interpreter, whose timings say nothing about the kernels")
     kernels = importlib.import_module("vitkernels.ops.window_attention.triton_kernels")
-    monkeypatch.setattr(kernels, "window_programs", lambda device, windows, heads: windows)
-    _bench_case(benchmark, op, shape, "triton", "fwd", device, dtype, variant="1 program per window")
+    monkeypatch.setattr(kernels, *WINDOW_VARIANTS[variant])
+    _bench_case(benchmark, op, shape, "triton", mode, device, dtype, variant=variant)

@@ -316,6 +316,17 @@ def test_one_tile_forward_walks_windows(backend, pad_first, heads, programs, cos
     compare_with_reference(run, reference, inputs, torch.float16)
 
 
+@pytest.mark.parametrize("backend", TRITON)
+def test_key_block_kernels_on_one_tile_windows(backend, monkeypatch):
+    """Windows of one tile through the kernels of wider windows (a benchmark's comparison): the
+    forward's single key block, and a dq kernel that forms D within it."""
+    kernels = importlib.import_module("vitkernels.ops.window_attention.triton_kernels")
+    monkeypatch.setattr(kernels, "one_tile", lambda tokens, config: False)
+    heads, window, shift = 2, (4, 4), (2, 2)
+    run, reference = _triton_run(heads, window, shift)
+    compare_with_reference(run, reference, list(_make(2, 9, 6, heads, 8, window)), torch.float32)
+
+
 def test_one_tile_schedule():
     kernels = importlib.import_module("vitkernels.ops.window_attention.triton_kernels")
     assert kernels.one_tile(49, kernels.prune_configs(49, 32))  # Swin's 7x7 window
