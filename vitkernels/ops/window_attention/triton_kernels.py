@@ -66,6 +66,11 @@ FAST_EXP2 = tl.constexpr(not aot.interpreter_on())  # PTX ex2 where compiled; th
 DTABLE_BUFFER_ELEMENTS = 1 << 22
 GATHER_TILE = 4096  # table rows x window tokens gathered per program of the table-gradient kernel
 PROGRAMS_PER_SM = 4  # one-tile forward programs launched per multiprocessor, over all heads
+# Pipeline depth of the fp32 launches, whose IEEE products run on FMA units: with 2 stages, ptxas
+# (Triton 3.6, sm_90) keeps 32 registers and a 5.9 KB stack per thread for the 64x32 wide-head
+# forward and spills in most other fp32 kernels (the one-tile backward 128 bytes, the dq kernel 96);
+# with 1 stage the forward takes 128 registers and 48 bytes of stack, and the others none.
+FP32_STAGES = 1
 
 
 @triton.jit
@@ -725,8 +730,8 @@ MAX_WARPS = 8  # 16 warps would cap a thread at 128 registers, which these kerne
 # per thread of the dq, dk/dv and table kernels 176 / 144 / 264, against 1592 / 1568 / 1568 for a
 # 64x64 tile with 8 warps (bf16, cosine attention, same report).
 WIDE_HEAD_BACKWARD = Config(32, 32, 8)
-# The fp32 forward of those head dims beyond 32 tokens: fp32 operands of a 64x64 tile take 176 KiB of
-# shared memory (sm_80 has 163), of a 64x32 tile 104 KiB.
+# The fp32 forward of those head dims beyond 32 tokens (FP32_STAGES): a 64x64 tile takes 96 KiB of
+# shared memory and spills 216 bytes per thread on sm_90, a 64x32 tile 64 KiB and 48 bytes.
 WIDE_HEAD_FP32_FORWARD = Config(64, 32, 8)
 
 
@@ -760,6 +765,7 @@ class _Launch:
     strides: tuple
     sizes: tuple
     flags: dict
+    stages: int  # software pipeline depth of the attention kernels
 
 
 def _prepare(qkv, num_heads, window, shift, bias_table, qkv_bias, logit_scale, scale, pad_first, mask_value, bias):
@@ -778,8 +784,13 @@ def _prepare(qkv, num_heads, window, shift, bias_table, qkv_bias, logit_scale, s
         grid_windows=batch * num_windows, tokens=tokens, head_dim=head_dim,
         strides=(qkv.stride(0), qkv.stride(1), qkv.stride(2), *bias_strides),
         sizes=(height, width, wh, ww, sh, sw, num_windows, num_heads, head_dim, float(scale), float(mask_value)),
-        flags=flags,
+        flags=flags, stages=pipeline_stages(qkv.dtype),
     )
+
+
+def pipeline_stages(dtype: torch.dtype) -> int:
+    """The attention kernels' pipeline depth: :data:`FP32_STAGES` for fp32 inputs, else aot.NUM_STAGES."""
+    return FP32_STAGES if dtype == torch.float32 else aot.NUM_STAGES
 
 
 def _flags(launch: _Launch, *unused: str) -> dict:
@@ -830,14 +841,14 @@ def window_attention_fwd(qkv, num_heads, window, shift, bias_table=None, qkv_bia
         programs = window_programs(qkv.device, launch.grid_windows, num_heads)
         _window_attention_fwd_tile_kernel[(programs, num_heads)](
             qkv, out, lse, *tensors, *launch.strides[:3], *launch.sizes[:7], launch.grid_windows, *launch.sizes[7:],
-            **flags, BLOCK=config.block_m, BLOCK_D=block_d, num_warps=config.num_warps, num_stages=aot.NUM_STAGES,
+            **flags, BLOCK=config.block_m, BLOCK_D=block_d, num_warps=config.num_warps, num_stages=launch.stages,
         )
         return out, lse
     grid = (launch.grid_windows, num_heads, triton.cdiv(launch.tokens, config.block_m))
     _window_attention_fwd_kernel[grid](
         qkv, out, lse, *tensors, qkv if bias is None else bias, *launch.strides, *launch.sizes, **launch.flags,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, num_warps=config.num_warps,
-        num_stages=aot.NUM_STAGES,
+        num_stages=launch.stages,
     )
     return out, lse
 
@@ -874,7 +885,7 @@ def _recompute_dsum(stats, tensors, launch, config):
         *stats, dsum, *tensors, *launch.strides[:3],
         height, width, wh, ww, sh, sw, num_windows, launch.grid_windows, per_chunk, heads, head_dim, scale,
         mask_value, **flags, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=_block_d(head_dim),
-        num_warps=config.num_warps, num_stages=aot.NUM_STAGES,
+        num_warps=config.num_warps, num_stages=launch.stages,
     )
     return dsum
 
@@ -928,7 +939,7 @@ def window_attention_bwd(dout, qkv, out, lse, num_heads, window, shift, bias_tab
         _window_attention_bwd_tile_kernel[(programs, heads)](
             qkv, dout, lse, dqkv, dscale, dsum, dfill, *tensors, *launch.strides[:3], *launch.sizes[:7],
             launch.grid_windows, *launch.sizes[7:], **flags, TABLE_GRAD=need_table, BLOCK=config.block_m,
-            BLOCK_D=_block_d(head_dim), num_warps=config.num_warps, num_stages=aot.NUM_STAGES,
+            BLOCK_D=_block_d(head_dim), num_warps=config.num_warps, num_stages=launch.stages,
         )
         dbias = None
     else:
@@ -959,7 +970,7 @@ def _backward_by_blocks(dout, qkv, out, lse, dqkv, tensors, launch, config, need
     dbias = torch.empty(qkv.shape[0], heads, tokens, tokens, **f32) if need_bias else lse
     dfill = torch.empty(launch.grid_windows, key_blocks, 2, channels, **f32) if launch.flags["HAS_FILL"] else lse
     common = dict(**launch.flags, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=_block_d(launch.head_dim),
-                  num_warps=config.num_warps, num_stages=aot.NUM_STAGES)
+                  num_warps=config.num_warps, num_stages=launch.stages)
     _window_attention_bwd_dq_kernel[(launch.grid_windows, heads, query_blocks)](
         qkv, out, dout, lse, delta, dqkv, dscale, dbias, *tensors, dense, *launch.strides, *launch.sizes,
         BIAS_GRAD=need_bias, ONE_KEY_BLOCK=key_blocks == 1, **common,
@@ -1018,7 +1029,8 @@ def register_specialization(kernel: str, dtype: str, config: Config, head_dim: i
     flag_names = ", ".join(f"{k}={v}" for k, v in sorted(flags.items()) if v != FLAGS.get(k) and k in names)
     name = (f"{kernel.fn.__name__}[{dtype}{suffix}, {config.block_m}x{config.block_n}, d={head_dim}"
             f"{', ' + flag_names if flag_names else ''}, warps={config.num_warps}]")
-    aot.register(kernel, signature=signature, constexprs=constexprs, num_warps=config.num_warps, name=name)
+    aot.register(kernel, signature=signature, constexprs=constexprs, num_warps=config.num_warps,
+                 num_stages=FP32_STAGES if dtype == "fp32" else aot.NUM_STAGES, name=name)
 
 
 def _register_window_kernels() -> None:
