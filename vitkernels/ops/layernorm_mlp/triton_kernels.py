@@ -155,15 +155,17 @@ def _gemm_configs() -> list:
 
 
 @autotune_by_depth(_gemm_configs(), "a_ptr")
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _mlp_fwd_kernel(a_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, ln_w_ptr, ln_b_ptr, res_ptr, gamma_ptr,
                     pre_ptr, out_ptr, M, N, K,
                     HAS_BIAS: tl.constexpr, LN_PROLOGUE: tl.constexpr, HAS_LN_W: tl.constexpr,
                     HAS_LN_B: tl.constexpr, GELU: tl.constexpr, STORE_PRE: tl.constexpr,
-                    RESIDUAL: tl.constexpr, HAS_GAMMA: tl.constexpr, IEEE: tl.constexpr,
+                    RESIDUAL: tl.constexpr, HAS_GAMMA: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # a_ptr: [M, K]; w_ptr: [N, K] (nn.Linear weight); bias_ptr, gamma_ptr: [N]; mean_ptr, rstd_ptr: [M] fp32;
     # ln_w_ptr, ln_b_ptr: [K]; res_ptr, pre_ptr, out_ptr: [M, N]. out = epilogue(prologue(a) @ w^T).
+    # EVEN_K: K is a multiple of BLOCK_K (every ViT and Swin width), so no K step needs a mask.
     rows, cols = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     row_ok = rows < M
     col_ok = cols < N
@@ -173,13 +175,18 @@ def _mlp_fwd_kernel(a_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, ln_w_ptr, ln_b_p
     if LN_PROLOGUE:
         mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+        # (a - mean) * rstd as one multiply-add in the 16-bit path; fp32 keeps the subtraction first
+        shift = -mean * rstd
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + ks
-        k_ok = k < K
+        k_ok = (k < K) | EVEN_K
         a = tl.load(a_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         if LN_PROLOGUE:
-            a = (a.to(tl.float32) - mean[:, None]) * rstd[:, None]
+            if IEEE:
+                a = (a - mean[:, None]) * rstd[:, None]
+            else:
+                a = a.to(tl.float32) * rstd[:, None] + shift[:, None]
             if HAS_LN_W:
                 a = a * tl.load(ln_w_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
             if HAS_LN_B:
@@ -232,7 +239,7 @@ def _register_aot() -> None:
             "ln_w_ptr": ptr, "ln_b_ptr": ptr, "res_ptr": ptr, "gamma_ptr": ptr, "pre_ptr": ptr, "out_ptr": ptr,
             "M": "i32", "N": "i32:16", "K": "i32:16"},
             constexprs={"HAS_BIAS": True, "HAS_LN_W": True, "HAS_LN_B": True, "HAS_GAMMA": stage == "fc2",
-                        "IEEE": dtype == "fp32", **stages[stage], **chosen.kwargs},
+                        "IEEE": dtype == "fp32", "EVEN_K": True, **stages[stage], **chosen.kwargs},
             num_warps=chosen.num_warps, num_stages=chosen.num_stages,
             name=f"_mlp_fwd_kernel[{stage}, {dtype}, config {config}]")
 
