@@ -34,16 +34,22 @@ def _configs() -> list:
             gemm_config(64, 64, 32, 4, 3)]
 
 
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
+                    "PADDED": lambda args: args["H"] % args["PATCH_H"] != 0 or args["W"] % args["PATCH_W"] != 0})
 @triton.jit
 def _patch_embed_fwd_kernel(x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, pos_ptr, norm_w_ptr, norm_b_ptr, out_ptr,
                             M, N, K, C_in, H, W, grid_w, patches, num_prefix, pos_start, eps,
                             PATCH_H: tl.constexpr, PATCH_W: tl.constexpr, HAS_BIAS: tl.constexpr,
                             HAS_POS: tl.constexpr, PATCH_NORM: tl.constexpr, HAS_NORM_W: tl.constexpr,
-                            HAS_NORM_B: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                            HAS_NORM_B: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
+                            PADDED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # x_ptr: [B, C_in, H, W] (float or uint8); w_ptr: [N, K] = [E, C_in * PATCH_H * PATCH_W];
     # bias_ptr, norm_w_ptr, norm_b_ptr: [N]; scale_ptr, shift_ptr: [C_in] fp32; pos_ptr: [L, N] (row
     # pos_start + p for patch p); out_ptr: [B, num_prefix + patches, N]; M = B * patches.
+    # EVEN_K: K is a multiple of BLOCK_K. PADDED: the image is padded to whole patches, whose pixels
+    # past H or W are zeros after normalization; without it no A element needs a mask beyond its
+    # row (and a row past M or a k past K multiplies nothing that is stored or a zero weight).
     rows, cols = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     row_ok = rows < M
     col_ok = cols < N
@@ -57,16 +63,19 @@ def _patch_embed_fwd_kernel(x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, pos_pt
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + ks
-        k_ok = k < K
+        k_ok = (k < K) | EVEN_K
         channel = k // (PATCH_H * PATCH_W)
         dy = (k // PATCH_W) % PATCH_H
         dx = k % PATCH_W
-        inside = ((top[:, None] + dy[None, :]) < H) & ((left[:, None] + dx[None, :]) < W)
-        mask = row_ok[:, None] & k_ok[None, :] & inside
+        mask = row_ok[:, None] & k_ok[None, :]
+        if PADDED:
+            mask = mask & ((top[:, None] + dy[None, :]) < H) & ((left[:, None] + dx[None, :]) < W)
         pixels = tl.load(x_ptr + row_base[:, None] + (channel * H * W + dy * W + dx)[None, :], mask=mask, other=0)
         scale = tl.load(scale_ptr + channel, mask=k_ok, other=0.0)
         shift = tl.load(shift_ptr + channel, mask=k_ok, other=0.0)
-        a = tl.where(mask, pixels.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
+        a = pixels.to(tl.float32) * scale[None, :] + shift[None, :]
+        if PADDED:
+            a = tl.where(mask, a, 0.0)
         w = tl.load(w_cols + k[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = dot(a.to(w_ptr.dtype.element_ty), w, acc, IEEE)
 
@@ -103,7 +112,7 @@ def _register_aot() -> None:
             "pos_ptr": "*bf16:16", "norm_w_ptr": "*bf16:16", "norm_b_ptr": "*bf16:16", "out_ptr": "*bf16:16",
             "M": "i32", "N": "i32:16", "K": "i32:16", "C_in": "i32", "H": "i32:16", "W": "i32:16",
             "grid_w": "i32", "patches": "i32", "num_prefix": "i32", "pos_start": "i32", "eps": "fp32"}
-    flags = {"HAS_BIAS": True, "HAS_POS": True, "IEEE": False}
+    flags = {"HAS_BIAS": True, "HAS_POS": True, "IEEE": False, "EVEN_K": True, "PADDED": False}
     for image, index in (("bf16", 0), ("bf16", 1), ("u8", 0)):
         config = _configs()[index]
         aot.register(_patch_embed_fwd_kernel, signature={"x_ptr": f"*{image}:16", **base},
