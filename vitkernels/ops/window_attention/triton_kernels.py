@@ -41,7 +41,8 @@ window rows and columns are computed once, before the loop; each window adds its
 its loads and the shift mask, which only the windows of the last window row or column need (the
 others' tokens all lie in one shift region, so they skip it). The loop over windows is what
 Triton's software pipeliner overlaps: the next window's q, k and v are copied to shared memory
-while the current one is computed (``num_stages`` = 2).
+while the current one is computed (``num_stages`` = 2 in fp16 and bf16; fp32 runs
+FP32_STAGES).
 """
 from __future__ import annotations
 
