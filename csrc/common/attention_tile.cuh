@@ -343,10 +343,10 @@ __device__ void online_softmax(const Policy& policy, const TileArgs<T>& a, int64
   }
   const float new_max = fmaxf(state.max, pair_max(tile_max));
   const float shift = new_max == -INFINITY ? 0.0f : new_max;
-  const float rescale = expf(state.max - shift);
+  const float rescale = __expf(state.max - shift);
   float tile_sum = 0.0f;
   for (int c = lr.first_column(kTile); c < lr.first_column(kTile) + kTile / 2; ++c) {
-    const float p = expf(s[c] - shift);
+    const float p = __expf(s[c] - shift);
     tile_sum += p;
     prob[lr.r * kLdProb + c] = from_float<T>(p);
   }
@@ -374,7 +374,7 @@ __device__ void probabilities(const Policy& policy, const TileArgs<T>& a, int64_
     const int32_t tag_j = transposed ? row_tag[lr.r] : col_tag[c];
     const float lse = transposed ? lse_tile[c] : lse_tile[lr.r];
     float& x = s[lr.r * kLdScore + c];
-    x = i < a.n && j < a.n ? expf(logit(policy, x, alpha, group, h, i, j, tag_i, tag_j) - lse) : 0.0f;
+    x = i < a.n && j < a.n ? __expf(logit(policy, x, alpha, group, h, i, j, tag_i, tag_j) - lse) : 0.0f;
     prob[lr.r * kLdProb + c] = from_float<T>(x);
   }
   __syncwarp();

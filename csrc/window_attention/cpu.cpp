@@ -36,7 +36,7 @@ void gather_bias_rows(const scalar_t* table, int64_t stride_row, int64_t stride_
     scalar_t* dst = out + row * n;
     for (int64_t rj = 0; rj < window_h; ++rj) {
       // Moving the key one column right moves one row up the table.
-      const int64_t first = relative_position_row(ri, ci, rj, 0, window_h, window_w);
+      const int64_t first = relative_position_row<int64_t>(ri, ci, rj, 0, window_h, window_w);
       for (int64_t cj = 0; cj < window_w; ++cj) {
         dst[rj * window_w + cj] = column[(first - cj) * stride_row];
       }

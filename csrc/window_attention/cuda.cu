@@ -88,15 +88,22 @@ struct WindowToken {
 struct WindowPolicy {
   int64_t height, width, padded_h, padded_w, windows_w, windows;
   int window_h, window_w, shift_h, shift_w;
+  float inv_window_w;  // 1 / window_w, for window_row
   bool pad_first;
   const float* table;  // [(2Wh-1)(2Ww-1), heads] fp32, or null
   int heads;
   float mask_value;
 
   __device__ int table_row(int i, int j) const {
-    return static_cast<int>(relative_position_row(i / window_w, i % window_w, j / window_w, j % window_w, window_h,
-                                                  window_w));
+    const int ri = window_row(i);
+    const int rj = window_row(j);
+    return relative_position_row(ri, i - ri * window_w, rj, j - rj * window_w, window_h, window_w);
   }
+
+  // t / window_w by a float multiply, for the per-logit table index: exact for the t < 2^20 of a
+  // window the kernels take, as (t + 0.5) / window_w lies at least 0.5 / window_w from an integer
+  // and the product's relative error is under 2^-23.
+  __device__ int window_row(int t) const { return static_cast<int>((static_cast<float>(t) + 0.5f) * inv_window_w); }
 
   __device__ WindowToken token(int64_t group, int t) const {
     const int64_t image = group / windows;
@@ -169,6 +176,7 @@ WindowProblem make_problem(const at::Tensor& qkv, int64_t num_heads, at::IntArra
   w.width = qkv.size(2);
   w.window_h = static_cast<int>(window_size[0]);
   w.window_w = static_cast<int>(window_size[1]);
+  w.inv_window_w = 1.0f / static_cast<float>(w.window_w);
   w.shift_h = static_cast<int>(shift_size[0]);
   w.shift_w = static_cast<int>(shift_size[1]);
   w.windows_w = (w.width + w.window_w - 1) / w.window_w;

@@ -20,8 +20,8 @@ constexpr int64_t kMaxWindowSide = int64_t{1} << 16;
 
 // Row of the [(2Wh-1)(2Ww-1), heads] bias table for query token (ri, ci) and key token (rj, cj)
 // of a Wh x Ww window; the same index timm, torchvision and Hugging Face keep in a buffer.
-C10_HOST_DEVICE inline int64_t relative_position_row(int64_t ri, int64_t ci, int64_t rj, int64_t cj,
-                                                     int64_t window_h, int64_t window_w) {
+template <typename I>
+C10_HOST_DEVICE inline I relative_position_row(I ri, I ci, I rj, I cj, I window_h, I window_w) {
   return (ri - rj + window_h - 1) * (2 * window_w - 1) + (ci - cj + window_w - 1);
 }
 
