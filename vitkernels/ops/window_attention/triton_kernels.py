@@ -12,14 +12,16 @@ below). Everything the reference builds with copies is index arithmetic here:
   tokens' coordinates, and the shift mask compares region ids computed from frame rows / columns.
 
 Global attention (``vitkernels.ops.attention``) runs the same kernels with one window covering the
-whole sequence (window (1, N) on a [B, 1, N, 3C] view) and an additive bias read through strides.
+whole sequence (window (1, N) on a [B, 1, N, 3C] view) and an additive bias read through strides:
+the key-block kernels in their SEQUENCE mode (token t is token t), or the one-tile kernels when N
+is at most 64 and there is no bias.
 
 Backward is flash attention's: P is recomputed from the saved log-sum-exp, and D = rowsum(P * dP)
 / rowsum(P), which is rowsum(dO * O) without O's rounding to the input dtype (global attention,
-which sums no dS over windows, takes rowsum(dO * O) itself). A one-tile window
-takes one pass (:func:`_window_attention_bwd_tile_kernel`, scheduled as the one-tile forward): P,
-dP and dS of the window give its dq, dk and dv together. Wider windows and global attention take a
-dq kernel, which also stores D, and a dk/dv kernel. The bias-table gradient is deterministic (no
+which sums no dS over windows, takes rowsum(dO * O) itself). A one-tile window takes one pass
+(:func:`_window_attention_bwd_tile_kernel`, scheduled as the one-tile forward): P, dP and dS of
+the window give its dq, dk and dv together. Wider windows and global attention take a dq kernel,
+which also stores D, and a dk/dv kernel. The bias-table gradient is deterministic (no
 atomics): dS is summed over a chunk of windows per program into a [chunks, heads, N, N] buffer (by
 the one-tile kernel over the windows each program walks; by a kernel of its own for wider
 windows), then a last kernel reduces the chunks in order and gathers each table row's pairs. The
@@ -42,7 +44,7 @@ its loads and the shift mask, which only the windows of the last window row or c
 others' tokens all lie in one shift region, so they skip it). The loop over windows is what
 Triton's software pipeliner overlaps: the next window's q, k and v are copied to shared memory
 while the current one is computed (``num_stages`` = 2 in fp16 and bf16; fp32 runs
-FP32_STAGES).
+:data:`FP32_STAGES`).
 """
 from __future__ import annotations
 
@@ -270,8 +272,7 @@ def _window_attention_fwd_kernel(
     stride_qb, stride_qh, stride_qw, stride_bb, stride_bh, stride_bq, stride_bk,
     H, W, Wh, Ww, sh, sw, num_windows, heads, head_dim, scale, mask_value,
     PAD_FIRST: tl.constexpr, SEQUENCE: tl.constexpr, SHIFTED: tl.constexpr, HAS_TABLE: tl.constexpr,
-    HAS_FILL: tl.constexpr,
-    COSINE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    HAS_FILL: tl.constexpr, COSINE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Windows wider than one tile, and global attention: one program per (window, head, query block).
@@ -425,8 +426,7 @@ def _window_attention_bwd_dq_kernel(
     stride_qb, stride_qh, stride_qw, stride_bb, stride_bh, stride_bq, stride_bk,
     H, W, Wh, Ww, sh, sw, num_windows, heads, head_dim, scale, mask_value,
     PAD_FIRST: tl.constexpr, SEQUENCE: tl.constexpr, SHIFTED: tl.constexpr, HAS_TABLE: tl.constexpr,
-    HAS_FILL: tl.constexpr,
-    COSINE: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    HAS_FILL: tl.constexpr, COSINE: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
     IEEE: tl.constexpr, ONE_KEY_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -510,8 +510,7 @@ def _window_attention_bwd_dkdv_kernel(
     stride_qb, stride_qh, stride_qw, stride_bb, stride_bh, stride_bq, stride_bk,
     H, W, Wh, Ww, sh, sw, num_windows, heads, head_dim, scale, mask_value,
     PAD_FIRST: tl.constexpr, SEQUENCE: tl.constexpr, SHIFTED: tl.constexpr, HAS_TABLE: tl.constexpr,
-    HAS_FILL: tl.constexpr,
-    COSINE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    HAS_FILL: tl.constexpr, COSINE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     bw = tl.program_id(0)
