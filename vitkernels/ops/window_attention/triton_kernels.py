@@ -784,13 +784,18 @@ def _prepare(qkv, num_heads, window, shift, bias_table, qkv_bias, logit_scale, s
         grid_windows=batch * num_windows, tokens=tokens, head_dim=head_dim,
         strides=(qkv.stride(0), qkv.stride(1), qkv.stride(2), *bias_strides),
         sizes=(height, width, wh, ww, sh, sw, num_windows, num_heads, head_dim, float(scale), float(mask_value)),
-        flags=flags, stages=pipeline_stages(qkv.dtype),
+        flags=flags, stages=pipeline_stages(qkv.dtype == torch.float32),
     )
 
 
-def pipeline_stages(dtype: torch.dtype) -> int:
+def pipeline_stages(fp32: bool) -> int:
     """The attention kernels' pipeline depth: :data:`FP32_STAGES` for fp32 inputs, else aot.NUM_STAGES."""
-    return FP32_STAGES if dtype == torch.float32 else aot.NUM_STAGES
+    return FP32_STAGES if fp32 else aot.NUM_STAGES
+
+
+def _tile_sizes(launch: _Launch) -> tuple:
+    """The one-tile kernels' strides and sizes, from stride_qb through mask_value."""
+    return (*launch.strides[:3], *launch.sizes[:7], launch.grid_windows, *launch.sizes[7:])
 
 
 def _flags(launch: _Launch, *unused: str) -> dict:
@@ -837,11 +842,11 @@ def window_attention_fwd(qkv, num_heads, window, shift, bias_table=None, qkv_bia
     tensors = _parameters(qkv, bias_table, qkv_bias, logit_scale)
     block_d = _block_d(launch.head_dim)
     if one_tile(launch.tokens, config) and bias is None:
-        flags = _flags(launch, "HAS_BIAS")
         programs = window_programs(qkv.device, launch.grid_windows, num_heads)
         _window_attention_fwd_tile_kernel[(programs, num_heads)](
-            qkv, out, lse, *tensors, *launch.strides[:3], *launch.sizes[:7], launch.grid_windows, *launch.sizes[7:],
-            **flags, BLOCK=config.block_m, BLOCK_D=block_d, num_warps=config.num_warps, num_stages=launch.stages,
+            qkv, out, lse, *tensors, *_tile_sizes(launch), **_flags(launch, "HAS_BIAS"), BLOCK=config.block_m,
+            BLOCK_D=block_d,
+            num_warps=config.num_warps, num_stages=launch.stages,
         )
         return out, lse
     grid = (launch.grid_windows, num_heads, triton.cdiv(launch.tokens, config.block_m))
@@ -935,11 +940,10 @@ def window_attention_bwd(dout, qkv, out, lse, num_heads, window, shift, bias_tab
         dscale = torch.empty(programs, 1, heads, **f32) if launch.flags["COSINE"] else lse
         dsum = torch.empty(programs, heads, tokens, tokens, **f32) if need_table else lse
         dfill = torch.empty(programs, 1, 2, channels, **f32) if launch.flags["HAS_FILL"] else lse
-        flags = _flags(launch, "HAS_BIAS")
         _window_attention_bwd_tile_kernel[(programs, heads)](
-            qkv, dout, lse, dqkv, dscale, dsum, dfill, *tensors, *launch.strides[:3], *launch.sizes[:7],
-            launch.grid_windows, *launch.sizes[7:], **flags, TABLE_GRAD=need_table, BLOCK=config.block_m,
-            BLOCK_D=_block_d(head_dim), num_warps=config.num_warps, num_stages=launch.stages,
+            qkv, dout, lse, dqkv, dscale, dsum, dfill, *tensors, *_tile_sizes(launch), **_flags(launch, "HAS_BIAS"),
+            TABLE_GRAD=need_table, BLOCK=config.block_m, BLOCK_D=_block_d(head_dim), num_warps=config.num_warps,
+            num_stages=launch.stages,
         )
         dbias = None
     else:
@@ -1030,7 +1034,7 @@ def register_specialization(kernel: str, dtype: str, config: Config, head_dim: i
     name = (f"{kernel.fn.__name__}[{dtype}{suffix}, {config.block_m}x{config.block_n}, d={head_dim}"
             f"{', ' + flag_names if flag_names else ''}, warps={config.num_warps}]")
     aot.register(kernel, signature=signature, constexprs=constexprs, num_warps=config.num_warps,
-                 num_stages=FP32_STAGES if dtype == "fp32" else aot.NUM_STAGES, name=name)
+                 num_stages=pipeline_stages(dtype == "fp32"), name=name)
 
 
 def _register_window_kernels() -> None:
