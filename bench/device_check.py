@@ -12,11 +12,18 @@ recorded and the next one runs; a step out of time gets SIGINT, then SIGKILL):
               that vitkernels._C loads with its CUDA kernels (skipped with --cpu or without setup.py)
   tests_ops   python -m pytest tests/ops -q         (compiled Triton on GPU, no interpreter)
   tests_cuda  python -m pytest tests -m cuda -q     (the GPU-only tests outside tests/ops)
+              On a GPU machine both run on pytest-xdist workers; a test whose worker crashed
+              (a segmentation fault) is rerun alone under gdb or cuda-gdb (<step>_backtrace),
+              whose top frames the step's detail quotes.
   ceilings    device-to-device copy of 1 GiB (GB/s, read + write) and an 8192^3 bf16 matmul
               (TFLOP/s), medians of CUDA-event timings; --cpu: a large clone and an fp32 matmul
   large       one call of window_attention and of layernorm per compiled backend on a tensor of
               more than 2^31 elements, compared with the reference on slices (skipped without the
               memory; GPU only)
+  bench_warm  on a GPU machine, the benchmark cases of the Triton backend called once each with
+              the benchmarks disabled, on pytest-xdist workers: the kernels' host compiles run in
+              parallel and fill Triton's on-disk cache for the timed runs (up to WARM_SHARE of
+              the benchmarks' time; cut short, it still warmed what it reached)
   bench       the compact set: pytest bench/test_bench_ops.py with the quick shapes, the
               vitkernels backends and the eager and SDPA providers, forward, backward and
               forward+backward, one op per run (RESULTS/logs/bench_<op>.json); then the quick
@@ -72,9 +79,9 @@ DEFAULT_BUDGET_S = 400
 SANITIZE_BUDGET_S = 540  # the build, then two passes under tools that slow kernels by 10-100x
 # Per-step caps (seconds) and the time each later step is guaranteed before an earlier one may use it.
 CAPS = {"env": 60, "build": 240, "build_check": 60, "tests_ops": 150, "tests_cuda": 120, "ceilings": 90,
-        "large": 60, "bench": 300, "sanitize_memcheck": 150, "sanitize_racecheck": 200}
+        "large": 60, "bench": 300, "sanitize_memcheck": 150, "sanitize_racecheck": 200, "backtrace": 60}
 RESERVE = {"env": 10, "build": 30, "build_check": 10, "tests_ops": 30, "tests_cuda": 20, "ceilings": 30,
-           "large": 15, "bench": 90, "sanitize_memcheck": 40, "sanitize_racecheck": 60}
+           "large": 15, "bench": 90, "sanitize_memcheck": 40, "sanitize_racecheck": 60, "backtrace": 0}
 # The compact benchmark set: shapes, providers and modes of each run of bench/test_bench_ops.py.
 # The providers run in this order and a run cut short by its timeout keeps what it measured: the
 # vitkernels GPU backends first, then the baselines users compare them with, then the reference.
@@ -96,6 +103,12 @@ SANITIZE_TOOLS = ("memcheck", "racecheck")
 # this script imports no vitkernels module into its own process).
 CUDA_CONTEXT_LOST = "CUDA context lost"
 MIN_STEP_S = 10
+MAX_WORKERS = 16  # pytest-xdist workers of a GPU machine's test steps and warm-up run
+DURATIONS = "--durations=15"  # each pytest run's log names its slowest phases
+# The providers whose first call compiles kernels on the host (Triton's JIT): the warm-up run calls
+# each of their benchmark cases once, in parallel, before the timed runs.
+WARM_PROVIDERS = "triton"
+WARM_SHARE = 0.4  # of the benchmarks' time, at most, for the warm-up run
 INTERRUPT_GRACE_S = 10  # seconds between SIGINT and SIGKILL of a step that runs out of time
 
 
@@ -729,22 +742,75 @@ def _gpu_name() -> Optional[str]:
 
 def pytest_workers(cpu: bool, cpu_count: Optional[int] = None) -> list[str]:
     """pytest-xdist arguments for a test step on a GPU machine: first use of each Triton kernel
-    specialization compiles it on the host, which dominates those runs, so half the cores (8 at most)
-    each run a share of the tests on the one GPU. None on CPU runs, below 4 cores or without
-    pytest-xdist."""
-    workers = min(8, (cpu_count or os.cpu_count() or 1) // 2)
+    specialization compiles it on the host, which dominates those runs, so every core but two
+    (:data:`MAX_WORKERS` at most) runs a share of the tests on the one GPU. A worker keeps one core
+    busy at a time: Triton compiles in its process, then waits for ptxas. None on CPU runs, below
+    4 cores or without pytest-xdist."""
+    workers = min(MAX_WORKERS, (cpu_count or os.cpu_count() or 1) - 2)
     if cpu or workers < 2 or importlib.util.find_spec("xdist") is None:
         return []
     return ["-n", str(workers)]
 
 
 def _pytest_step(runner: Runner, name: str, args: list[str], later: list[str]) -> Step:
-    command = [sys.executable, "-m", "pytest", *args, "-q", "-p", "no:cacheprovider", *pytest_workers(runner.cpu)]
+    command = [sys.executable, "-m", "pytest", *args, "-q", "-p", "no:cacheprovider", DURATIONS,
+               *pytest_workers(runner.cpu)]
     if runner.quick:
         command += ["-m", "not slow"] if "-m" not in args else []
     if runner.tests_k:
         command += ["-k", runner.tests_k]
-    step, _ = runner.command(name, command, runner.timeout_for(name, later), review=review_pytest)
+    step, output = runner.command(name, command, runner.timeout_for(name, later), review=review_pytest)
+    crashed = crashed_tests(output)
+    if crashed:
+        run_backtrace(runner, f"{name}_backtrace", crashed[0], later)
+    return step
+
+
+CRASHED = re.compile(r"worker '[^']+' crashed while running '([^']+)'")
+
+
+def crashed_tests(output: str) -> list[str]:
+    """The tests whose pytest-xdist worker died under them (a segmentation fault, an abort), in order."""
+    return list(dict.fromkeys(CRASHED.findall(output or "")))
+
+
+def debugger_path() -> Optional[str]:
+    """gdb on PATH, else cuda-gdb (PATH or the CUDA toolkit's bin), or None."""
+    found = shutil.which("gdb") or shutil.which("cuda-gdb")
+    if found:
+        return found
+    for home in filter(None, [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]):
+        candidate = os.path.join(home, "bin", "cuda-gdb")
+        if os.path.exists(candidate):
+            return candidate
+    return None
+
+
+def backtrace_command(debugger: str, test: str) -> list[str]:
+    """``test`` alone under ``debugger`` in batch mode: at the fault, the native backtrace and the C++
+    runtime the process loaded."""
+    return [debugger, "-batch", "-ex", "run", "-ex", "bt", "-ex", "info sharedlibrary libstdc",
+            "--args", sys.executable, "-m", "pytest", test, "-q", "-p", "no:cacheprovider"]
+
+
+def backtrace_frames(text: str) -> list[str]:
+    """The frames (``#0 ...``) of a debugger's backtrace, whitespace collapsed."""
+    return [" ".join(line.split()) for line in (text or "").splitlines() if re.match(r"#\d+\s", line)]
+
+
+def run_backtrace(runner: Runner, name: str, test: str, later: list[str]) -> Step:
+    """Reruns a test that crashed its worker under a debugger; the step's detail holds the top frames."""
+    debugger = debugger_path()
+    if debugger is None:
+        return runner.skip(name, f"{test} crashed; no gdb or cuda-gdb found for its backtrace")
+
+    def review(step: Step, output: str) -> None:
+        frames = backtrace_frames(output)
+        step.status = "ok" if step.status != "timeout" else step.status
+        step.detail = f"{test}: " + (" | ".join(frames[:8]) if frames else "no fault under the debugger")
+
+    step, _ = runner.command(name, backtrace_command(debugger, test), runner.timeout_for("backtrace", later),
+                             review=review)
     return step
 
 
@@ -899,16 +965,47 @@ def bench_selection(text: str) -> list[str]:
     return names
 
 
+def warm_run(runs: list[tuple[str, list[str], dict]], workers: list[str]) -> Optional[tuple[list[str], dict]]:
+    """(pytest arguments, environment) of the warm-up ahead of the timed benchmark ``runs``: each of
+    their op and model cases with a WARM_PROVIDERS provider, called once with the benchmarks disabled
+    (checked against the reference, nothing timed) on the pytest-xdist ``workers``. The kernels'
+    host compiles then run in parallel and fill Triton's on-disk cache, from which the timed runs,
+    one process at a time, load them. None without workers or such runs."""
+    ops = [env for name, _, env in runs if name.split(":", 1)[1] in OPS]
+    models = [env for name, _, env in runs if name == "bench:models"]
+    if not workers or not (ops or models):
+        return None
+    env = dict((ops or models)[0], VITKERNELS_BENCH_PROVIDERS=WARM_PROVIDERS,
+               VITKERNELS_BENCH_MODEL_PROVIDERS=WARM_PROVIDERS)
+    env["VITKERNELS_BENCH_OPS"] = ",".join(e["VITKERNELS_BENCH_OPS"] for e in ops)
+    files = ["bench/test_bench_ops.py"] * bool(ops) + ["bench/test_bench_models.py"] * bool(models)
+    return [*files, "--benchmark-disable", *workers], env
+
+
+def review_warm(step: Step, output: str) -> None:
+    """A warm-up cut at its share of the time still warmed what it reached: the timed runs compile the rest."""
+    review_pytest(step, output)
+    if step.status == "timeout":
+        step.status = "ok"
+        step.detail = f"{step.detail}; the timed runs compile what it did not reach"
+
+
 def run_bench(runner: Runner) -> list[str]:
     ceilings_path = os.path.join(runner.logs, "ceilings.json")
     runs = bench_runs(runner.cpu, runner.quick, ceilings_path if os.path.exists(ceilings_path) else None,
                       runner.bench)
     parts, started, failed = [], time.monotonic(), []
+    warm = warm_run(runs, pytest_workers(runner.cpu))
+    if warm is not None:
+        args, env = warm
+        command = [sys.executable, "-m", "pytest", *args, "-q", "-p", "no:cacheprovider", DURATIONS]
+        runner.command("bench_warm", command, WARM_SHARE * min(runner.remaining(), CAPS["bench"]), env,
+                       review=review_warm)
     for i, (name, args, env) in enumerate(runs):
         available = min(runner.remaining(), CAPS["bench"] - (time.monotonic() - started))
         log_name = name.replace(":", "_")
         path = os.path.join(runner.logs, f"{log_name}.json")
-        command = [sys.executable, "-m", "pytest", *args, "-q", "-p", "no:cacheprovider",
+        command = [sys.executable, "-m", "pytest", *args, "-q", "-p", "no:cacheprovider", DURATIONS,
                    f"--benchmark-json={path}", "--benchmark-columns=min,median,max,rounds"]
         if os.path.exists(path):
             os.remove(path)

@@ -89,7 +89,8 @@ def test_model(benchmark, shape, provider, mode, device, dtype):
     fn = torch.compile(model) if provider == "compile" else model
     images = torch.randn(shape.batch, 3, shape.image, shape.image, device=device).to(dtype)
     _check_once(shape, provider, model, fn, images, dtype)
-    count = timing.pool_size(images.numel() * images.element_size(), timing.l2_bytes(device))
+    count = 1 if benchmark.disabled else timing.pool_size(images.numel() * images.element_size(),
+                                                          timing.l2_bytes(device))
     pool = itertools.cycle([images] + [images.clone() for _ in range(count - 1)])
     if mode == "infer":
         model.eval()

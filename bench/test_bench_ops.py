@@ -155,7 +155,7 @@ def _bench_case(benchmark, op, shape, provider, mode, device, dtype, variant: Op
     fn = provider_fn(op, shape, provider, device, dtype)
     inputs = cases.make_inputs(op, shape, device, dtype, grad=mode != "fwd")
     _check_once(op, shape, provider, fn, inputs, device, dtype, variant)
-    size = timing.pool_size(cases.nbytes(inputs), timing.l2_bytes(device))
+    size = 1 if benchmark.disabled else timing.pool_size(cases.nbytes(inputs), timing.l2_bytes(device))
     pool = [inputs] + [_clone(inputs) for _ in range(size - 1)]
     with cases.skip_outside_failures(provider):
         call = make_call(fn, pool, mode)

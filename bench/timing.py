@@ -77,8 +77,14 @@ def measure(benchmark, call: Callable[[], None], device: str) -> None:
     (:data:`CALLS_PER_ROUND` calls each; pytest-benchmark records the time per call).
 
     ``call`` must not synchronize: on GPU the CUDA-event clock waits for each round's end itself.
+    A disabled benchmark (``--benchmark-disable``, or under pytest-xdist) makes one call and times
+    nothing: a smoke run, which also compiles every kernel the timed run will launch.
     """
     sync = synchronizer(device)
+    if benchmark.disabled:
+        benchmark.pedantic(call)
+        sync()
+        return
     for _ in range(WARMUP_CALLS):
         call()
     sync()

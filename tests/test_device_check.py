@@ -336,10 +336,10 @@ def _fake_gpu_machine(dc, monkeypatch):
 
 def test_gpu_test_steps_spread_over_xdist_workers(dc, monkeypatch):
     monkeypatch.setattr(dc.importlib.util, "find_spec", lambda name: object() if name == "xdist" else None)
-    assert dc.pytest_workers(cpu=False, cpu_count=16) == ["-n", "8"]
-    assert dc.pytest_workers(cpu=False, cpu_count=64) == ["-n", "8"]
+    assert dc.pytest_workers(cpu=False, cpu_count=16) == ["-n", "14"]
+    assert dc.pytest_workers(cpu=False, cpu_count=64) == ["-n", "16"]
     assert dc.pytest_workers(cpu=False, cpu_count=4) == ["-n", "2"]
-    assert dc.pytest_workers(cpu=False, cpu_count=2) == []
+    assert dc.pytest_workers(cpu=False, cpu_count=3) == []
     assert dc.pytest_workers(cpu=True, cpu_count=16) == []
     monkeypatch.setattr(dc.importlib.util, "find_spec", lambda name: None)
     assert dc.pytest_workers(cpu=False, cpu_count=16) == []
@@ -408,3 +408,80 @@ def test_git_commit_marks_a_working_tree_that_differs(dc, tmp_path, monkeypatch)
     assert dc._git_commit() == clean
     (repo / "f.txt").write_text("two\n")
     assert dc._git_commit() == clean + "-dirty"
+
+
+def test_warm_up_compiles_the_timed_cases_in_parallel_first(dc, tmp_path, monkeypatch):
+    runs = dc.bench_runs(cpu=False, quick=True, ceilings_path="/r/ceilings.json",
+                         selection=["attention", "layernorm", "flex", "models"])
+    args, env = dc.warm_run(runs, ["-n", "14"])
+    assert args == ["bench/test_bench_ops.py", "bench/test_bench_models.py", "--benchmark-disable", "-n", "14"]
+    assert env["VITKERNELS_BENCH_OPS"] == "attention,layernorm"
+    assert env["VITKERNELS_BENCH_PROVIDERS"] == env["VITKERNELS_BENCH_MODEL_PROVIDERS"] == "triton"
+    assert env["VITKERNELS_BENCH_MODES"] == "fwd,fwd+bwd" and env["VITKERNELS_BENCH_SHAPES"] == "quick"
+    assert dc.warm_run(runs, []) is None
+    assert dc.warm_run(runs[2:3], ["-n", "14"]) is None  # compiled providers only
+    models_only, _ = dc.warm_run(runs[3:], ["-n", "2"])
+    assert models_only[0] == "bench/test_bench_models.py" and "bench/test_bench_ops.py" not in models_only
+
+    seen = _fake_gpu_machine(dc, monkeypatch)
+    monkeypatch.setattr(dc, "pytest_workers", lambda cpu, cpu_count=None: ["-n", "14"])
+    assert dc.main(["--out", str(tmp_path), "--budget", "1000", "--skip-tests", "--bench", "layernorm"]) == 0
+    (folder,) = (tmp_path / "h100-80gb-hbm3").iterdir()
+    names = [s["name"] for s in json.loads((folder / "device_check.json").read_text())["steps"]]
+    assert names[-2:] == ["bench_warm", "bench:layernorm"]
+    warm_command = next(command for command, _ in seen if "--benchmark-disable" in command)
+    assert not any(a.startswith("--benchmark-json") for a in warm_command)
+
+
+def test_a_warm_up_out_of_time_does_not_fail_the_run(dc):
+    step = dc.Step("bench_warm", "timeout", 80.0, "killed after 80s")
+    dc.review_warm(step, "...\n3 passed in 70.00s\n")
+    assert step.status == "ok" and "compile what it did not reach" in step.detail
+    failed = dc.Step("bench_warm", "failed", 80.0, "exit 1")
+    dc.review_warm(failed, "1 failed, 2 passed in 70.00s\n")
+    assert failed.status == "failed"
+
+
+CRASH_OUTPUT = """..Fatal Python error: Segmentation fault
+[gw5] node down: Not properly terminated
+FAILED
+worker 'gw5' crashed while running 'tests/ops/test_x.py::test_y[short-mean]'
+worker 'gw8' crashed while running 'tests/ops/test_x.py::test_y[short-rstd]'
+2 failed, 10 passed in 9.00s
+"""
+GDB_OUTPUT = """Program received signal SIGSEGV, Segmentation fault.
+0x00007ffff7e4 in std::ostream::sentry::sentry () from /lib/x86_64-linux-gnu/libstdc++.so.6
+#0  0x00007ffff7e4 in std::ostream::sentry::sentry ()   from /lib/x86_64-linux-gnu/libstdc++.so.6
+#1  0x00007fffe1a2 in c10::detail::_str<long> () from /work/main/vitkernels/_C.so
+From                To                  Syms Read   Shared Object Library
+0x00007ffff7e00000  0x00007ffff7f9a000  Yes         /lib/x86_64-linux-gnu/libstdc++.so.6
+"""
+
+
+def test_a_crashed_test_is_rerun_under_a_debugger(dc, tmp_path, monkeypatch):
+    assert dc.crashed_tests(CRASH_OUTPUT) == ["tests/ops/test_x.py::test_y[short-mean]",
+                                             "tests/ops/test_x.py::test_y[short-rstd]"]
+    assert dc.crashed_tests("5 passed in 1.00s") == []
+    assert dc.backtrace_frames(GDB_OUTPUT) == [
+        "#0 0x00007ffff7e4 in std::ostream::sentry::sentry () from /lib/x86_64-linux-gnu/libstdc++.so.6",
+        "#1 0x00007fffe1a2 in c10::detail::_str<long> () from /work/main/vitkernels/_C.so"]
+    seen = []
+
+    def fake(command, env, log, timeout):
+        seen.append(command)
+        log.write(GDB_OUTPUT if command[0].endswith("gdb") else CRASH_OUTPUT)
+        return 0 if command[0].endswith("gdb") else 1
+
+    monkeypatch.setattr(dc, "run_with_timeout", fake)
+    monkeypatch.setattr(dc, "debugger_path", lambda: "/usr/bin/gdb")
+    runner = dc.Runner(str(tmp_path), budget=300, cpu=False, quick=True)
+    dc._pytest_step(runner, "tests_ops", ["tests/ops"], ["tests_cuda"])
+    steps = {s.name: s for s in runner.steps}
+    assert steps["tests_ops"].status == "failed"
+    trace = steps["tests_ops_backtrace"]
+    assert trace.status == "ok" and trace.detail.startswith("tests/ops/test_x.py::test_y[short-mean]: #0 ")
+    assert "c10::detail::_str<long>" in trace.detail
+    assert seen[1][:2] == ["/usr/bin/gdb", "-batch"] and "tests/ops/test_x.py::test_y[short-mean]" in seen[1]
+    monkeypatch.setattr(dc, "debugger_path", lambda: None)
+    dc._pytest_step(runner, "tests_cuda", ["tests"], [])
+    assert runner.steps[-1].status == "skipped" and "no gdb or cuda-gdb" in runner.steps[-1].detail
