@@ -170,8 +170,9 @@ WINDOW_CASES = [case for case in CASES if case.values[0] == "window_attention"]
 # Schedules of the Triton window kernels other than the default, timed beside it (triton_kernels'
 # docstring): the name of each, and the attribute of triton_kernels it replaces.
 WINDOW_VARIANTS = {
-    "1 program per window": ("window_programs", lambda device, windows, heads: windows),
+    "1 program per window": ("window_programs", lambda device, windows, heads, per_multiprocessor: windows),
     "key-block kernels": ("one_tile", lambda tokens, config: False),
+    "8 warps per tile": ("tile_warps", lambda config, head_dim, flags, backward=False: config.num_warps),
 }
 
 
@@ -180,8 +181,9 @@ WINDOW_VARIANTS = {
 @pytest.mark.parametrize("variant", list(WINDOW_VARIANTS))
 def test_window_schedule_variant(benchmark, op, shape, variant, mode, device, dtype, monkeypatch):
     """The Triton window attention of one-tile windows with one of WINDOW_VARIANTS: a program per
-    (window, head) instead of a few per multiprocessor walking the windows, or the kernels of wider
-    windows (a program per window and head, the bias gathered in each, and a dq and a dk/dv kernel)."""
+    (window, head) instead of a few per multiprocessor walking the windows, the kernels of wider
+    windows (a program per window and head, the bias gathered in each, and a dq and a dk/dv kernel),
+    or two warpgroups per 64-token tile instead of one."""
     if device != "cuda":
         pytest.skip("Triton on CPU runs in the interpreter, whose timings say nothing about the kernels")
     kernels = importlib.import_module("vitkernels.ops.window_attention.triton_kernels")

@@ -1,5 +1,6 @@
 import importlib
 import math
+import types
 
 import pytest
 import torch
@@ -297,7 +298,7 @@ def test_one_tile_forward_walks_windows(backend, pad_first, heads, programs, cos
     """The one-tile schedule: each program walks every ``programs``-th window of its head, the
     boundary windows of the shift among them, with the head's bias computed once."""
     kernels = importlib.import_module("vitkernels.ops.window_attention.triton_kernels")
-    monkeypatch.setattr(kernels, "window_programs", lambda device, windows, heads: programs)
+    monkeypatch.setattr(kernels, "window_programs", lambda device, windows, heads, per_multiprocessor: programs)
     batch, height, width, window, shift = 2, 9, 10, (4, 4), (2, 2)
     assert kernels.one_tile(window[0] * window[1], kernels.prune_configs(window[0] * window[1], 8))
     qkv, table, qkv_bias = _make(batch, height, width, heads, 8, window)
@@ -334,8 +335,61 @@ def test_one_tile_schedule():
     assert not kernels.one_tile(144, kernels.prune_configs(144, 32))  # 12x12: several key blocks
     assert not kernels.one_tile(49, kernels.prune_configs(49, 128, fp32=True))  # fp32 wide heads: 64x32 tiles
     cpu = torch.device("cpu")
-    assert kernels.window_programs(cpu, 1, 3) == 1
-    assert kernels.window_programs(cpu, 8192, 3) == 2  # the interpreter: a few, each walking many windows
+    assert kernels.window_programs(cpu, 1, 3, lambda: 4) == 1
+    assert kernels.window_programs(cpu, 8192, 3, lambda: 4) == 2  # the interpreter: a few, each walking many windows
+
+
+def test_one_tile_warps():
+    """One warpgroup per 64-token tile where the compiler's report favours it, two elsewhere."""
+    kernels = importlib.import_module("vitkernels.ops.window_attention.triton_kernels")
+    swin = kernels.prune_configs(49, 32)
+    flags = dict(kernels.FLAGS, IEEE=False)
+    assert kernels.tile_warps(swin, 32, flags) == kernels.tile_warps(swin, 64, dict(flags, COSINE=True)) == 4
+    assert kernels.tile_warps(swin, 32, flags, backward=True) == 4
+    assert kernels.tile_warps(swin, 32, dict(flags, IEEE=True)) == swin.num_warps == 8
+    assert kernels.tile_warps(swin, 128, flags) == 8
+    for backward_flags, head_dim in ((dict(COSINE=True), 32), (dict(HAS_FILL=True), 32), ({}, 64)):
+        assert kernels.tile_warps(swin, head_dim, dict(flags, **backward_flags), backward=True) == 8
+    small = kernels.prune_configs(16, 32)
+    assert kernels.tile_warps(small, 32, flags) == small.num_warps
+
+
+def test_programs_per_multiprocessor():
+    """Persistent launches fill each multiprocessor with as many programs as its registers, shared
+    memory, threads and block slots allow (H100: 228 KiB of shared memory, 2048 threads)."""
+    triton_helpers = importlib.import_module("vitkernels.ops._triton")
+    shared, threads = 228 * 1024, 2048
+    assert triton_helpers.programs_per_multiprocessor(165, 4, 28672, shared, threads) == 3  # 168 x 32 per warp
+    assert triton_helpers.programs_per_multiprocessor(127, 4, 28672, shared, threads) == 4
+    assert triton_helpers.programs_per_multiprocessor(255, 8, 41216, shared, threads) == 1
+    assert triton_helpers.programs_per_multiprocessor(32, 4, 100 * 1024, shared, threads) == 2  # shared memory
+    assert triton_helpers.programs_per_multiprocessor(16, 1, 0, shared, threads) == 32  # block slots
+    assert triton_helpers.programs_per_multiprocessor(16, 8, 0, shared, threads) == 8  # threads
+    assert triton_helpers.programs_per_multiprocessor(255, 32, 300 * 1024, shared, threads) == 1
+
+
+def test_resident_programs_reads_the_compiled_kernel(monkeypatch):
+    triton_helpers = importlib.import_module("vitkernels.ops._triton")
+    class Compiled:  # Triton's CompiledKernel: registers known once its binary is loaded
+        n_regs = 0
+        metadata = types.SimpleNamespace(num_warps=4, shared=28672)
+
+        def _init_handles(self):
+            self.n_regs = 165
+
+    compiled, calls = Compiled(), []
+
+    class Kernel:
+        def warmup(self, *args, grid, **kwargs):
+            calls.append((args, grid, kwargs))
+            return compiled
+
+    props = types.SimpleNamespace(shared_memory_per_multiprocessor=228 * 1024, max_threads_per_multi_processor=2048)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    device = torch.device("cuda", 0)
+    assert triton_helpers.resident_programs(Kernel(), (1, 2), {"num_warps": 4}, device) == 3
+    assert triton_helpers.resident_programs(Kernel(), (1, 2), {"num_warps": 4}, device) == 3
+    assert calls == [((1, 2), (1,), {"num_warps": 4})] * 2
 
 
 @pytest.mark.parametrize("backend", TRITON)

@@ -1,4 +1,5 @@
-"""Triton pieces shared by the ops' GEMM-like kernels."""
+"""Triton pieces shared by the ops' kernels: GEMM configs and products, and the device's capacity for
+persistent launches."""
 from __future__ import annotations
 
 import functools
@@ -15,6 +16,38 @@ from .. import aot
 def multiprocessors(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device."""
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+REGISTERS_PER_MULTIPROCESSOR = 65536  # sm_80 and sm_90
+RESERVED_SHARED_PER_BLOCK = 1024  # the driver's shared memory of each resident block (sm_80 and later)
+MAX_BLOCKS_PER_MULTIPROCESSOR = 32
+_RESIDENT: dict = {}
+
+
+def programs_per_multiprocessor(registers: int, warps: int, shared: int, shared_per_multiprocessor: int,
+                                threads_per_multiprocessor: int) -> int:
+    """How many programs of ``warps`` warps, ``registers`` registers per thread and ``shared`` bytes
+    of shared memory a multiprocessor holds at once: registers are allocated per warp in multiples
+    of 256, and each block also takes the driver's reserved shared memory."""
+    per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    return max(1, min(REGISTERS_PER_MULTIPROCESSOR // (per_warp * warps),
+                      shared_per_multiprocessor // (shared + RESERVED_SHARED_PER_BLOCK),
+                      threads_per_multiprocessor // (32 * warps), MAX_BLOCKS_PER_MULTIPROCESSOR))
+
+
+def resident_programs(kernel, args: tuple, kwargs: dict, device: torch.device) -> int:
+    """Programs of ``kernel`` launched with ``args`` and ``kwargs`` that fit on one multiprocessor of
+    CUDA ``device`` at once, read from the compiled kernel (compiled first if needed, as its
+    launch would). A persistent kernel launches that many per multiprocessor: all in one wave."""
+    compiled = kernel.warmup(*args, grid=(1,), **kwargs)
+    compiled = compiled.result() if hasattr(compiled, "result") else compiled
+    if compiled not in _RESIDENT:
+        compiled._init_handles()
+        props = torch.cuda.get_device_properties(device)
+        _RESIDENT[compiled] = programs_per_multiprocessor(
+            compiled.n_regs, compiled.metadata.num_warps, compiled.metadata.shared,
+            props.shared_memory_per_multiprocessor, props.max_threads_per_multi_processor)
+    return _RESIDENT[compiled]
 
 
 def gemm_config(block_m: int, block_n: int, block_k: int, warps: int, stages: int) -> triton.Config:

@@ -37,28 +37,31 @@ a block-diagonal matrix, so a tile of k windows does k times the useful products
 one tile costs beyond its two products is index and bias arithmetic on the [64, 64] logits, and
 that is the same for every window of a head: the relative position bias (a gather from the table),
 the -inf of keys past the window. So a one-tile window runs :func:`_window_attention_fwd_tile_kernel`,
-where program (p, h) walks windows p, p + P, p + 2P, ... of head h, P = :func:`window_programs`
-(:data:`PROGRAMS_PER_SM` per multiprocessor over all heads). The head's bias tile and the tokens'
-window rows and columns are computed once, before the loop; each window adds its source pixels,
-its loads and the shift mask, which only the windows of the last window row or column need (the
-others' tokens all lie in one shift region, so they skip it). The loop over windows is what
-Triton's software pipeliner overlaps: the next window's q, k and v are copied to shared memory
-while the current one is computed (``num_stages`` = 2 in fp16 and bf16; fp32 runs
-:data:`FP32_STAGES`).
+where program (p, h) walks windows p, p + P, p + 2P, ... of head h, P = :func:`window_programs`:
+as many programs over all heads as the device holds at once, read from the compiled kernel's
+registers and shared memory, so that they run in one wave. A 64-token tile takes one warpgroup
+(:func:`tile_warps`). The head's bias tile and the tokens' window rows and columns are computed
+once, before the loop; each window adds its source pixels, its loads and the shift mask, which
+only the windows of the last window row or column need (the others' tokens all lie in one shift
+region, so they skip it). A map that needs no padding (every Swin stage at 224) is launched as
+such (``PADDING``): its tokens are all real and the qkv bias, which only padding tokens read, is
+left out. The loop over windows is what Triton's software pipeliner overlaps: the next window's
+q, k and v are copied to shared memory while the current one is computed (``num_stages`` = 2 in
+fp16 and bf16; fp32 runs :data:`FP32_STAGES`).
 """
 from __future__ import annotations
 
 import inspect
 import math
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from ... import aot
-from .._triton import multiprocessors
+from .._triton import multiprocessors, resident_programs
 
 LOG_SCALE_MAX = tl.constexpr(math.log(100.0))  # SwinV2 clamps its logit scale here before exp
 NORM_EPS = tl.constexpr(1e-12)  # F.normalize's eps in cosine attention
@@ -68,16 +71,20 @@ FAST_EXP2 = tl.constexpr(not aot.interpreter_on())  # PTX ex2 where compiled; th
 # Elements of fp32 dS the bias-table gradient may buffer ([chunks, heads, N, N]).
 DTABLE_BUFFER_ELEMENTS = 1 << 22
 GATHER_TILE = 4096  # table rows x window tokens gathered per program of the table-gradient kernel
-PROGRAMS_PER_SM = 4  # one-tile forward programs launched per multiprocessor, over all heads
+WARPGROUP, WARPGROUP_TILE = 4, 64  # one warpgroup's warps, and the one-tile tile it takes (tile_warps)
 # Pipeline depth of the fp32 launches, whose IEEE products run on FMA units: with 2 stages, ptxas
 # (Triton 3.6, sm_90) keeps 32 registers and a 5.9 KB stack per thread for the 64x32 wide-head
-# forward and spills in most other fp32 kernels (the one-tile backward 128 bytes, the dq kernel 96);
-# with 1 stage the forward takes 128 registers and 48 bytes of stack, and the others none.
+# forward and spills in most other fp32 kernels (the one-tile backward of a padded map 128 bytes, the
+# dq kernel 96); with 1 stage the forward takes 128 registers and 48 bytes of stack, and the others
+# none but the one-tile backward of an unpadded map (336 bytes; 16 with 2 stages).
 FP32_STAGES = 1
+# The kernels' PADDING: the map is a whole number of windows, or padded to one after the cyclic shift
+# (timm) or before it (the original Swin, Hugging Face, torchvision).
+NO_PADDING, SHIFT_THEN_PAD, PAD_THEN_SHIFT = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 @triton.jit
-def _frame(win, t, H, W, Wh, Ww, sh, sw, PAD_FIRST: tl.constexpr, SEQUENCE: tl.constexpr = False):
+def _frame(win, t, H, W, Wh, Ww, sh, sw, PADDING: tl.constexpr, SEQUENCE: tl.constexpr = False):
     """Frame tokens ``t`` of window ``win`` -> (row, column in the window, source row, column,
     is a real token, shift region id). SEQUENCE: the map is one row of W tokens and the window all
     of it (global attention), so frame token t is token t."""
@@ -86,12 +93,12 @@ def _frame(win, t, H, W, Wh, Ww, sh, sw, PAD_FIRST: tl.constexpr, SEQUENCE: tl.c
         return zero, t, zero, t, t < W, zero
     i = t // Ww
     j = t % Ww
-    y, x, real, region = _frame_at(win, t, i, j, H, W, Wh, Ww, sh, sw, PAD_FIRST)
+    y, x, real, region = _frame_at(win, t, i, j, H, W, Wh, Ww, sh, sw, PADDING)
     return i, j, y, x, real, region
 
 
 @triton.jit
-def _frame_at(win, t, i, j, H, W, Wh, Ww, sh, sw, PAD_FIRST: tl.constexpr):
+def _frame_at(win, t, i, j, H, W, Wh, Ww, sh, sw, PADDING: tl.constexpr):
     """:func:`_frame` of tokens ``t`` whose window row and column ``i``, ``j`` are known: (source
     row, column, is a real token, shift region id)."""
     windows_per_row = tl.cdiv(W, Ww)
@@ -100,14 +107,19 @@ def _frame_at(win, t, i, j, H, W, Wh, Ww, sh, sw, PAD_FIRST: tl.constexpr):
     r = (win // windows_per_row) * Wh + i
     c = (win % windows_per_row) * Ww + j
     # The cyclic shifts as one conditional subtraction: r + sh < 2 hp (sh < Wh <= hp), and for a
-    # real row r + sh % H < 2 H; the same for columns.
-    if PAD_FIRST:
-        y = _wrap(r + sh, hp)
-        x = _wrap(c + sw, wp)
+    # real row r + sh % H < 2 H; the same for columns. Without padding, hp = H and wp = W.
+    if PADDING == NO_PADDING:
+        y = _wrap(r + sh, H)
+        x = _wrap(c + sw, W)
+        real = t < Wh * Ww
     else:
-        y = tl.where(r < H, _wrap(r + sh % H, H), r)
-        x = tl.where(c < W, _wrap(c + sw % W, W), c)
-    real = (t < Wh * Ww) & (y < H) & (x < W)
+        if PADDING == PAD_THEN_SHIFT:
+            y = _wrap(r + sh, hp)
+            x = _wrap(c + sw, wp)
+        else:
+            y = tl.where(r < H, _wrap(r + sh % H, H), r)
+            x = tl.where(c < W, _wrap(c + sw % W, W), c)
+        real = (t < Wh * Ww) & (y < H) & (x < W)
     return y, x, real, _region(r, c, hp, wp, Wh, Ww, sh, sw)
 
 
@@ -161,11 +173,11 @@ def _load_rows(base_ptr, offsets, real, in_window, d, d_mask, fill_ptr, HAS_FILL
 
 @triton.jit
 def _key_block(win, start, n, H, W, Wh, Ww, sh, sw, qkv_base, stride_qh, stride_qw, channels, d, d_mask, fill_base,
-               PAD_FIRST: tl.constexpr, HAS_FILL: tl.constexpr, BLOCK_N: tl.constexpr, SEQUENCE: tl.constexpr = False):
+               PADDING: tl.constexpr, HAS_FILL: tl.constexpr, BLOCK_N: tl.constexpr, SEQUENCE: tl.constexpr = False):
     """Keys ``start`` .. ``start + BLOCK_N`` of window ``win``: the tokens, their frame row, column and
     shift region, and their k and v rows."""
     tk = start + tl.arange(0, BLOCK_N)
-    ki, kj, ky, kx, k_real, k_region = _frame(win, tk, H, W, Wh, Ww, sh, sw, PAD_FIRST, SEQUENCE)
+    ki, kj, ky, kx, k_real, k_region = _frame(win, tk, H, W, Wh, Ww, sh, sw, PADDING, SEQUENCE)
     k_offsets = _map_offsets(ky, kx, stride_qh, stride_qw)
     k = _load_rows(qkv_base + channels, k_offsets, k_real, tk < n, d, d_mask, fill_base + channels, HAS_FILL)
     v = _load_rows(qkv_base + 2 * channels, k_offsets, k_real, tk < n, d, d_mask, fill_base + 2 * channels, HAS_FILL)
@@ -175,13 +187,13 @@ def _key_block(win, start, n, H, W, Wh, Ww, sh, sw, qkv_base, stride_qh, stride_
 @triton.jit
 def _key_block_scores(qn, do, lse, scale, win, start, n, H, W, Wh, Ww, sh, sw, qkv_base, stride_qh, stride_qw, channels,
                       d, d_mask, fill_base, tq, qi, qj, q_region, table_ptr, heads, mask_value, bias_base, stride_bq,
-                      stride_bk, PAD_FIRST: tl.constexpr, HAS_FILL: tl.constexpr, COSINE: tl.constexpr,
+                      stride_bk, PADDING: tl.constexpr, HAS_FILL: tl.constexpr, COSINE: tl.constexpr,
                       HAS_TABLE: tl.constexpr, SHIFTED: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                       BLOCK_N: tl.constexpr, SEQUENCE: tl.constexpr):
     """The query rows' view of keys ``start`` .. ``start + BLOCK_N``: (tokens, normalized keys, P, dP =
     dO V^T, q.k), P and dP fp32 [BLOCK_M, BLOCK_N]."""
     tk, ki, kj, k_region, k, v = _key_block(win, start, n, H, W, Wh, Ww, sh, sw, qkv_base, stride_qh, stride_qw,
-                                            channels, d, d_mask, fill_base, PAD_FIRST, HAS_FILL, BLOCK_N, SEQUENCE)
+                                            channels, d, d_mask, fill_base, PADDING, HAS_FILL, BLOCK_N, SEQUENCE)
     kn = _unit_rows(k) if COSINE else k
     raw, s = _logits(qn, kn, scale, tq, qi, qj, q_region, tk, ki, kj, k_region, n, table_ptr, heads, Wh, Ww,
                      mask_value, bias_base, stride_bq, stride_bk, HAS_TABLE, SHIFTED, HAS_BIAS, IEEE)
@@ -271,7 +283,7 @@ def _window_attention_fwd_kernel(
     bias_ptr,  # additive bias, [B, heads, N, N] through strides, 0 on broadcast dims (HAS_BIAS)
     stride_qb, stride_qh, stride_qw, stride_bb, stride_bh, stride_bq, stride_bk,
     H, W, Wh, Ww, sh, sw, num_windows, heads, head_dim, scale, mask_value,
-    PAD_FIRST: tl.constexpr, SEQUENCE: tl.constexpr, SHIFTED: tl.constexpr, HAS_TABLE: tl.constexpr,
+    PADDING: tl.constexpr, SEQUENCE: tl.constexpr, SHIFTED: tl.constexpr, HAS_TABLE: tl.constexpr,
     HAS_FILL: tl.constexpr, COSINE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -285,7 +297,7 @@ def _window_attention_fwd_kernel(
     tq = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     image, win, qkv_base, bias_base = _window_bases(bw, h, num_windows, head_dim, qkv_ptr, stride_qb,
                                                     bias_ptr, stride_bb, stride_bh)
-    qi, qj, qy, qx, q_real, q_region = _frame(win, tq, H, W, Wh, Ww, sh, sw, PAD_FIRST, SEQUENCE)
+    qi, qj, qy, qx, q_real, q_region = _frame(win, tq, H, W, Wh, Ww, sh, sw, PADDING, SEQUENCE)
     fill_base = fill_ptr + h * head_dim
     head_scale = _head_scale(logit_scale_ptr, h, scale, COSINE)
     q = _load_rows(qkv_base, _map_offsets(qy, qx, stride_qh, stride_qw), q_real, tq < n, d, d_mask, fill_base,
@@ -297,7 +309,7 @@ def _window_attention_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for start in range(0, n, BLOCK_N):
         tk, ki, kj, k_region, k, v = _key_block(win, start, n, H, W, Wh, Ww, sh, sw, qkv_base, stride_qh, stride_qw,
-                                                channels, d, d_mask, fill_base, PAD_FIRST, HAS_FILL, BLOCK_N, SEQUENCE)
+                                                channels, d, d_mask, fill_base, PADDING, HAS_FILL, BLOCK_N, SEQUENCE)
         if COSINE:
             k = _unit_rows(k)
         _, s = _logits(q, k, head_scale, tq, qi, qj, q_region, tk, ki, kj, k_region, n, table_ptr + h, heads, Wh,
@@ -353,10 +365,10 @@ def _tile_head(table_ptr, fill_ptr, logit_scale_ptr, h, heads, head_dim, scale, 
 
 @triton.jit
 def _tile_window(qkv_base, fill_base, win, t, i, j, in_window, d, d_mask, stride_qh, stride_qw, H, W, Wh, Ww, sh, sw,
-                 channels, PAD_FIRST: tl.constexpr, HAS_FILL: tl.constexpr):
+                 channels, PADDING: tl.constexpr, HAS_FILL: tl.constexpr):
     """Window ``win`` of a one-tile program (``qkv_base`` at its image and head): its tokens' source
     rows, columns and reality, and their q, k, v rows."""
-    y, x, real, _ = _frame_at(win, t, i, j, H, W, Wh, Ww, sh, sw, PAD_FIRST)
+    y, x, real, _ = _frame_at(win, t, i, j, H, W, Wh, Ww, sh, sw, PADDING)
     offsets = _map_offsets(y, x, stride_qh, stride_qw)
     q = _load_rows(qkv_base, offsets, real, in_window, d, d_mask, fill_base, HAS_FILL)
     k = _load_rows(qkv_base + channels, offsets, real, in_window, d, d_mask, fill_base + channels, HAS_FILL)
@@ -385,7 +397,7 @@ def _window_attention_fwd_tile_kernel(
     qkv_ptr, out_ptr, lse_ptr, table_ptr, fill_ptr, logit_scale_ptr,  # as in _window_attention_fwd_kernel
     stride_qb, stride_qh, stride_qw,
     H, W, Wh, Ww, sh, sw, num_windows, total_windows, heads, head_dim, scale, mask_value,
-    PAD_FIRST: tl.constexpr, SHIFTED: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_FILL: tl.constexpr,
+    PADDING: tl.constexpr, SHIFTED: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_FILL: tl.constexpr,
     COSINE: tl.constexpr, IEEE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Windows of one tile: program (p, h) walks windows p, p + P, ... of head h (see the schedule in
@@ -399,7 +411,7 @@ def _window_attention_fwd_tile_kernel(
         image = bw // num_windows
         y, x, real, q, k, v = _tile_window(
             qkv_ptr + image.to(tl.int64) * stride_qb + h * head_dim, fill_base, bw % num_windows, t, i, j, in_window,
-            d, d_mask, stride_qh, stride_qw, H, W, Wh, Ww, sh, sw, channels, PAD_FIRST, HAS_FILL)
+            d, d_mask, stride_qh, stride_qw, H, W, Wh, Ww, sh, sw, channels, PADDING, HAS_FILL)
         if COSINE:
             q = _unit_rows(q)
             k = _unit_rows(k)
@@ -425,7 +437,7 @@ def _window_attention_bwd_dq_kernel(
     table_ptr, fill_ptr, logit_scale_ptr, bias_ptr,  # as in the forward
     stride_qb, stride_qh, stride_qw, stride_bb, stride_bh, stride_bq, stride_bk,
     H, W, Wh, Ww, sh, sw, num_windows, heads, head_dim, scale, mask_value,
-    PAD_FIRST: tl.constexpr, SEQUENCE: tl.constexpr, SHIFTED: tl.constexpr, HAS_TABLE: tl.constexpr,
+    PADDING: tl.constexpr, SEQUENCE: tl.constexpr, SHIFTED: tl.constexpr, HAS_TABLE: tl.constexpr,
     HAS_FILL: tl.constexpr, COSINE: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
     IEEE: tl.constexpr, ONE_KEY_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -443,7 +455,7 @@ def _window_attention_bwd_dq_kernel(
     tq = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     b, win, qkv_base, bias_base = _window_bases(bw, h, num_windows, head_dim, qkv_ptr, stride_qb, bias_ptr,
                                                 stride_bb, stride_bh)
-    qi, qj, qy, qx, q_real, q_region = _frame(win, tq, H, W, Wh, Ww, sh, sw, PAD_FIRST, SEQUENCE)
+    qi, qj, qy, qx, q_real, q_region = _frame(win, tq, H, W, Wh, Ww, sh, sw, PADDING, SEQUENCE)
     q = _load_rows(qkv_base, _map_offsets(qy, qx, stride_qh, stride_qw), q_real, tq < n, d, d_mask, fill_base, HAS_FILL)
     qn = _unit_rows(q) if COSINE else q
     map_offsets = (b.to(tl.int64) * H * W + qy * W + qx) * channels + h * head_dim
@@ -467,7 +479,7 @@ def _window_attention_bwd_dq_kernel(
             _, _, p, dp, _ = _key_block_scores(
                 qn, do, lse, scale, win, start, n, H, W, Wh, Ww, sh, sw, qkv_base, stride_qh, stride_qw, channels,
                 d, d_mask, fill_base, tq, qi, qj, q_region, table_ptr + h, heads, mask_value, bias_base,
-                stride_bq, stride_bk, PAD_FIRST, HAS_FILL, COSINE, HAS_TABLE, SHIFTED, HAS_BIAS, IEEE, BLOCK_N,
+                stride_bq, stride_bk, PADDING, HAS_FILL, COSINE, HAS_TABLE, SHIFTED, HAS_BIAS, IEEE, BLOCK_N,
                 SEQUENCE)
             delta += tl.sum(p * dp, 1)
             p_sum += tl.sum(p, 1)
@@ -479,7 +491,7 @@ def _window_attention_bwd_dq_kernel(
         tk, kn, p, dp, raw = _key_block_scores(
             qn, do, lse, scale, win, start, n, H, W, Wh, Ww, sh, sw, qkv_base, stride_qh, stride_qw, channels,
             d, d_mask, fill_base, tq, qi, qj, q_region, table_ptr + h, heads, mask_value, bias_base,
-            stride_bq, stride_bk, PAD_FIRST, HAS_FILL, COSINE, HAS_TABLE, SHIFTED, HAS_BIAS, IEEE, BLOCK_N,
+            stride_bq, stride_bk, PADDING, HAS_FILL, COSINE, HAS_TABLE, SHIFTED, HAS_BIAS, IEEE, BLOCK_N,
             SEQUENCE)
         if ONE_KEY_BLOCK:
             p_sum = tl.sum(p, 1)
@@ -509,7 +521,7 @@ def _window_attention_bwd_dkdv_kernel(
     table_ptr, fill_ptr, logit_scale_ptr, bias_ptr,
     stride_qb, stride_qh, stride_qw, stride_bb, stride_bh, stride_bq, stride_bk,
     H, W, Wh, Ww, sh, sw, num_windows, heads, head_dim, scale, mask_value,
-    PAD_FIRST: tl.constexpr, SEQUENCE: tl.constexpr, SHIFTED: tl.constexpr, HAS_TABLE: tl.constexpr,
+    PADDING: tl.constexpr, SEQUENCE: tl.constexpr, SHIFTED: tl.constexpr, HAS_TABLE: tl.constexpr,
     HAS_FILL: tl.constexpr, COSINE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -525,7 +537,7 @@ def _window_attention_bwd_dkdv_kernel(
     scale = _head_scale(logit_scale_ptr, h, scale, COSINE)
 
     tk = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ki, kj, ky, kx, k_real, k_region = _frame(win, tk, H, W, Wh, Ww, sh, sw, PAD_FIRST, SEQUENCE)
+    ki, kj, ky, kx, k_real, k_region = _frame(win, tk, H, W, Wh, Ww, sh, sw, PADDING, SEQUENCE)
     k_offsets = _map_offsets(ky, kx, stride_qh, stride_qw)
     k = _load_rows(qkv_base + channels, k_offsets, k_real, tk < n, d, d_mask, fill_base + channels, HAS_FILL)
     v = _load_rows(qkv_base + 2 * channels, k_offsets, k_real, tk < n, d, d_mask, fill_base + 2 * channels, HAS_FILL)
@@ -535,7 +547,7 @@ def _window_attention_bwd_dkdv_kernel(
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     for start in range(0, n, BLOCK_M):
         tq = start + tl.arange(0, BLOCK_M)
-        qi, qj, qy, qx, q_real, q_region = _frame(win, tq, H, W, Wh, Ww, sh, sw, PAD_FIRST, SEQUENCE)
+        qi, qj, qy, qx, q_real, q_region = _frame(win, tq, H, W, Wh, Ww, sh, sw, PADDING, SEQUENCE)
         q = _load_rows(qkv_base, _map_offsets(qy, qx, stride_qh, stride_qw), q_real, tq < n, d, d_mask, fill_base, HAS_FILL)
         qn = _unit_rows(q) if COSINE else q
         map_offsets = (b.to(tl.int64) * H * W + qy * W + qx) * channels + h * head_dim
@@ -574,7 +586,7 @@ def _window_attention_bwd_tile_kernel(
     table_ptr, fill_ptr, logit_scale_ptr,
     stride_qb, stride_qh, stride_qw,
     H, W, Wh, Ww, sh, sw, num_windows, total_windows, heads, head_dim, scale, mask_value,
-    PAD_FIRST: tl.constexpr, SHIFTED: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_FILL: tl.constexpr,
+    PADDING: tl.constexpr, SHIFTED: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_FILL: tl.constexpr,
     COSINE: tl.constexpr, TABLE_GRAD: tl.constexpr, IEEE: tl.constexpr, BLOCK: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -593,7 +605,7 @@ def _window_attention_bwd_tile_kernel(
         image = bw // num_windows
         y, x, real, q, k, v = _tile_window(
             qkv_ptr + image.to(tl.int64) * stride_qb + h * head_dim, fill_base, bw % num_windows, t, i, j, in_window,
-            d, d_mask, stride_qh, stride_qw, H, W, Wh, Ww, sh, sw, channels, PAD_FIRST, HAS_FILL)
+            d, d_mask, stride_qh, stride_qw, H, W, Wh, Ww, sh, sw, channels, PADDING, HAS_FILL)
         qn = _unit_rows(q) if COSINE else q
         kn = _unit_rows(k) if COSINE else k
         rows = (image.to(tl.int64) * H * W + y * W + x) * channels + h * head_dim
@@ -646,7 +658,7 @@ def _window_attention_bwd_dtable_kernel(
     table_ptr, fill_ptr, logit_scale_ptr,
     stride_qb, stride_qh, stride_qw,
     H, W, Wh, Ww, sh, sw, num_windows, total_windows, windows_per_chunk, heads, head_dim, scale, mask_value,
-    PAD_FIRST: tl.constexpr, SHIFTED: tl.constexpr, HAS_FILL: tl.constexpr, COSINE: tl.constexpr,
+    PADDING: tl.constexpr, SHIFTED: tl.constexpr, HAS_FILL: tl.constexpr, COSINE: tl.constexpr,
     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     chunk = tl.program_id(0)
@@ -667,10 +679,10 @@ def _window_attention_bwd_dtable_kernel(
         b = bw // num_windows
         win = bw % num_windows
         qkv_base = qkv_ptr + b.to(tl.int64) * stride_qb + h * head_dim
-        qi, qj, qy, qx, q_real, q_region = _frame(win, tq, H, W, Wh, Ww, sh, sw, PAD_FIRST)
+        qi, qj, qy, qx, q_real, q_region = _frame(win, tq, H, W, Wh, Ww, sh, sw, PADDING)
         q = _load_rows(qkv_base, _map_offsets(qy, qx, stride_qh, stride_qw), q_real, tq < n, d, d_mask, fill_base, HAS_FILL)
         tk, ki, kj, k_region, k, v = _key_block(win, key_start, n, H, W, Wh, Ww, sh, sw, qkv_base, stride_qh, stride_qw,
-                                                channels, d, d_mask, fill_base, PAD_FIRST, HAS_FILL, BLOCK_N)
+                                                channels, d, d_mask, fill_base, PADDING, HAS_FILL, BLOCK_N)
         if COSINE:
             q = _unit_rows(q)
             k = _unit_rows(k)
@@ -775,9 +787,13 @@ def _prepare(qkv, num_heads, window, shift, bias_table, qkv_bias, logit_scale, s
     num_windows = -(-height // wh) * -(-width // ww)
     tokens = wh * ww
     bias_strides = (0, 0, 0, 0) if bias is None else bias.expand(batch, num_heads, tokens, tokens).stride()
-    flags = dict(PAD_FIRST=pad_first, SEQUENCE=height == wh == 1 and ww == width and not (sh or sw),
+    padded = bool(height % wh or width % ww)
+    # The qkv bias is read only for padding tokens, so an unpadded map (every Swin stage at 224)
+    # launches without it; the kernels then leave out its selects and, backward, its sums.
+    padding = (PAD_THEN_SHIFT if pad_first else SHIFT_THEN_PAD) if padded else NO_PADDING
+    flags = dict(PADDING=padding.value, SEQUENCE=height == wh == 1 and ww == width and not (sh or sw),
                  SHIFTED=bool(sh or sw), HAS_TABLE=bias_table is not None,
-                 HAS_FILL=qkv_bias is not None, COSINE=logit_scale is not None, HAS_BIAS=bias is not None,
+                 HAS_FILL=qkv_bias is not None and padded, COSINE=logit_scale is not None, HAS_BIAS=bias is not None,
                  IEEE=qkv.dtype == torch.float32)
     scale = head_dim**-0.5 if scale is None else scale
     return _Launch(
@@ -842,12 +858,13 @@ def window_attention_fwd(qkv, num_heads, window, shift, bias_table=None, qkv_bia
     tensors = _parameters(qkv, bias_table, qkv_bias, logit_scale)
     block_d = _block_d(launch.head_dim)
     if one_tile(launch.tokens, config) and bias is None:
-        programs = window_programs(qkv.device, launch.grid_windows, num_heads)
-        _window_attention_fwd_tile_kernel[(programs, num_heads)](
-            qkv, out, lse, *tensors, *_tile_sizes(launch), **_flags(launch, "HAS_BIAS"), BLOCK=config.block_m,
-            BLOCK_D=block_d,
-            num_warps=config.num_warps, num_stages=launch.stages,
-        )
+        kernel = _window_attention_fwd_tile_kernel
+        args = (qkv, out, lse, *tensors, *_tile_sizes(launch))
+        options = dict(**_flags(launch, "HAS_BIAS"), BLOCK=config.block_m, BLOCK_D=block_d,
+                       num_warps=tile_warps(config, launch.head_dim, launch.flags), num_stages=launch.stages)
+        programs = window_programs(qkv.device, launch.grid_windows, num_heads,
+                                   lambda: resident_programs(kernel, args, options, qkv.device))
+        kernel[(programs, num_heads)](*args, **options)
         return out, lse
     grid = (launch.grid_windows, num_heads, triton.cdiv(launch.tokens, config.block_m))
     _window_attention_fwd_kernel[grid](
@@ -864,12 +881,33 @@ def one_tile(tokens: int, config: Config) -> bool:
     return config.block_m == config.block_n and tokens <= config.block_n
 
 
-def window_programs(device: torch.device, windows: int, heads: int) -> int:
-    """Programs per head of the one-tile forward: :data:`PROGRAMS_PER_SM` per multiprocessor over all
-    heads, at most one per window (a few under the interpreter, so that each walks several windows)."""
+def window_programs(device: torch.device, windows: int, heads: int, per_multiprocessor: Callable[[], int]) -> int:
+    """Programs per head of a one-tile kernel: as many over all heads as the device holds at once
+    (``per_multiprocessor()`` on each multiprocessor, as the compiled kernel's registers and shared
+    memory allow), so that they run in one wave; at most one per window. A few under the
+    interpreter, so that each walks several windows."""
     if device.type != "cuda":
         return max(1, min(windows, 2))
-    return max(1, min(windows, PROGRAMS_PER_SM * multiprocessors(device) // heads))
+    return max(1, min(windows, per_multiprocessor() * multiprocessors(device) // heads))
+
+
+def tile_warps(config: Config, head_dim: int, flags: dict, backward: bool = False) -> int:
+    """Warps of a one-tile launch. A 64-token tile (Swin's 7x7, SwinV2's 8x8) in fp16 or bf16 takes one
+    warpgroup of 4 warps, which holds the whole tile: the rows' max and sum stay in the warpgroup, and
+    P stays in registers for the P V product; 8 warps split the keys over two warpgroups, which
+    exchange both through shared memory. By the compiler's report (sm_90, Triton 3.6, bf16,
+    head_dim 32, per window of the loop, warps times instructions per warp), the forward of a shifted
+    unpadded map is 4 x 958 against 8 x 649, unshifted 4 x 561 against 8 x 481, at 165 and 127
+    registers (3 and 4 programs per multiprocessor); the backward 4 x 1122 against 8 x 838 and
+    4 x 729 against 8 x 641, at 255 registers either way (with 4 warps 5 and 1 spill instructions
+    in the loop). The fp32 forward spills with 4 warps, and the backward of head dims above 32, of
+    cosine attention and of padded maps spills 19 to 313 instructions' worth within its loop: those
+    keep ``config``'s warps, as do the smaller tiles and head dims above 64."""
+    if config.block_m != WARPGROUP_TILE or flags["IEEE"] or head_dim > 64:
+        return config.num_warps
+    if backward and (head_dim > 32 or flags["COSINE"] or flags["HAS_FILL"]):
+        return config.num_warps
+    return WARPGROUP
 
 
 def _table_chunks(launch: _Launch) -> tuple[int, int]:
@@ -936,15 +974,20 @@ def window_attention_bwd(dout, qkv, out, lse, num_heads, window, shift, bias_tab
     f32 = dict(device=qkv.device, dtype=torch.float32)
     dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
     if one_tile(tokens, config) and bias is None:
-        programs = window_programs(qkv.device, launch.grid_windows, heads)
+        kernel = _window_attention_bwd_tile_kernel
+
+        def args(dscale, dsum, dfill):  # the per-program sums are fp32 buffers sized by the program count
+            return (qkv, dout, lse, dqkv, dscale, dsum, dfill, *tensors, *_tile_sizes(launch))
+
+        options = dict(**_flags(launch, "HAS_BIAS"), TABLE_GRAD=need_table, BLOCK=config.block_m,
+                       BLOCK_D=_block_d(head_dim), num_warps=tile_warps(config, head_dim, launch.flags, backward=True),
+                       num_stages=launch.stages)
+        programs = window_programs(qkv.device, launch.grid_windows, heads,
+                                   lambda: resident_programs(kernel, args(lse, lse, lse), options, qkv.device))
         dscale = torch.empty(programs, 1, heads, **f32) if launch.flags["COSINE"] else lse
         dsum = torch.empty(programs, heads, tokens, tokens, **f32) if need_table else lse
         dfill = torch.empty(programs, 1, 2, channels, **f32) if launch.flags["HAS_FILL"] else lse
-        _window_attention_bwd_tile_kernel[(programs, heads)](
-            qkv, dout, lse, dqkv, dscale, dsum, dfill, *tensors, *_tile_sizes(launch), **_flags(launch, "HAS_BIAS"),
-            TABLE_GRAD=need_table, BLOCK=config.block_m, BLOCK_D=_block_d(head_dim), num_warps=config.num_warps,
-            num_stages=launch.stages,
-        )
+        kernel[(programs, heads)](*args(dscale, dsum, dfill), **options)
         dbias = None
     else:
         dscale, dsum, dfill, dbias = _backward_by_blocks(dout, qkv, out, lse, dqkv, tensors, launch, config,
@@ -952,8 +995,9 @@ def window_attention_bwd(dout, qkv, out, lse, num_heads, window, shift, bias_tab
     grads = [dqkv if need_qkv else None, None, None, None, None]
     if need_table:
         grads[1] = _gather_table(dsum, bias_table, launch)
-    if need_fill:
-        grads[2] = torch.cat([torch.zeros(channels, **f32), dfill.sum((0, 1)).reshape(-1)]).to(qkv_bias.dtype)
+    if need_fill:  # the k and v parts sum over padding tokens (none: zero); q's is zero
+        dkv = dfill.sum((0, 1)).reshape(-1) if launch.flags["HAS_FILL"] else torch.zeros(2 * channels, **f32)
+        grads[2] = torch.cat([torch.zeros(channels, **f32), dkv]).to(qkv_bias.dtype)
     if need_scale:
         grads[3] = _logit_scale_grad(dscale, logit_scale)
     if need_bias:
@@ -998,7 +1042,8 @@ def _logit_scale_grad(dscale, logit_scale):
 
 _POINTER_DTYPES = {"qkv_ptr": "act", "out_ptr": "act", "dout_ptr": "act", "dqkv_ptr": "act", "bias_ptr": "param",
                    "table_ptr": "param", "fill_ptr": "param", "logit_scale_ptr": "param"}
-FLAGS = dict(PAD_FIRST=False, SEQUENCE=False, SHIFTED=True, HAS_TABLE=True, HAS_FILL=True, COSINE=False, HAS_BIAS=False,
+FLAGS = dict(PADDING=NO_PADDING.value, SEQUENCE=False, SHIFTED=True, HAS_TABLE=True, HAS_FILL=False, COSINE=False,
+             HAS_BIAS=False,
              BIAS_GRAD=False, TABLE_GRAD=True, ONE_KEY_BLOCK=True)
 KERNELS = {"tile": _window_attention_fwd_tile_kernel, "fwd": _window_attention_fwd_kernel,
            "tile_bwd": _window_attention_bwd_tile_kernel, "dq": _window_attention_bwd_dq_kernel,
@@ -1028,6 +1073,9 @@ def register_specialization(kernel: str, dtype: str, config: Config, head_dim: i
             signature[name] = "i32"
     values = {**FLAGS, **flags, "IEEE": dtype == "fp32", "BLOCK": config.block_m, "BLOCK_M": config.block_m,
               "BLOCK_N": config.block_n, "BLOCK_D": _block_d(head_dim)}
+    if kernel in (_window_attention_fwd_tile_kernel, _window_attention_bwd_tile_kernel):
+        config = replace(config, num_warps=tile_warps(config, head_dim, values,
+                                                      backward=kernel is _window_attention_bwd_tile_kernel))
     constexprs = {k: v for k, v in values.items() if k in names}
     suffix = "" if param_dtype is None else f"_params_{param_dtype}"
     flag_names = ", ".join(f"{k}={v}" for k, v in sorted(flags.items()) if v != FLAGS.get(k) and k in names)
@@ -1038,27 +1086,31 @@ def register_specialization(kernel: str, dtype: str, config: Config, head_dim: i
 
 
 def _register_window_kernels() -> None:
-    """Swin-T's launches (window 7: the 64x64 single tile, head_dim 32) in each dtype and feature set,
-    the other tile configs once, SwinV2's window of several key blocks, and the backward of head_dim
-    128, where registers peak."""
+    """Swin-T's launches (window 7: the 64x64 single tile, head_dim 32; at 224 no stage is padded) in
+    each dtype and feature set, padded maps in both zoo orders, the other tile configs once, SwinV2's
+    window of several key blocks, and the backward of head_dim 128, where registers peak."""
     swin = CONFIGS[2]
+    padded = dict(PADDING=SHIFT_THEN_PAD.value, HAS_FILL=True)
     register_specialization("tile", "fp16", swin, 32)
     register_specialization("tile", "fp32", swin, 32)
     register_specialization("fwd", "fp32", WIDE_HEAD_FP32_FORWARD, 128)
-    register_specialization("tile", "bf16", swin, 32, param_dtype="fp32", PAD_FIRST=True)
+    register_specialization("tile", "bf16", swin, 32, param_dtype="fp32", PADDING=PAD_THEN_SHIFT.value, HAS_FILL=True)
     register_specialization("tile", "bf16", swin, 32, COSINE=True)
     register_specialization("tile", "bf16", swin, 32)
+    register_specialization("tile", "bf16", swin, 32, **padded)
     register_specialization("tile", "fp16", CONFIGS[0], 32)
     register_specialization("fwd", "fp16", CONFIGS[3], 32)
     swin_backward = prune_configs(49, 32, backward=True)
     register_specialization("tile_bwd", "bf16", swin_backward, 32)
+    register_specialization("tile_bwd", "bf16", swin_backward, 32, **padded)
     register_specialization("tile_bwd", "bf16", swin_backward, 32, COSINE=True)
     register_specialization("tile_bwd", "fp32", swin_backward, 32)
     for kernel in ("dq", "dkdv", "dtable"):  # SwinV2's 16x16 window: 256 tokens, four key blocks
         register_specialization(kernel, "bf16", prune_configs(256, 32, backward=True), 32, COSINE=True,
                                 ONE_KEY_BLOCK=False)
     for kernel in ("dq", "dkdv", "dtable"):
-        register_specialization(kernel, "bf16", prune_configs(49, 128, backward=True), 128, ONE_KEY_BLOCK=False)
+        register_specialization(kernel, "bf16", prune_configs(49, 128, backward=True), 128, ONE_KEY_BLOCK=False,
+                                **padded)
     block_p = 64
     aot.register(_relative_bias_grad_kernel, signature={"dsum_ptr": "*fp32:16", "dtable_ptr": "*fp32:16",
                                                          "chunks": "i32", "heads": "i32", "Wh": "i32", "Ww": "i32"},
