@@ -164,28 +164,31 @@ def _bench_case(benchmark, op, shape, provider, mode, device, dtype, variant: Op
     record_achieved(benchmark, op, work)
 
 
-WINDOW_CASES = [case for case in CASES if case.values[0] == "window_attention"]
-
-
-# Schedules of the Triton window kernels other than the default, timed beside it (triton_kernels'
-# docstring): the name of each, and the attribute of triton_kernels it replaces.
-WINDOW_VARIANTS = {
-    "1 program per window": ("window_programs", lambda device, windows, heads, per_multiprocessor: windows),
-    "key-block kernels": ("one_tile", lambda tokens, config: False),
-    "8 warps per tile": ("tile_warps", lambda config, head_dim, flags, backward=False: config.num_warps),
+# Schedules of the Triton attention kernels other than the default, timed beside it (the window
+# kernels' docstring): the name of each, the attribute of vitkernels.ops.window_attention.triton_kernels
+# it replaces (global attention runs those kernels too), and the ops it concerns.
+SCHEDULE_VARIANTS = {
+    "1 program per window": ("window_programs", lambda device, windows, heads, per_multiprocessor: windows,
+                             ("window_attention",)),
+    "key-block kernels": ("one_tile", lambda tokens, config: False, ("window_attention",)),
+    "two warpgroups per tile": ("launch_warps", lambda kernel, config, head_dim, flags: config.num_warps,
+                                ("window_attention", "attention")),
 }
+VARIANT_CASES = [pytest.param(variant, *case.values, id=f"{variant}-{case.id}")
+                 for variant, (_, _, variant_ops) in SCHEDULE_VARIANTS.items()
+                 for case in CASES if case.values[0] in variant_ops]
 
 
 @pytest.mark.parametrize("mode", [m for m in cases.selected("VITKERNELS_BENCH_MODES", cases.MODES) if m != "bwd"])
-@pytest.mark.parametrize("op, shape", WINDOW_CASES)
-@pytest.mark.parametrize("variant", list(WINDOW_VARIANTS))
-def test_window_schedule_variant(benchmark, op, shape, variant, mode, device, dtype, monkeypatch):
-    """The Triton window attention of one-tile windows with one of WINDOW_VARIANTS: a program per
-    (window, head) instead of a few per multiprocessor walking the windows, the kernels of wider
-    windows (a program per window and head, the bias gathered in each, and a dq and a dk/dv kernel),
-    or two warpgroups per 64-token tile instead of one."""
+@pytest.mark.parametrize("variant, op, shape", VARIANT_CASES)
+def test_schedule_variant(benchmark, variant, op, shape, mode, device, dtype, monkeypatch):
+    """The Triton backend with one of SCHEDULE_VARIANTS: for one-tile windows, a program per (window,
+    head) instead of as many as the device holds walking the windows, or the kernels of wider
+    windows (a program per window and head, the bias gathered in each, and a dq and a dk/dv
+    kernel); for window and global attention, two warpgroups per 64-row tile instead of one where
+    the default takes one."""
     if device != "cuda":
         pytest.skip("Triton on CPU runs in the interpreter, whose timings say nothing about the kernels")
     kernels = importlib.import_module("vitkernels.ops.window_attention.triton_kernels")
-    monkeypatch.setattr(kernels, *WINDOW_VARIANTS[variant])
+    monkeypatch.setattr(kernels, *SCHEDULE_VARIANTS[variant][:2])
     _bench_case(benchmark, op, shape, "triton", mode, device, dtype, variant=variant)

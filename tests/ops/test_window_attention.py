@@ -33,6 +33,7 @@ def _make(batch, height, width, heads, head_dim, window):
     return random(batch, height, width, 3 * channels), random(rows, heads), random(3 * channels)
 
 
+@pytest.mark.sanitize
 @pytest.mark.parametrize("backend", backend_params("window_attention"))
 @pytest.mark.parametrize("pad_first", [False, True], ids=["timm-order", "hf-tv-order"])
 @pytest.mark.parametrize("batch,height,width,heads,head_dim,window,shift", CASES)
@@ -51,6 +52,7 @@ def test_matches_reference(backend, pad_first, batch, height, width, heads, head
     compare_with_reference(run, reference, [qkv, table, qkv_bias], dtype)
 
 
+@pytest.mark.sanitize
 @pytest.mark.parametrize("backend", backend_params("window_attention"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_swinv2_cosine(backend, dtype):
@@ -339,19 +341,25 @@ def test_one_tile_schedule():
     assert kernels.window_programs(cpu, 8192, 3, lambda: 4) == 2  # the interpreter: a few, each walking many windows
 
 
-def test_one_tile_warps():
-    """One warpgroup per 64-token tile where the compiler's report favours it, two elsewhere."""
+def test_launch_warps():
+    """One warpgroup per 64-row tile where the compiler's report favours it, the config's warps elsewhere."""
     kernels = importlib.import_module("vitkernels.ops.window_attention.triton_kernels")
-    swin = kernels.prune_configs(49, 32)
+    swin, swin_backward = kernels.prune_configs(49, 32), kernels.prune_configs(49, 32, backward=True)
     flags = dict(kernels.FLAGS, IEEE=False)
-    assert kernels.tile_warps(swin, 32, flags) == kernels.tile_warps(swin, 64, dict(flags, COSINE=True)) == 4
-    assert kernels.tile_warps(swin, 32, flags, backward=True) == 4
-    assert kernels.tile_warps(swin, 32, dict(flags, IEEE=True)) == swin.num_warps == 8
-    assert kernels.tile_warps(swin, 128, flags) == 8
+    warps = kernels.launch_warps
+    assert warps("tile", swin, 32, flags) == warps("tile", swin, 64, dict(flags, COSINE=True)) == 4
+    assert warps("tile_bwd", swin_backward, 32, flags) == 4
+    assert warps("tile", swin, 32, dict(flags, IEEE=True)) == swin.num_warps == 8
+    assert warps("tile", swin, 128, flags) == 8
     for backward_flags, head_dim in ((dict(COSINE=True), 32), (dict(HAS_FILL=True), 32), ({}, 64)):
-        assert kernels.tile_warps(swin, head_dim, dict(flags, **backward_flags), backward=True) == 8
+        assert warps("tile_bwd", swin_backward, head_dim, dict(flags, **backward_flags)) == 8
     small = kernels.prune_configs(16, 32)
-    assert kernels.tile_warps(small, 32, flags) == small.num_warps
+    assert warps("tile", small, 32, flags) == small.num_warps
+    wide, vit = kernels.prune_configs(256, 128, backward=True), kernels.prune_configs(197, 64, backward=True)
+    for kernel in ("dq", "dkdv"):
+        assert warps(kernel, vit, 64, flags) == warps(kernel, wide, 128, dict(flags, COSINE=True)) == 4
+        assert warps(kernel, vit, 64, dict(flags, IEEE=True)) == vit.num_warps == 8
+    assert warps("dtable", vit, 64, flags) == warps("fwd", kernels.prune_configs(197, 64), 64, flags) == 8
 
 
 def test_programs_per_multiprocessor():

@@ -40,7 +40,7 @@ the -inf of keys past the window. So a one-tile window runs :func:`_window_atten
 where program (p, h) walks windows p, p + P, p + 2P, ... of head h, P = :func:`window_programs`:
 as many programs over all heads as the device holds at once, read from the compiled kernel's
 registers and shared memory, so that they run in one wave. A 64-token tile takes one warpgroup
-(:func:`tile_warps`). The head's bias tile and the tokens' window rows and columns are computed
+(:func:`launch_warps`). The head's bias tile and the tokens' window rows and columns are computed
 once, before the loop; each window adds its source pixels, its loads and the shift mask, which
 only the windows of the last window row or column need (the others' tokens all lie in one shift
 region, so they skip it). A map that needs no padding (every Swin stage at 224) is launched as
@@ -71,7 +71,7 @@ FAST_EXP2 = tl.constexpr(not aot.interpreter_on())  # PTX ex2 where compiled; th
 # Elements of fp32 dS the bias-table gradient may buffer ([chunks, heads, N, N]).
 DTABLE_BUFFER_ELEMENTS = 1 << 22
 GATHER_TILE = 4096  # table rows x window tokens gathered per program of the table-gradient kernel
-WARPGROUP, WARPGROUP_TILE = 4, 64  # one warpgroup's warps, and the one-tile tile it takes (tile_warps)
+WARPGROUP, WARPGROUP_TILE = 4, 64  # one warpgroup's warps, and the tile rows it takes (launch_warps)
 # Pipeline depth of the fp32 launches, whose IEEE products run on FMA units: with 2 stages, ptxas
 # (Triton 3.6, sm_90) keeps 32 registers and a 5.9 KB stack per thread for the 64x32 wide-head
 # forward and spills in most other fp32 kernels (the one-tile backward of a padded map 128 bytes, the
@@ -755,7 +755,9 @@ def prune_configs(tokens: int, head_dim: int, backward: bool = False, fp32: bool
     the forward's warps they spill (bf16 with cosine attention, bytes of stack per thread of the dq,
     dk/dv and table kernels: 16x16 tiles 16 / 40 / 160, 32x32 tiles 80 / 160 / 352), with twice
     as many not, so they launch with twice the forward's warps, up to :data:`MAX_WARPS` (64x64
-    tiles: 24 / 0 / 0 with 8 warps, 240 / 280 / 688 with 4). ``fp32``: the forward's inputs are fp32.
+    tiles: 24 / 0 / 0 with 8 warps, 240 / 280 / 688 with 4); since then the dq and dk/dv kernels have
+    shrunk, and :func:`launch_warps` gives them one warpgroup in fp16 and bf16. ``fp32``: the
+    forward's inputs are fp32.
     """
     if head_dim > 64 and tokens > CONFIGS[1].block_n and (backward or fp32):
         return WIDE_HEAD_BACKWARD if backward else WIDE_HEAD_FP32_FORWARD
@@ -861,7 +863,7 @@ def window_attention_fwd(qkv, num_heads, window, shift, bias_table=None, qkv_bia
         kernel = _window_attention_fwd_tile_kernel
         args = (qkv, out, lse, *tensors, *_tile_sizes(launch))
         options = dict(**_flags(launch, "HAS_BIAS"), BLOCK=config.block_m, BLOCK_D=block_d,
-                       num_warps=tile_warps(config, launch.head_dim, launch.flags), num_stages=launch.stages)
+                       num_warps=launch_warps("tile", config, launch.head_dim, launch.flags), num_stages=launch.stages)
         programs = window_programs(qkv.device, launch.grid_windows, num_heads,
                                    lambda: resident_programs(kernel, args, options, qkv.device))
         kernel[(programs, num_heads)](*args, **options)
@@ -891,23 +893,39 @@ def window_programs(device: torch.device, windows: int, heads: int, per_multipro
     return max(1, min(windows, per_multiprocessor() * multiprocessors(device) // heads))
 
 
-def tile_warps(config: Config, head_dim: int, flags: dict, backward: bool = False) -> int:
-    """Warps of a one-tile launch. A 64-token tile (Swin's 7x7, SwinV2's 8x8) in fp16 or bf16 takes one
-    warpgroup of 4 warps, which holds the whole tile: the rows' max and sum stay in the warpgroup, and
-    P stays in registers for the P V product; 8 warps split the keys over two warpgroups, which
-    exchange both through shared memory. By the compiler's report (sm_90, Triton 3.6, bf16,
-    head_dim 32, per window of the loop, warps times instructions per warp), the forward of a shifted
-    unpadded map is 4 x 958 against 8 x 649, unshifted 4 x 561 against 8 x 481, at 165 and 127
-    registers (3 and 4 programs per multiprocessor); the backward 4 x 1122 against 8 x 838 and
-    4 x 729 against 8 x 641, at 255 registers either way (with 4 warps 5 and 1 spill instructions
-    in the loop). The fp32 forward spills with 4 warps, and the backward of head dims above 32, of
-    cosine attention and of padded maps spills 19 to 313 instructions' worth within its loop: those
-    keep ``config``'s warps, as do the smaller tiles and head dims above 64."""
-    if config.block_m != WARPGROUP_TILE or flags["IEEE"] or head_dim > 64:
+def launch_warps(kernel: str, config: Config, head_dim: int, flags: dict) -> int:
+    """Warps of a launch of ``kernel`` (a name of :data:`KERNELS`) with ``config``.
+
+    In fp16 and bf16 a 64-row tile takes one warpgroup of 4 warps where the compiler's report favours
+    it: one warpgroup holds the whole tile, so the rows' max and sum stay in it and P stays in
+    registers for the P V product, where 8 warps split the keys over two warpgroups, which exchange
+    both through shared memory. By that report (sm_90, Triton 3.6, bf16; warps times instructions
+    per window or key block of the loop, 4 warps against 8):
+
+    * one-tile forward, Swin-T stage 1 (head_dim 32): shifted 4 x 958 against 8 x 649, unshifted
+      4 x 561 against 8 x 481, at 165 and 127 registers (3 and 4 programs per multiprocessor); head
+      dims up to 64 alike;
+    * one-tile backward: 4 x 1122 against 8 x 838, unshifted 4 x 729 against 8 x 641, 255 registers
+      either way (with 4 warps 5 and 1 spill instructions in the loop); head dims above 32, cosine
+      attention and padded maps spill 19 to 313 instructions' worth within the loop with 4 warps;
+    * dq and dk/dv kernels (32- and 64-row tiles): ViT-B (head_dim 64) 4 x 414 against 8 x 396 and
+      4 x 518 against 8 x 542, SwinV2's 16x16 cosine windows 4 x 2222 against 8 x 1688 and
+      4 x 1388 against 8 x 1062, head_dim 128 alike, no spill within the loops.
+
+    Those take 4 warps; fp32 launches (whose 4-warp forward spills), the table-gradient kernel
+    (which spills within its loop with 4), the tiled forward (whose 128-row tiles give each
+    warpgroup rows of its own) and tiles of under 4 warps keep ``config``'s warps.
+    """
+    if flags["IEEE"] or config.num_warps <= WARPGROUP:
         return config.num_warps
-    if backward and (head_dim > 32 or flags["COSINE"] or flags["HAS_FILL"]):
-        return config.num_warps
-    return WARPGROUP
+    if kernel in ("dq", "dkdv"):
+        return WARPGROUP
+    if config.block_m == WARPGROUP_TILE and kernel == "tile" and head_dim <= 64:
+        return WARPGROUP
+    if config.block_m == WARPGROUP_TILE and kernel == "tile_bwd" and head_dim <= 32 and not (
+            flags["COSINE"] or flags["HAS_FILL"]):
+        return WARPGROUP
+    return config.num_warps
 
 
 def _table_chunks(launch: _Launch) -> tuple[int, int]:
@@ -980,7 +998,7 @@ def window_attention_bwd(dout, qkv, out, lse, num_heads, window, shift, bias_tab
             return (qkv, dout, lse, dqkv, dscale, dsum, dfill, *tensors, *_tile_sizes(launch))
 
         options = dict(**_flags(launch, "HAS_BIAS"), TABLE_GRAD=need_table, BLOCK=config.block_m,
-                       BLOCK_D=_block_d(head_dim), num_warps=tile_warps(config, head_dim, launch.flags, backward=True),
+                       BLOCK_D=_block_d(head_dim), num_warps=launch_warps("tile_bwd", config, head_dim, launch.flags),
                        num_stages=launch.stages)
         programs = window_programs(qkv.device, launch.grid_windows, heads,
                                    lambda: resident_programs(kernel, args(lse, lse, lse), options, qkv.device))
@@ -1018,13 +1036,15 @@ def _backward_by_blocks(dout, qkv, out, lse, dqkv, tensors, launch, config, need
     dbias = torch.empty(qkv.shape[0], heads, tokens, tokens, **f32) if need_bias else lse
     dfill = torch.empty(launch.grid_windows, key_blocks, 2, channels, **f32) if launch.flags["HAS_FILL"] else lse
     common = dict(**launch.flags, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=_block_d(launch.head_dim),
-                  num_warps=config.num_warps, num_stages=launch.stages)
+                  num_stages=launch.stages)
     _window_attention_bwd_dq_kernel[(launch.grid_windows, heads, query_blocks)](
         qkv, out, dout, lse, delta, dqkv, dscale, dbias, *tensors, dense, *launch.strides, *launch.sizes,
         BIAS_GRAD=need_bias, ONE_KEY_BLOCK=key_blocks == 1, **common,
+        num_warps=launch_warps("dq", config, launch.head_dim, launch.flags),
     )
     _window_attention_bwd_dkdv_kernel[(launch.grid_windows, heads, key_blocks)](
         qkv, out, dout, lse, delta, dqkv, dfill, *tensors, dense, *launch.strides, *launch.sizes, **common,
+        num_warps=launch_warps("dkdv", config, launch.head_dim, launch.flags),
     )
     dsum = _recompute_dsum((qkv, out, dout, lse, delta), tensors, launch, config) if need_table else lse
     return dscale, dsum, dfill, dbias
@@ -1055,7 +1075,7 @@ def register_specialization(kernel: str, dtype: str, config: Config, head_dim: i
     """Registers ``KERNELS[kernel]`` for the AOT compile check with qkv in ``dtype`` ("fp16", "bf16",
     "fp32"), parameters (table, qkv bias, logit scale, bias) in ``param_dtype`` (default: ``dtype``;
     fp32 under autocast), and ``flags`` over :data:`FLAGS`."""
-    kernel = KERNELS[kernel]
+    kernel_name, kernel = kernel, KERNELS[kernel]
     params = inspect.signature(kernel.fn).parameters
     names = list(params)
     types = {"act": dtype, "param": param_dtype or dtype}
@@ -1073,9 +1093,7 @@ def register_specialization(kernel: str, dtype: str, config: Config, head_dim: i
             signature[name] = "i32"
     values = {**FLAGS, **flags, "IEEE": dtype == "fp32", "BLOCK": config.block_m, "BLOCK_M": config.block_m,
               "BLOCK_N": config.block_n, "BLOCK_D": _block_d(head_dim)}
-    if kernel in (_window_attention_fwd_tile_kernel, _window_attention_bwd_tile_kernel):
-        config = replace(config, num_warps=tile_warps(config, head_dim, values,
-                                                      backward=kernel is _window_attention_bwd_tile_kernel))
+    config = replace(config, num_warps=launch_warps(kernel_name, config, head_dim, values))
     constexprs = {k: v for k, v in values.items() if k in names}
     suffix = "" if param_dtype is None else f"_params_{param_dtype}"
     flag_names = ", ".join(f"{k}={v}" for k, v in sorted(flags.items()) if v != FLAGS.get(k) and k in names)
