@@ -34,7 +34,7 @@ recorded and the next one runs; a step out of time gets SIGINT, then SIGKILL):
               bandwidth or matmul rate. Merged into RESULTS/bench.json.
 
 --sanitize replaces tests, ceilings, large and bench by two runs of a short pytest selection of
-the CUDA and Triton kernels (SANITIZE_K over tests/ops) under compute-sanitizer, one with
+the CUDA and Triton kernels (the tests marked sanitize, SANITIZE_K) under compute-sanitizer, one with
 --tool memcheck and one with --tool racecheck; each tool's verdict (its ERROR SUMMARY) is
 recorded. Its default budget is 540 s.
 
@@ -96,8 +96,12 @@ COMPILED_RUNS = {
 }
 MODEL_PROVIDERS = "stock,triton,cpu,cuda"
 BENCH_RUNS = (*OPS, "models", *COMPILED_RUNS)  # what --bench may name
-# The kernels under compute-sanitizer: the fp32 reference comparisons of the CUDA and Triton backends.
-SANITIZE_K = "test_matches_reference and (cuda or triton) and fp32"
+# The kernels under compute-sanitizer: the tests marked `sanitize` (each op's comparisons with the
+# reference), their CUDA and Triton cases in fp32 and fp16 (fp16 takes the tensor-core paths, and
+# bf16 the same code), window attention first, so that a run cut short has covered it.
+SANITIZE_FILES = ("tests/ops/test_window_attention.py", "tests/ops/test_attention.py",
+                  "tests/ops/test_layernorm_mlp.py", "tests/ops/test_patch_embed.py")
+SANITIZE_K = "(cuda or triton) and not bf16"
 SANITIZE_TOOLS = ("memcheck", "racecheck")
 # What a pytest run prints when it stops on a kernel fault (vitkernels.testing.CUDA_CONTEXT_LOST;
 # this script imports no vitkernels module into its own process).
@@ -915,11 +919,12 @@ def sanitizer_path() -> Optional[str]:
 
 
 def sanitizer_command(tool: str, sanitizer: str) -> list[str]:
-    """compute-sanitizer ``tool`` over the SANITIZE_K selection of tests/ops (errors fail the run)."""
+    """compute-sanitizer ``tool`` over the ``sanitize`` tests of SANITIZE_FILES that SANITIZE_K selects
+    (errors fail the run)."""
     if tool not in SANITIZE_TOOLS:
         raise ValueError(f"tool must be one of {SANITIZE_TOOLS}, got {tool!r}")
-    return [sanitizer, "--tool", tool, "--error-exitcode", "3", sys.executable, "-m", "pytest", "tests/ops",
-            "-q", "-p", "no:cacheprovider", "-k", SANITIZE_K]
+    return [sanitizer, "--tool", tool, "--error-exitcode", "3", sys.executable, "-m", "pytest", *SANITIZE_FILES,
+            "-q", "-p", "no:cacheprovider", "-m", "sanitize", "-k", SANITIZE_K]
 
 
 def run_sanitizer(runner: Runner, tool: str, later: list[str]) -> Step:

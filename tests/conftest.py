@@ -19,6 +19,8 @@ torch.backends.cudnn.allow_tf32 = False
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device; skipped without one")
     config.addinivalue_line("markers", "slow: slower tests (still part of `make test`)")
+    config.addinivalue_line("markers", "sanitize: the kernel tests bench/device_check.py --sanitize runs under "
+                                       "compute-sanitizer (its CUDA and Triton cases)")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -186,7 +186,19 @@ def test_sanitizer_verdicts(dc):
 def test_sanitizer_command_runs_the_kernel_selection(dc):
     command = dc.sanitizer_command("racecheck", "/cuda/bin/compute-sanitizer")
     assert command[:3] == ["/cuda/bin/compute-sanitizer", "--tool", "racecheck"]
-    assert "tests/ops" in command and command[command.index("-k") + 1] == dc.SANITIZE_K
+    assert command[command.index("pytest") + 1] == "tests/ops/test_window_attention.py"
+    assert command[command.index("-m", command.index("pytest")) + 1] == "sanitize"
+    assert command[command.index("-k") + 1] == dc.SANITIZE_K
+    pytest_args = command[command.index("pytest") + 1:]
+    selected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", *pytest_args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300).stdout
+    for name in ("test_window_attention.py::test_matches_reference", "test_swinv2_cosine",
+                 "test_attention.py::test_cuda_matches_reference", "test_layernorm_mlp.py::test_layernorm_mlp",
+                 "test_layernorm_mlp.py::test_add_layernorm", "test_patch_embed.py::test_matches_reference"):
+        assert name in selected and f"{name}[" in selected, name
+    tests = [line for line in selected.splitlines() if "::" in line]
+    assert tests and all(("cuda" in t or "triton" in t) and "bf16" not in t for t in tests)
+    assert any("fp16" in t for t in tests) and any("fp32" in t for t in tests)
     with pytest.raises(ValueError, match="initcheck"):
         dc.sanitizer_command("initcheck", "compute-sanitizer")
 

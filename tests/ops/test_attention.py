@@ -7,6 +7,7 @@ from vitkernels import ops
 from vitkernels.ops.attention.reference import attention_reference
 
 
+@pytest.mark.sanitize
 @pytest.mark.parametrize("backend", backend_params("attention"))
 @pytest.mark.parametrize("batch,tokens,heads,head_dim", [(2, 17, 2, 8), (1, 5, 3, 16), (3, 50, 4, 4)])
 @pytest.mark.parametrize("bias_shape", [None, "heads", "full"])
@@ -115,6 +116,7 @@ def _cuda_run(heads):
 # (batch, tokens, heads, head_dim): ViT-B/16 at 224 and 384 (197, 577 tokens: a ragged last tile),
 # 1025 tokens (ViT-B/16 at 512, DeiT-S at 512), head_dim 32 and a head_dim padded to 64.
 @pytest.mark.cuda
+@pytest.mark.sanitize
 @pytest.mark.parametrize("batch,tokens,heads,head_dim", [(2, 197, 12, 64), (1, 577, 12, 64), (1, 1025, 6, 64),
                                                         (2, 197, 6, 32), (2, 65, 3, 40)])
 @pytest.mark.parametrize("bias_shape", [None, "tokens", "heads", "full"])

@@ -26,6 +26,7 @@ def _float_leaves(*shape_channels_hidden):
     return [None if t is None else t.float().requires_grad_() for t in _mlp_inputs(*shape_channels_hidden)]
 
 
+@pytest.mark.sanitize
 @pytest.mark.parametrize("backend", backend_params("layernorm_mlp"))
 @pytest.mark.parametrize("shape,channels,hidden", [((2, 13), 24, 96), ((37,), 16, 40), ((1, 3, 5), 8, 32)])
 @pytest.mark.parametrize("variant", ["full", "no-gamma", "no-affine-no-bias", "tanh"])
@@ -46,6 +47,7 @@ def test_layernorm_mlp(backend, shape, channels, hidden, variant, dtype):
     compare_with_reference(run, reference, inputs, dtype)
 
 
+@pytest.mark.sanitize
 @pytest.mark.parametrize("backend", backend_params("layernorm"))
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -58,6 +60,7 @@ def test_layernorm(backend, affine, dtype):
     compare_with_reference(run, lambda x, w, b: layernorm_reference(x, w, b, eps=1e-12), [x, w, b], dtype)
 
 
+@pytest.mark.sanitize
 @pytest.mark.parametrize("backend", backend_params("add_layernorm"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_add_layernorm(backend, dtype):

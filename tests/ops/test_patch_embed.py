@@ -30,6 +30,7 @@ CASES = {
 }
 
 
+@pytest.mark.sanitize
 @pytest.mark.parametrize("backend", backend_params("patch_embed"))
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("batch", [1, 2])
