@@ -972,10 +972,10 @@ def bench_selection(text: str) -> list[str]:
 
 def warm_run(runs: list[tuple[str, list[str], dict]], workers: list[str]) -> Optional[tuple[list[str], dict]]:
     """(pytest arguments, environment) of the warm-up ahead of the timed benchmark ``runs``: each of
-    their op and model cases with a WARM_PROVIDERS provider, called once with the benchmarks disabled
-    (checked against the reference, nothing timed) on the pytest-xdist ``workers``. The kernels'
-    host compiles then run in parallel and fill Triton's on-disk cache, from which the timed runs,
-    one process at a time, load them. None without workers or such runs."""
+    their op cases and model inference cases with a WARM_PROVIDERS provider, called once with the
+    benchmarks disabled (checked against the reference, nothing timed) on the pytest-xdist
+    ``workers``. The kernels' host compiles then run in parallel and fill Triton's on-disk cache,
+    from which the timed runs, one process at a time, load them. None without workers or such runs."""
     ops = [env for name, _, env in runs if name.split(":", 1)[1] in OPS]
     models = [env for name, _, env in runs if name == "bench:models"]
     if not workers or not (ops or models):
@@ -984,7 +984,9 @@ def warm_run(runs: list[tuple[str, list[str], dict]], workers: list[str]) -> Opt
                VITKERNELS_BENCH_MODEL_PROVIDERS=WARM_PROVIDERS)
     env["VITKERNELS_BENCH_OPS"] = ",".join(e["VITKERNELS_BENCH_OPS"] for e in ops)
     files = ["bench/test_bench_ops.py"] * bool(ops) + ["bench/test_bench_models.py"] * bool(models)
-    return [*files, "--benchmark-disable", *workers], env
+    # A model's training step holds its activations for the backward: several at once on the
+    # workers could exhaust the device's memory, and the op cases compile the same kernels.
+    return [*files, "--benchmark-disable", "-k", "not train", *workers], env
 
 
 def review_warm(step: Step, output: str) -> None:

@@ -426,7 +426,8 @@ def test_warm_up_compiles_the_timed_cases_in_parallel_first(dc, tmp_path, monkey
     runs = dc.bench_runs(cpu=False, quick=True, ceilings_path="/r/ceilings.json",
                          selection=["attention", "layernorm", "flex", "models"])
     args, env = dc.warm_run(runs, ["-n", "14"])
-    assert args == ["bench/test_bench_ops.py", "bench/test_bench_models.py", "--benchmark-disable", "-n", "14"]
+    assert args == ["bench/test_bench_ops.py", "bench/test_bench_models.py", "--benchmark-disable", "-k", "not train",
+                    "-n", "14"]
     assert env["VITKERNELS_BENCH_OPS"] == "attention,layernorm"
     assert env["VITKERNELS_BENCH_PROVIDERS"] == env["VITKERNELS_BENCH_MODEL_PROVIDERS"] == "triton"
     assert env["VITKERNELS_BENCH_MODES"] == "fwd,fwd+bwd" and env["VITKERNELS_BENCH_SHAPES"] == "quick"
