@@ -359,6 +359,7 @@ def test_launch_warps():
     for kernel in ("dq", "dkdv"):
         assert warps(kernel, vit, 64, flags) == warps(kernel, wide, 128, dict(flags, COSINE=True)) == 4
         assert warps(kernel, vit, 64, dict(flags, IEEE=True)) == vit.num_warps == 8
+        assert warps(kernel, vit, 64, dict(flags, HAS_BIAS=True)) == 8
     assert warps("dtable", vit, 64, flags) == warps("fwd", kernels.prune_configs(197, 64), 64, flags) == 8
 
 

@@ -14,13 +14,18 @@ import torch
 from ..window_attention.triton_kernels import (
     prune_configs, register_specialization, window_attention_bwd, window_attention_fwd)
 
-# ViT-B's launches: 197 tokens tiled 128x64 forward and 64x64 backward, head_dim 64, with a bias.
-GLOBAL = dict(SEQUENCE=True, SHIFTED=False, HAS_TABLE=False, HAS_FILL=False, HAS_BIAS=True)
+# ViT-B's launches: 197 tokens tiled 128x64 forward and 64x64 backward, head_dim 64, as timm, Hugging
+# Face and torchvision run them (no bias) and with a bias.
+GLOBAL = dict(SEQUENCE=True, SHIFTED=False, HAS_TABLE=False, HAS_FILL=False, HAS_BIAS=False)
+BIASED = dict(GLOBAL, HAS_BIAS=True)
 VIT_B_FORWARD, VIT_B_BACKWARD = prune_configs(197, 64), prune_configs(197, 64, backward=True)
-register_specialization("fwd", "bf16", VIT_B_FORWARD, 64, **GLOBAL)
-register_specialization("fwd", "fp16", VIT_B_FORWARD, 64, **{**GLOBAL, "HAS_BIAS": False})
-register_specialization("dq", "bf16", VIT_B_BACKWARD, 64, BIAS_GRAD=True, **GLOBAL)
+for dtype in ("bf16", "fp16"):
+    register_specialization("fwd", dtype, VIT_B_FORWARD, 64, **GLOBAL)
+register_specialization("dq", "bf16", VIT_B_BACKWARD, 64, **GLOBAL)
 register_specialization("dkdv", "bf16", VIT_B_BACKWARD, 64, **GLOBAL)
+register_specialization("fwd", "bf16", VIT_B_FORWARD, 64, **BIASED)
+register_specialization("dq", "bf16", VIT_B_BACKWARD, 64, BIAS_GRAD=True, **BIASED)
+register_specialization("dkdv", "bf16", VIT_B_BACKWARD, 64, **BIASED)
 
 
 def attention_fwd(qkv: torch.Tensor, num_heads: int, bias: Optional[torch.Tensor] = None,

@@ -913,12 +913,13 @@ def launch_warps(kernel: str, config: Config, head_dim: int, flags: dict) -> int
       4 x 1388 against 8 x 1062, head_dim 128 alike, no spill within the loops.
 
     Those take 4 warps; fp32 launches (whose 4-warp forward spills), the table-gradient kernel
-    (which spills within its loop with 4), the tiled forward (whose 128-row tiles give each
-    warpgroup rows of its own) and tiles of under 4 warps keep ``config``'s warps.
+    (which spills within its loop with 4), the dq and dk/dv kernels of an additive bias (ViT-B's dq
+    spills 112 bytes per thread on sm_90, 600 on sm_80), the tiled forward (whose 128-row tiles give
+    each warpgroup rows of its own) and tiles of under 4 warps keep ``config``'s warps.
     """
     if flags["IEEE"] or config.num_warps <= WARPGROUP:
         return config.num_warps
-    if kernel in ("dq", "dkdv"):
+    if kernel in ("dq", "dkdv") and not flags["HAS_BIAS"]:
         return WARPGROUP
     if config.block_m == WARPGROUP_TILE and kernel == "tile" and head_dim <= 64:
         return WARPGROUP
