@@ -33,10 +33,10 @@ recorded and the next one runs; a step out of time gets SIGINT, then SIGKILL):
               (VITKERNELS_BENCH_CEILINGS), so each record carries its fraction of the copy
               bandwidth or matmul rate. Merged into RESULTS/bench.json.
 
---sanitize replaces tests, ceilings, large and bench by two runs of a short pytest selection of
-the CUDA and Triton kernels (the tests marked sanitize, SANITIZE_K) under compute-sanitizer, one with
---tool memcheck and one with --tool racecheck; each tool's verdict (its ERROR SUMMARY) is
-recorded. Its default budget is 540 s.
+--sanitize replaces tests, ceilings, large and bench by two runs, side by side, of a short pytest
+selection of the CUDA and Triton kernels (the tests marked sanitize, SANITIZE_K) under
+compute-sanitizer, one with --tool memcheck and one with --tool racecheck; each tool's verdict (its
+ERROR SUMMARY) is recorded. Its default budget is 540 s.
 
 Results go to RESULTS = DIR/<gpu>/<date>-<commit>/ (DIR/cpu/... with --cpu), the layout of
 bench/results/: copy DIR's contents into bench/results/ to commit them. RESULTS holds
@@ -55,6 +55,7 @@ in that order.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
 import importlib
 import importlib.util
@@ -79,7 +80,7 @@ DEFAULT_BUDGET_S = 400
 SANITIZE_BUDGET_S = 540  # the build, then two passes under tools that slow kernels by 10-100x
 # Per-step caps (seconds) and the time each later step is guaranteed before an earlier one may use it.
 CAPS = {"env": 60, "build": 240, "build_check": 60, "tests_ops": 150, "tests_cuda": 120, "ceilings": 90,
-        "large": 60, "bench": 300, "sanitize_memcheck": 150, "sanitize_racecheck": 200, "backtrace": 60}
+        "large": 60, "bench": 300, "sanitize_memcheck": 450, "sanitize_racecheck": 450, "backtrace": 60}
 RESERVE = {"env": 10, "build": 30, "build_check": 10, "tests_ops": 30, "tests_cuda": 20, "ceilings": 30,
            "large": 15, "bench": 90, "sanitize_memcheck": 40, "sanitize_racecheck": 60, "backtrace": 0}
 # The compact benchmark set: shapes, providers and modes of each run of bench/test_bench_ops.py.
@@ -851,8 +852,10 @@ def run_steps(runner: Runner, no_build: bool, sanitize: bool = False) -> dict:
     result["env"] = facts
     result["extension"] = _build(runner, facts.get("capability"), no_build, later)
     if sanitize:
-        for tool in SANITIZE_TOOLS:
-            run_sanitizer(runner, tool, later(f"sanitize_{tool}"))
+        # Side by side: a run under a tool is bound by its host (Triton's compiles, the tool's
+        # instrumentation of each kernel it loads) more than by the device.
+        with concurrent.futures.ThreadPoolExecutor(len(SANITIZE_TOOLS)) as pool:
+            list(pool.map(lambda tool: run_sanitizer(runner, tool, []), SANITIZE_TOOLS))
         return result
 
     # GPU tests, with compiled Triton (no interpreter) on a GPU

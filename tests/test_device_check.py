@@ -229,7 +229,7 @@ def test_sanitize_mode_records_each_tools_verdict(dc, tmp_path, monkeypatch):
     assert steps["sanitize_racecheck"]["status"] == "ok"
     assert "tests_ops" not in steps and "bench" not in report["mode"]
     tools = [c[c.index("--tool") + 1] for c, _ in seen if "--tool" in c]
-    assert tools == ["memcheck", "racecheck"]
+    assert sorted(tools) == ["memcheck", "racecheck"]
     assert (folder / "device_check.log").read_text().count("sanitize_") >= 2
     assert "| sanitize_racecheck | ok |" in (folder / "device_check.md").read_text()
 
@@ -498,3 +498,22 @@ def test_a_crashed_test_is_rerun_under_a_debugger(dc, tmp_path, monkeypatch):
     monkeypatch.setattr(dc, "debugger_path", lambda: None)
     dc._pytest_step(runner, "tests_cuda", ["tests"], [])
     assert runner.steps[-1].status == "skipped" and "no gdb or cuda-gdb" in runner.steps[-1].detail
+
+
+def test_sanitizer_tools_run_side_by_side(dc, tmp_path, monkeypatch):
+    import threading
+
+    both_started = threading.Barrier(2, timeout=10)
+
+    def fake(command, env, log, timeout):
+        if "--tool" in command:
+            both_started.wait()  # a tool run waiting for the other one fails here when they run in turn
+        log.write("3 passed in 1.00s\n========= ERROR SUMMARY: 0 errors\n")
+        return 0
+
+    monkeypatch.setattr(dc, "run_with_timeout", fake)
+    monkeypatch.setattr(dc, "sanitizer_path", lambda: "/cuda/bin/compute-sanitizer")
+    runner = dc.Runner(str(tmp_path), budget=600, cpu=False, quick=True)
+    dc.run_steps(runner, no_build=True, sanitize=True)
+    steps = {s.name: s.status for s in runner.steps}
+    assert steps["sanitize_memcheck"] == steps["sanitize_racecheck"] == "ok"
