@@ -399,6 +399,8 @@ def test_resident_programs_reads_the_compiled_kernel(monkeypatch):
     assert triton_helpers.resident_programs(Kernel(), (1, 2), {"num_warps": 4}, device) == 3
     assert triton_helpers.resident_programs(Kernel(), (1, 2), {"num_warps": 4}, device) == 3
     assert calls == [((1, 2), (1,), {"num_warps": 4})] * 2
+    compiled = None
+    assert triton_helpers.resident_programs(Kernel(), (1, 2), {"num_warps": 4}, device) == 1
 
 
 @pytest.mark.parametrize("backend", TRITON)

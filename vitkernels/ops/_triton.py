@@ -41,6 +41,8 @@ def resident_programs(kernel, args: tuple, kwargs: dict, device: torch.device) -
     launch would). A persistent kernel launches that many per multiprocessor: all in one wave."""
     compiled = kernel.warmup(*args, grid=(1,), **kwargs)
     compiled = compiled.result() if hasattr(compiled, "result") else compiled
+    if compiled is None:  # a compile hook of Triton's declined to compile: one program per multiprocessor
+        return 1
     if compiled not in _RESIDENT:
         compiled._init_handles()
         props = torch.cuda.get_device_properties(device)
