@@ -811,8 +811,13 @@ def run_backtrace(runner: Runner, name: str, test: str, later: list[str]) -> Ste
 
     def review(step: Step, output: str) -> None:
         frames = backtrace_frames(output)
-        step.status = "ok" if step.status != "timeout" else step.status
-        step.detail = f"{test}: " + (" | ".join(frames[:8]) if frames else "no fault under the debugger")
+        if frames:
+            step.status, step.detail = "ok", f"{test}: " + " | ".join(frames[:8])
+        elif re.search(r"\[Inferior \d+ \(process \d+\) exited", output):
+            step.status, step.detail = "ok", f"{test}: no fault under the debugger"
+        else:
+            outcome = " ".join(filter(None, (step.status, step.detail)))
+            step.detail = f"{test}: no backtrace ({outcome}; see the log)"
 
     step, _ = runner.command(name, backtrace_command(debugger, test), runner.timeout_for("backtrace", later),
                              review=review)

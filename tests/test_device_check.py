@@ -495,6 +495,12 @@ def test_a_crashed_test_is_rerun_under_a_debugger(dc, tmp_path, monkeypatch):
     assert trace.status == "ok" and trace.detail.startswith("tests/ops/test_x.py::test_y[short-mean]: #0 ")
     assert "c10::detail::_str<long>" in trace.detail
     assert seen[1][:2] == ["/usr/bin/gdb", "-batch"] and "tests/ops/test_x.py::test_y[short-mean]" in seen[1]
+    for debugger_output, detail in (("[Inferior 1 (process 42) exited normally]\n", "no fault under the debugger"),
+                                    ("ptrace: Operation not permitted.\n", "no backtrace")):
+        monkeypatch.setattr(dc, "run_with_timeout", lambda command, env, log, timeout, text=debugger_output: (
+            log.write(text if command[0].endswith("gdb") else CRASH_OUTPUT), 0)[1])
+        dc._pytest_step(runner, "tests_cuda", ["tests"], [])
+        assert detail in runner.steps[-1].detail and runner.steps[-1].name == "tests_cuda_backtrace"
     monkeypatch.setattr(dc, "debugger_path", lambda: None)
     dc._pytest_step(runner, "tests_cuda", ["tests"], [])
     assert runner.steps[-1].status == "skipped" and "no gdb or cuda-gdb" in runner.steps[-1].detail
