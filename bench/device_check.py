@@ -2,7 +2,7 @@
 """The one command to run on a GPU machine: build, GPU tests, measured ceilings, benchmarks, report.
 
     python bench/device_check.py [--out DIR] [--quick] [--cpu] [--sanitize] [--no-build] [--tests-k EXPR]
-                                 [--skip-tests] [--bench LIST] [--budget SECONDS]
+                                 [--skip-tests] [--skip-bench] [--bench LIST] [--budget SECONDS]
 
 Steps (each in a subprocess with a timeout, logged to RESULTS/logs/<step>.log; a failing step is
 recorded and the next one runs; a step out of time gets SIGINT, then SIGKILL):
@@ -47,7 +47,8 @@ under --budget seconds (default 400); the exit status is 1 when a step failed or
 
 DIR defaults to $OUT, else ./out. --quick skips slow tests, benchmarks forward and
 forward+backward only and leaves the compiled providers out. --tests-k EXPR runs only the tests
-that pytest's -k EXPR selects (the report's mode says so); --skip-tests skips both test steps.
+that pytest's -k EXPR selects (the report's mode says so); --skip-tests skips both test steps,
+--skip-bench the ceilings, the large case and the benchmarks.
 --bench LIST makes only the named benchmark runs (ops, "models", "flex", "compile", "max-autotune"),
 in that order.
 --pack-logs replaces RESULTS/logs by RESULTS/logs.tar.gz at the end.
@@ -563,9 +564,9 @@ PROBES = {"env": lambda args: probe_env(), "ceilings": lambda args: probe_ceilin
 
 class Runner:
     def __init__(self, out: str, budget: float, cpu: bool, quick: bool, tests_k: Optional[str] = None,
-                 bench: Optional[list[str]] = None, skip_tests: bool = False):
+                 bench: Optional[list[str]] = None, skip_tests: bool = False, skip_bench: bool = False):
         self.out, self.budget, self.cpu, self.quick, self.tests_k = out, budget, cpu, quick, tests_k
-        self.bench, self.skip_tests = bench, skip_tests
+        self.bench, self.skip_tests, self.skip_bench = bench, skip_tests, skip_bench
         self.logs = os.path.join(out, "logs")
         os.makedirs(self.logs, exist_ok=True)
         self.start = time.monotonic()
@@ -841,11 +842,12 @@ def review_pytest(step: Step, output: str) -> None:
 
 
 ORDER = ["env", "build", "build_check", "tests_ops", "tests_cuda", "ceilings", "large", "bench"]
+MEASURE_STEPS = ("ceilings", "large", "bench")  # what --skip-bench leaves out
 SANITIZE_ORDER = ["env", "build", "build_check", "sanitize_memcheck", "sanitize_racecheck"]
 
 
 def run_steps(runner: Runner, no_build: bool, sanitize: bool = False) -> dict:
-    order = SANITIZE_ORDER if sanitize else ORDER
+    order = SANITIZE_ORDER if sanitize else [s for s in ORDER if not (runner.skip_bench and s in MEASURE_STEPS)]
 
     def later(name):
         return order[order.index(name) + 1:]
@@ -873,6 +875,10 @@ def run_steps(runner: Runner, no_build: bool, sanitize: bool = False) -> dict:
         runner.skip("tests_ops", "no tests/ops folder")
     if not runner.skip_tests:
         _pytest_step(runner, "tests_cuda", ["tests", "-m", "cuda", "--ignore=tests/ops"], later("tests_cuda"))
+    if runner.skip_bench:
+        for name in MEASURE_STEPS:
+            runner.skip(name, "--skip-bench")
+        return result
     _, result["ceilings"] = runner.probe("ceilings", "ceilings", later("ceilings"))
     if runner.cpu:
         runner.skip("large", "--cpu: the large-tensor case runs on a GPU")
@@ -1094,6 +1100,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                              "default: every op, then models, then the compiled providers unless --quick)")
     parser.add_argument("--skip-tests", action="store_true",
                         help="skip the two test steps (a run for the benchmarks alone)")
+    parser.add_argument("--skip-bench", action="store_true",
+                        help="skip the ceilings, the large case and the benchmarks (a run for the tests alone, "
+                             "which then get the whole budget)")
     parser.add_argument("--budget", type=float, default=None,
                         help=f"total seconds for every step (default {DEFAULT_BUDGET_S}, "
                              f"with --sanitize {SANITIZE_BUDGET_S})")
@@ -1120,10 +1129,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if os.path.exists(out):
         shutil.rmtree(out)
     runner = Runner(out, args.budget, cpu=args.cpu, quick=args.quick, tests_k=args.tests_k, bench=args.bench,
-                    skip_tests=args.skip_tests)
+                    skip_tests=args.skip_tests, skip_bench=args.skip_bench)
     mode = ("cpu" if args.cpu else "gpu") + (" quick" if args.quick else "") + (" sanitize" if args.sanitize else "")
     mode += f", tests -k {args.tests_k!r}" if args.tests_k else ""
     mode += ", no tests" if args.skip_tests else ""
+    mode += ", no benchmarks" if args.skip_bench else ""
     mode += f", bench {','.join(args.bench)}" if args.bench else ""
     runner.say(f"device check ({mode}) in {ROOT}; results in {out} (commit them as bench/results/{relative}/); "
                f"budget {args.budget:.0f}s")

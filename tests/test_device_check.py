@@ -279,6 +279,27 @@ def test_bench_only_run_skips_the_tests(dc, tmp_path, monkeypatch):
         dc.main(["--out", str(tmp_path), "--bench", "softmax"])
 
 
+def test_tests_only_run_gives_the_tests_the_measurements_reserve(dc, tmp_path, monkeypatch):
+    seen = _fake_gpu_machine(dc, monkeypatch)
+    fake, timeouts = dc.run_with_timeout, {}
+
+    def timed(command, env, log, timeout):
+        timeouts[os.path.basename(log.name)] = timeout
+        return fake(command, env, log, timeout)
+
+    monkeypatch.setattr(dc, "run_with_timeout", timed)
+    budget = dc.CAPS["tests_ops"] + dc.RESERVE["tests_cuda"] + 5
+    assert dc.main(["--out", str(tmp_path), "--budget", str(budget), "--no-build", "--skip-bench"]) == 0
+    (folder,) = (tmp_path / "h100-80gb-hbm3").iterdir()
+    report = json.loads((folder / "device_check.json").read_text())
+    steps = {s["name"]: s for s in report["steps"]}
+    assert all(steps[name]["status"] == "skipped" for name in ("ceilings", "large", "bench"))
+    assert report["benchmarks"] == []
+    assert not any(arg.startswith("--benchmark-json=") for command, _ in seen for arg in command)
+    assert timeouts["tests_ops.log"] > dc.CAPS["tests_ops"] - 5, timeouts
+    assert report["mode"] == "gpu, no benchmarks"
+
+
 def test_speedups_compare_the_best_fused_backend_with_each_provider(dc, tmp_path):
     def row(backend, kind, ms, shape="vit_b_224", mode="fwd"):
         return {"op": "attention", "mode": mode, "shape": shape, "backend": backend, "kind": kind, "median_ms": ms}
