@@ -209,6 +209,18 @@ def cuda_plan(torch) -> tuple[Optional[str], Optional[str]]:
     return cuda_home, archs
 
 
+def hidden_static_runtime_flags() -> list[str]:
+    """Linker flags that keep what static archives bring into the extension out of its exported symbols.
+
+    A compiler that links the C++ runtime statically (a toolchain wrapper passing -static-libstdc++)
+    puts a copy of libstdc++ in the extension, while torch has already loaded the shared one. Exported,
+    the copy's data symbols (the locale's tables, the facets' ids) resolve to the shared library's,
+    whose layout differs between versions, so the copy's stream code misreads them: formatting a
+    number in an error message crashed the process. Hidden, the copy uses its own data.
+    """
+    return ["-Wl,--exclude-libs,ALL"] if sys.platform.startswith("linux") else []
+
+
 def extension_plan():
     """(ext_modules, build_ext class): empty and the plain setuptools command when nothing can be built."""
     try:
@@ -237,7 +249,7 @@ def extension_plan():
 
     openmp = supports_openmp(cxx)
     cxx_flags = ["-O3"] + (["-fopenmp"] if openmp else [])
-    link_flags = ["-fopenmp"] if openmp else []
+    link_flags = (["-fopenmp"] if openmp else []) + hidden_static_runtime_flags()
     cpu_sources = ["csrc/registration.cpp"] + sources("*/cpu.cpp")
     include_dirs = [os.path.join(ROOT, "csrc")]
 

@@ -27,6 +27,10 @@ def pytest_report_header(config):
 @pytest.hookimpl(trylast=True)
 def pytest_runtest_teardown(item):
     stop_on_cuda_fault(item)
+    if DEVICE == "cuda" and os.environ.get("PYTEST_XDIST_WORKER"):
+        # pytest-xdist workers share the one GPU (bench/device_check.py's warm-up run): each hands
+        # its cached blocks back after every case, or the caches of idle workers starve the others.
+        torch.cuda.empty_cache()
 
 
 @pytest.fixture(scope="session")

@@ -79,6 +79,25 @@ def test_build_info():
 
 
 @needs_extension
+def test_no_cxx_runtime_symbols_exported():
+    """A toolchain that links libstdc++ statically must not export that copy's symbols (setup.py's
+    hidden_static_runtime_flags): the shared libstdc++ torch loaded would take over their data."""
+    import subprocess
+
+    import vitkernels._C as compiled
+
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("nm (binutils) is not installed")
+    listing = subprocess.run([nm, "-D", "--defined-only", "-C", compiled.__file__], capture_output=True,
+                             text=True, check=True).stdout
+    runtime = [line for line in listing.splitlines()
+               if any(name in line for name in ("std::locale", "std::ios_base", "std::basic_ios<", "::id"))
+               and "vitkernels" not in line]
+    assert not runtime, f"{len(runtime)} libstdc++ symbols exported by {compiled.__file__}, e.g. {runtime[:5]}"
+
+
+@needs_extension
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("window", WINDOWS, ids=str)
 def test_gather_cpu_matches_reference(window, dtype):

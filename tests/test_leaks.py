@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from op_cases import CASES, gpu_op_backend_params, op_backend_params, run
+from vitkernels import ops
 
 CALLS, BACKWARD_CALLS, WARMUP = 1000, 100, 20
 RSS_SLACK = 1 << 20  # allocator noise (up to ~200 KiB seen); one leaked output per call would pass it
@@ -40,11 +41,14 @@ def test_cpu_rss_is_flat(op, backend):
 @pytest.mark.cuda
 @pytest.mark.parametrize("op,backend", gpu_op_backend_params())
 def test_cuda_allocated_memory_is_flat(op, backend):
-    tensors = {k: t.float().cuda() for k, t in CASES[op].make(2).items()}
+    # float32 where the backend takes it; the CUDA attention kernels run on tensor cores in 16 bits.
+    dtype = torch.float32 if torch.float32 in ops.backend_table(op)[backend].dtypes else torch.float16
+    tensors = {k: t.to(dtype).cuda() for k, t in CASES[op].make(2).items()}
     _calls(op, backend, tensors, WARMUP, WARMUP)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     _calls(op, backend, tensors, CALLS, BACKWARD_CALLS)
     torch.cuda.synchronize()
     grown = torch.cuda.memory_allocated() - before
-    assert grown == 0, f"{op} on {backend}: {grown} bytes still allocated after {CALLS} calls"
+    # Less than before is no leak: the warm-up's last autograd graph may be freed during the calls.
+    assert grown <= 0, f"{op} on {backend}: {grown} more bytes allocated after {CALLS} calls"
