@@ -274,12 +274,23 @@ def parse_sanitizer_summary(text: str) -> Optional[int]:
     return int(found[-1]) if found else None
 
 
+def sanitizer_progress(text: str) -> tuple[int, int]:
+    """(tests reached, error reports) of a compute-sanitizer run over ``pytest -q``: one progress
+    character per test, and the tool's report lines, which it prints as it finds each error (so a
+    run cut before its ERROR SUMMARY still tells what it found in the tests it reached)."""
+    reached = sum(len(run) for run in re.findall(r"^([.sFExX]+)(?: +\[ *\d+%\])?$", text or "", re.MULTILINE))
+    reports = re.findall(r"^========= (?!COMPUTE-SANITIZER|ERROR SUMMARY)\S", text or "", re.MULTILINE)
+    return reached, len(reports)
+
+
 def review_sanitizer(step: Step, output: str) -> None:
     """The tool's verdict: clean only with an ERROR SUMMARY of 0 and passing tests."""
     errors = parse_sanitizer_summary(output)
     summary = parse_pytest_summary(output)
     if errors is None:
-        verdict = "no ERROR SUMMARY (the tool did not finish)"
+        reached, reports = sanitizer_progress(output)
+        verdict = (f"no ERROR SUMMARY (the tool did not finish): {reached} tests reached, "
+                   + (f"{reports} error reports among them" if reports else "no error reported in them"))
         if step.status == "ok":
             step.status = "failed"
     else:

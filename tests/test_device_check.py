@@ -181,6 +181,12 @@ def test_sanitizer_verdicts(dc):
     unfinished = dc.Step("sanitize_memcheck", "ok", 5.0)
     dc.review_sanitizer(unfinished, "")
     assert unfinished.status == "failed" and "no ERROR SUMMARY" in unfinished.detail
+    cut = dc.Step("sanitize_racecheck", "timeout", 5.0, "killed after 194s")
+    dc.review_sanitizer(cut, "========= COMPUTE-SANITIZER\n.s.s....s.F [ 29%]\n....\n")
+    assert cut.status == "timeout" and "15 tests reached, no error reported in them" in cut.detail, cut.detail
+    report = ("========= COMPUTE-SANITIZER\n..\n========= Invalid __global__ read of size 4 bytes\n"
+              "=========     at window_attention_fwd+0x1a0\n.\n")
+    assert dc.sanitizer_progress(report) == (3, 1)
 
 
 def test_sanitizer_command_runs_the_kernel_selection(dc):
