@@ -176,19 +176,25 @@ def summarize_benchmarks(bench: dict, ceilings: dict) -> list[dict]:
     are divided by the copy bandwidth, TFLOP/s results by the matmul rate; images/s (whole models)
     have no ceiling.
     """
+    def rate(info: dict, metric: Optional[str], seconds: Optional[float]) -> Optional[float]:
+        if not seconds or seconds <= 0:
+            return None
+        if metric == "GB/s" and info.get("bytes") is not None:
+            return info["bytes"] / seconds / 1e9
+        if metric == "TFLOP/s" and info.get("flops") is not None:
+            return info["flops"] / seconds / 1e12
+        if metric == "images/s" and info.get("batch"):
+            return info["batch"] / seconds
+        return None
+
     rows = []
     for b in bench.get("benchmarks", []):
         info = b.get("extra_info", {})
         median = (b.get("stats") or {}).get("median")
         metric = info.get("metric")
-        value = None
-        if median and median > 0:
-            if metric == "GB/s" and info.get("bytes") is not None:
-                value = info["bytes"] / median / 1e9
-            elif metric == "TFLOP/s" and info.get("flops") is not None:
-                value = info["flops"] / median / 1e12
-            elif metric == "images/s" and info.get("batch"):
-                value = info["batch"] / median
+        value = rate(info, metric, median)
+        alone = info.get("graph_seconds")
+        alone_value = rate(info, metric, alone)
         ceiling = {"GB/s": ceilings.get("copy_gbps"), "TFLOP/s": ceilings.get("matmul_tflops")}.get(metric)
         rows.append({
             "name": b.get("name"), "op": info.get("op"), "mode": info.get("mode"), "shape": info.get("shape"),
@@ -196,6 +202,9 @@ def summarize_benchmarks(bench: dict, ceilings: dict) -> list[dict]:
             "dtype": info.get("dtype"),
             "median_ms": None if median is None else median * 1e3, "metric": metric, "value": value,
             "fraction_of_ceiling": value / ceiling if value is not None and ceiling else None,
+            # the device's time alone (a CUDA graph of the same calls), where it was measured
+            "graph_ms": None if alone is None else alone * 1e3,
+            "graph_fraction_of_ceiling": alone_value / ceiling if alone_value is not None and ceiling else None,
         })
     rows.sort(key=lambda r: (str(r["op"]), str(r["mode"]), str(r["shape"]), str(r["backend"])))
     return rows
@@ -207,6 +216,10 @@ def _fmt(value, digits: int = 3) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}g}"
     return str(value)
+
+
+def _percent(fraction: Optional[float]) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.1f}%"
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
@@ -237,10 +250,11 @@ def render_markdown(result: dict) -> str:
     lines += ["", f"## Benchmarks ({len(rows)})", ""]
     if rows:
         lines += _table(
-            ["op", "mode", "shape", "backend", "batch", "dtype", "median ms", "achieved", "of ceiling"],
+            ["op", "mode", "shape", "backend", "batch", "dtype", "median ms", "achieved", "of ceiling",
+             "device ms (graph)", "of ceiling (graph)"],
             [[r["op"], r["mode"], r["shape"], r["backend"], r["batch"], r["dtype"], _fmt(r["median_ms"]),
-              f"{_fmt(r['value'])} {r['metric'] or ''}".strip(),
-              "-" if r["fraction_of_ceiling"] is None else f"{100 * r['fraction_of_ceiling']:.1f}%"]
+              f"{_fmt(r['value'])} {r['metric'] or ''}".strip(), _percent(r["fraction_of_ceiling"]),
+              _fmt(r.get("graph_ms")), _percent(r.get("graph_fraction_of_ceiling"))]
              for r in rows])
     else:
         lines.append("No benchmark results.")

@@ -8,13 +8,16 @@ Triton's launcher), while in a row of calls that path overlaps the device work o
 as in a model's forward and in ``triton.testing.do_bench``. The calls rotate through copies of
 their inputs whose total exceeds twice the L2 cache (:func:`pool_size`), so that no call reads
 inputs the previous one left in L2; pytest-benchmark then reports the median over rounds of the
-time per call.
+time per call. Where the host's path to the launches is longer than the device's work, the median
+is the host's; the op benchmarks therefore also record the device's time alone
+(:func:`graph_time`: the same calls captured in a CUDA graph and replayed).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import statistics
 import time
 from typing import Callable
 
@@ -26,6 +29,7 @@ MIN_ROUNDS, MAX_ROUNDS = 3, 200
 WARMUP_CALLS = 2
 CALLS_PER_ROUND = {"cuda": 10, "cpu": 1}
 MAX_POOL = 16
+GRAPH_REPLAYS = 5  # replays of a CUDA graph of CALLS_PER_ROUND calls (graph_time)
 
 
 class CudaEventClock:
@@ -72,9 +76,42 @@ def synchronizer(device: str) -> Callable[[], None]:
     return torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
 
-def measure(benchmark, call: Callable[[], None], device: str) -> None:
+def graph_time(call: Callable[[], None], calls: int, replays: int = GRAPH_REPLAYS) -> dict:
+    """The device's time per call with the host out of it: ``calls`` calls captured in one CUDA
+    graph, replayed ``replays`` times between CUDA events; ``{"graph_seconds": median per call}``,
+    or ``{"graph_error": why}`` when the call cannot be captured (it synchronizes, say) or there is
+    no GPU. Set beside the rounds' median, it tells how much of that median the host's path to
+    the launches adds."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # lazy initializations (library handles) happen outside the capture
+            call()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                call()
+        graph.replay()
+        torch.cuda.synchronize()
+        per_call = []
+        for _ in range(replays):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            per_call.append(start.elapsed_time(end) * 1e-3 / calls)
+        return {"graph_seconds": statistics.median(per_call)}
+    except Exception as err:  # noqa: BLE001 - a call that cannot be captured keeps its rounds' median
+        lines = str(err).strip().splitlines()
+        return {"graph_error": f"{type(err).__name__}: {lines[0][:200] if lines else ''}".strip()}
+
+
+def measure(benchmark, call: Callable[[], None], device: str, graph: bool = False) -> None:
     """Warm-up calls, a trial call that sets the rounds, then the timed rounds
-    (:data:`CALLS_PER_ROUND` calls each; pytest-benchmark records the time per call).
+    (:data:`CALLS_PER_ROUND` calls each; pytest-benchmark records the time per call); on GPU with
+    ``graph``, also the device's time per call alone (:func:`graph_time`) in ``extra_info``.
 
     ``call`` must not synchronize: on GPU the CUDA-event clock waits for each round's end itself.
     A disabled benchmark (``--benchmark-disable``, or under pytest-xdist) makes one call and times
@@ -98,6 +135,8 @@ def measure(benchmark, call: Callable[[], None], device: str) -> None:
     benchmark.pedantic(call, rounds=rounds, iterations=calls, warmup_rounds=0)
     clock = "cuda events" if device == "cuda" else "wall clock"
     benchmark.extra_info["timer"] = f"{clock}, {calls} calls per round"
+    if graph and device == "cuda":
+        benchmark.extra_info.update(graph_time(call, calls))
 
 
 def ceilings() -> dict:

@@ -92,6 +92,25 @@ def test_achieved_rates_relate_to_the_measured_ceilings(bench, tmp_path, monkeyp
         timing.achieved(work, 1.0, "images/s", measured)
 
 
+def test_graph_timing_reports_what_stopped_it(bench):
+    """Without a GPU (or for a call that cannot be captured) the device time is an error to read, never
+    an exception that would lose the rounds' median."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the capture would run")
+    found = bench.timing.graph_time(lambda: None, 10)
+    assert set(found) == {"graph_error"} and found["graph_error"], found
+
+
+@pytest.mark.cuda
+def test_graph_timing_on_a_gpu(bench):
+    x = torch.randn(1 << 20, device="cuda")
+    found = bench.timing.graph_time(lambda: x.mul_(1.0), 10)
+    assert found.get("graph_seconds", 0) > 0, found
+    refused = bench.timing.graph_time(lambda: x.sum().item(), 10)  # a synchronization cannot be captured
+    assert set(refused) == {"graph_error"}, refused
+    assert torch.equal(x.clone().add_(1), x + 1)  # the device works on after the refused capture
+
+
 def _small(bench, name):
     """The named window shape on a map of two windows by two."""
     from dataclasses import replace

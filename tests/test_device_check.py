@@ -54,6 +54,20 @@ def test_summarize_benchmarks_relates_results_to_ceilings(dc):
     assert dc.summarize_benchmarks(FAKE_BENCH, {})[0]["fraction_of_ceiling"] is None
 
 
+def test_summary_carries_the_device_time_alone(dc):
+    entry = _bench_entry("layernorm", "GB/s", 1e-3, bytes_=2e9)
+    entry["extra_info"]["graph_seconds"] = 0.8e-3  # the rounds' median also held 0.2 ms of host path
+    (row,) = dc.summarize_benchmarks({"benchmarks": [entry]}, CEILINGS)
+    assert row["graph_ms"] == pytest.approx(0.8)
+    assert row["graph_fraction_of_ceiling"] == pytest.approx(2500 / 3000)
+    assert row["fraction_of_ceiling"] == pytest.approx(2 / 3)
+    (untimed,) = dc.summarize_benchmarks({"benchmarks": [_bench_entry("layernorm", "GB/s", 1e-3, bytes_=2e9)]},
+                                         CEILINGS)
+    assert untimed["graph_ms"] is None and untimed["graph_fraction_of_ceiling"] is None
+    text = dc.render_markdown({"env": {}, "steps": [], "benchmarks": [row, untimed]})
+    assert "| device ms (graph) | of ceiling (graph) |" in text and "| 0.8 | 83.3% |" in text
+
+
 def test_render_markdown_writes_every_section(dc):
     steps = [{"name": "env", "status": "ok", "seconds": 2.5, "detail": ""},
              {"name": "tests_ops", "status": "failed", "seconds": 80.0, "detail": "1 failed | 20 passed in 70s"}]
