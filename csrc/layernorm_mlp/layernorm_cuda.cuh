@@ -2,12 +2,17 @@
 // their launchers; included by layernorm_mlp/cuda.cu only.
 //
 // Schedule: a row is handled by a group of threads that keeps it in registers as 16-byte packs
-// (one read of each input, one write of each output): a warp per row up to 512 elements, the
-// whole 128-thread block per row up to 2048 (16 elements per thread either way). Rows
-// whose width is not a multiple of the pack, or whose pointers are not 16-byte aligned, or that
-// are wider than that take a general block-per-row path that reads scalars and re-reads the row
-// from cache for each of its passes. Statistics are fp32; the variance is the mean squared
-// deviation from the mean, as the CPU kernels compute it.
+// (one read of each input, one write of each output). The group is the fewest of 4, 8, 16 or 32
+// lanes of a warp that hold the row, else the whole 128-thread block: the forward holds up to 32
+// elements per thread (a warp per row up to 1024 elements, a block up to 4096), the backward,
+// which also keeps the row's gradient terms and its column sums, 16. So Swin's narrow rows
+// (C = 96: 12 packs of bf16) keep every lane busy, 4 lanes and 3 packs each, 8 rows per warp,
+// instead of 12 of a warp's 32 lanes, and a ViT-B row (768) is one warp's, 3 packs per lane,
+// without the block-wide reductions and their barriers. Rows whose width is not a multiple of
+// the pack, or whose pointers are not 16-byte aligned, or that are wider than that take a general
+// block-per-row path that reads scalars and re-reads the row from cache for each of its passes.
+// Statistics are fp32; the variance is the mean squared deviation from the mean, as the CPU
+// kernels compute it.
 //
 // The backward's weight and bias gradients are deterministic: every row group keeps fp32 partial
 // sums for the columns it owns, writes them to its own row of a [parts, C] buffer, and a second
@@ -26,6 +31,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <limits>
+#include <type_traits>
 
 #include "common/checks.h"
 #include "common/cuda_reduce.cuh"
@@ -41,31 +47,40 @@ using cuda::store_floats;
 
 constexpr int kThreads = 128;  // threads of every LayerNorm block
 constexpr int kWarps = kThreads / kWarpSize;
-// Elements of a row each thread holds in registers on the fast paths (in 16-byte packs): a warp
-// takes rows of up to 512 elements, a block rows of up to 2048.
-constexpr int kElementsPerThread = 16;
+// Elements of a row each thread holds in registers on the fast paths (in 16-byte packs).
+constexpr int kForwardElements = 32;
+constexpr int kBackwardElements = 16;
 // The backward's grid stops growing here (its blocks then take several rows each), which bounds
 // the partial-sum buffer and the length of the final per-column sums.
 constexpr int64_t kMaxBackwardBlocks = 512;
 
-// The threads of a block that share one row: a warp (kWarpsPerRow = 1, four rows per block) or
-// the whole block (kWarpsPerRow = kWarps, one row per block).
-template <int kWarpsPerRow>
+// The threads of a block that share one row: 4, 8, 16 or 32 consecutive lanes of a warp, or the
+// whole block (kThreadsPerRow = kThreads, one row per block).
+template <int kThreadsPerRow>
 struct RowGroup {
-  static constexpr int kThreadsPerRow = kWarpsPerRow * kWarpSize;
-  static constexpr int kRowsPerBlock = kWarps / kWarpsPerRow;
+  static_assert(kThreadsPerRow == kThreads ||
+                    (kThreadsPerRow >= 4 && kThreadsPerRow <= kWarpSize && kWarpSize % kThreadsPerRow == 0),
+                "a row takes 4, 8, 16 or 32 lanes of a warp, or the whole block");
+  static constexpr int kRowsPerBlock = kThreads / kThreadsPerRow;
+  static constexpr int kWarpsPerRow = kThreadsPerRow > kWarpSize ? kThreadsPerRow / kWarpSize : 1;
   int lane;  // this thread's index among its row's threads
   int slot;  // which of the block's rows
 
   __device__ RowGroup() : lane(threadIdx.x % kThreadsPerRow), slot(threadIdx.x / kThreadsPerRow) {}
 
-  // v[k] summed over the row's threads, bitwise the same in all of them. With a block per row,
-  // every thread of the block must call it (it synchronizes the block).
+  // v[k] summed over the row's threads, bitwise the same in all of them (a butterfly: each step
+  // adds the same two values in every lane). Every thread of the warp must call it, those
+  // without a row too (with zeros), and with a block per row every thread of the block (it
+  // synchronizes the block).
   template <int K>
   __device__ void sum(float (&v)[K]) const {
+    constexpr int kWidth = kThreadsPerRow < kWarpSize ? kThreadsPerRow : kWarpSize;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      v[k] = cuda::warp_sum(v[k]);
+#pragma unroll
+      for (int offset = kWidth / 2; offset > 0; offset /= 2) {
+        v[k] += __shfl_xor_sync(0xffffffffu, v[k], offset);
+      }
     }
     if constexpr (kWarpsPerRow > 1) {
       __shared__ float shared[kWarps][K];  // one per instantiation, reused by every call
@@ -90,22 +105,23 @@ struct RowGroup {
   }
 };
 
-// A row group's share of a row held in registers as 16-byte packs of kVec elements: a thread's
-// item i is pack lane + i * kThreadsPerRow of the row.
-template <typename scalar_t, int kWarpsPerRow>
-struct RowTile : RowGroup<kWarpsPerRow> {
+// A row group's share of a row held in registers as 16-byte packs of kVec elements, kElements
+// per thread: a thread's item i is pack lane + i * kThreadsPerRow of the row.
+template <typename scalar_t, int kThreadsPerRow, int kElements>
+struct RowTile : RowGroup<kThreadsPerRow> {
   static constexpr int kVec = pack_size<scalar_t>();
-  static constexpr int kItems = kElementsPerThread / kVec;
+  static constexpr int kItems = kElements / kVec;
 
-  __device__ RowTile() : RowGroup<kWarpsPerRow>() {}
+  __device__ RowTile() : RowGroup<kThreadsPerRow>() {}
 
-  // f(i, p) for each of this thread's items i whose pack p lies in a row of c elements.
+  // f(i, p) for each of this thread's items i whose pack p lies in a row of c elements (none
+  // for c = 0: a group without a row).
   template <typename F>
   __device__ __forceinline__ void for_each_pack(int c, const F& f) const {
     const int packs = c / kVec;
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
-      const int p = this->lane + i * RowGroup<kWarpsPerRow>::kThreadsPerRow;
+      const int p = this->lane + i * kThreadsPerRow;
       if (p < packs) {
         f(i, p);
       }
@@ -134,20 +150,20 @@ struct ForwardArgs {
 };
 
 // The forward with a row per group, held in registers. c is a multiple of the pack, the row
-// pointers 16-byte aligned, and c <= kElementsPerThread * the group's threads.
-template <typename scalar_t, int kWarpsPerRow>
+// pointers 16-byte aligned, and c <= kForwardElements * kThreadsPerRow.
+template <typename scalar_t, int kThreadsPerRow>
 __global__ void __launch_bounds__(kThreads) layernorm_fwd_kernel(ForwardArgs<scalar_t> a) {
-  using Tile = RowTile<scalar_t, kWarpsPerRow>;
+  using Tile = RowTile<scalar_t, kThreadsPerRow, kForwardElements>;
   constexpr int kVec = Tile::kVec;
   const Tile tile;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * Tile::kRowsPerBlock + tile.slot;
-  if (row >= a.rows) {
-    return;  // a whole warp, or (one row per block) the whole block: no thread is left waiting
-  }
-  const int64_t base = row * a.c;
+  // A group past the last row stays for its warp's reductions with an empty row (c = 0).
+  const bool valid = row < a.rows;
+  const int c = valid ? a.c : 0;
+  const int64_t base = valid ? row * a.c : 0;
   float v[Tile::kItems][kVec];
   float total[1] = {0.0f};
-  tile.for_each_pack(a.c, [&](int i, int p) {
+  tile.for_each_pack(c, [&](int i, int p) {
     load_floats(a.x + base + p * kVec, v[i]);
     if (a.residual != nullptr) {
       float r[kVec];
@@ -166,7 +182,7 @@ __global__ void __launch_bounds__(kThreads) layernorm_fwd_kernel(ForwardArgs<sca
   tile.sum(total);
   const float mu = total[0] / static_cast<float>(a.c);
   float squares[1] = {0.0f};
-  tile.for_each_pack(a.c, [&](int i, int) {
+  tile.for_each_pack(c, [&](int i, int) {
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
       squares[0] += (v[i][j] - mu) * (v[i][j] - mu);
@@ -174,7 +190,7 @@ __global__ void __launch_bounds__(kThreads) layernorm_fwd_kernel(ForwardArgs<sca
   });
   tile.sum(squares);
   const float r = 1.0f / sqrtf(squares[0] / static_cast<float>(a.c) + a.eps);
-  tile.for_each_pack(a.c, [&](int i, int p) {
+  tile.for_each_pack(c, [&](int i, int p) {
     float out[kVec];
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
@@ -182,7 +198,7 @@ __global__ void __launch_bounds__(kThreads) layernorm_fwd_kernel(ForwardArgs<sca
     }
     store_floats(a.y + base + p * kVec, out);
   });
-  if (tile.lane == 0) {
+  if (valid && tile.lane == 0) {
     a.mean[row] = mu;
     a.rstd[row] = r;
   }
@@ -192,7 +208,7 @@ __global__ void __launch_bounds__(kThreads) layernorm_fwd_kernel(ForwardArgs<sca
 // re-reads the row (from cache) instead of holding it.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) layernorm_fwd_general_kernel(ForwardArgs<scalar_t> a) {
-  using Group = RowGroup<kWarps>;
+  using Group = RowGroup<kThreads>;
   const Group group;
   const int64_t row = blockIdx.x;
   const int64_t base = row * a.c;
@@ -245,26 +261,30 @@ struct BackwardArgs {
   int c;
 };
 
-// The backward with the row in registers; layout conditions as for layernorm_fwd_kernel. Parts
-// are (block, slot): every thread writes its columns of its part, zeros when it had no row.
-template <typename scalar_t, int kWarpsPerRow>
+// The backward with the row in registers; layout conditions as for layernorm_fwd_kernel with
+// kBackwardElements per thread. Parts are (block, slot): every thread writes its columns of its
+// part, zeros when it had no row.
+template <typename scalar_t, int kThreadsPerRow>
 __global__ void __launch_bounds__(kThreads) layernorm_bwd_kernel(BackwardArgs<scalar_t> a) {
-  using Tile = RowTile<scalar_t, kWarpsPerRow>;
+  using Tile = RowTile<scalar_t, kThreadsPerRow, kBackwardElements>;
   constexpr int kVec = Tile::kVec;
   const Tile tile;
   float dweight[Tile::kItems][kVec] = {};
   float dbias[Tile::kItems][kVec] = {};
   const int64_t step = static_cast<int64_t>(gridDim.x) * Tile::kRowsPerBlock;
-  // With a block per row the loop bounds are the same for the whole block, as sum() requires.
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * Tile::kRowsPerBlock + tile.slot; row < a.rows;
-       row += step) {
-    const int64_t base = row * a.c;
-    const float mu = a.mean[row];
-    const float r = a.rstd[row];
+  // The loop runs over the block's first rows, the same bounds for the whole block as sum()
+  // requires; a group past the last row takes an empty row (c = 0).
+  for (int64_t first = static_cast<int64_t>(blockIdx.x) * Tile::kRowsPerBlock; first < a.rows; first += step) {
+    const int64_t row = first + tile.slot;
+    const bool valid = row < a.rows;
+    const int c = valid ? a.c : 0;
+    const int64_t base = valid ? row * a.c : 0;
+    const float mu = valid ? a.mean[row] : 0.0f;
+    const float r = valid ? a.rstd[row] : 0.0f;
     float grad[Tile::kItems][kVec];
     float xhat[Tile::kItems][kVec];
     float sums[2] = {0.0f, 0.0f};
-    tile.for_each_pack(a.c, [&](int i, int p) {
+    tile.for_each_pack(c, [&](int i, int p) {
       float d[kVec];
       load_floats(a.dy + base + p * kVec, d);
       load_floats(a.x + base + p * kVec, xhat[i]);
@@ -281,7 +301,7 @@ __global__ void __launch_bounds__(kThreads) layernorm_bwd_kernel(BackwardArgs<sc
     tile.sum(sums);
     const float mean_g = sums[0] / static_cast<float>(a.c);
     const float mean_g_xhat = sums[1] / static_cast<float>(a.c);
-    tile.for_each_pack(a.c, [&](int i, int p) {
+    tile.for_each_pack(c, [&](int i, int p) {
       float out[kVec];
       float e[kVec] = {};
       if (a.extra != nullptr) {
@@ -313,7 +333,7 @@ __global__ void __launch_bounds__(kThreads) layernorm_bwd_kernel(BackwardArgs<sc
 // one thread of the block, so there is no race).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) layernorm_bwd_general_kernel(BackwardArgs<scalar_t> a) {
-  using Group = RowGroup<kWarps>;
+  using Group = RowGroup<kThreads>;
   const Group group;
   const int64_t part = static_cast<int64_t>(blockIdx.x) * a.c;
   for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
@@ -351,23 +371,47 @@ __global__ void __launch_bounds__(kThreads) layernorm_bwd_general_kernel(Backwar
   AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
                          AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
-// Which kernel a [rows, c] problem takes, given the row tensors the kernel reads or writes
-// (undefined ones are absent); the first one sets the element size.
-enum class Path { kWarpPerRow, kBlockPerRow, kGeneral };
-
-inline Path choose_path(int64_t c, std::initializer_list<const at::Tensor*> tensors) {
+// The threads per row of the kernel a [rows, c] problem takes, given the row tensors the kernel
+// reads or writes (undefined ones are absent; the first one sets the element size) and the
+// elements per thread the register-resident kernel holds: the fewest of 4, 8, 16 and 32 lanes
+// that hold a row, else kThreads (a block per row); 0 for the general kernel.
+inline int threads_per_row(int64_t c, int elements, std::initializer_list<const at::Tensor*> tensors) {
   const int64_t vec = 16 / (*tensors.begin())->element_size();
   bool aligned = c % vec == 0;
   for (const at::Tensor* t : tensors) {
     aligned = aligned && (!t->defined() || cuda::is_aligned(t->const_data_ptr(), 16));
   }
-  if (aligned && c <= kElementsPerThread * kWarpSize) {
-    return Path::kWarpPerRow;
+  if (!aligned) {
+    return 0;
   }
-  if (aligned && c <= kElementsPerThread * kThreads) {
-    return Path::kBlockPerRow;
+  for (int lanes = 4; lanes <= kWarpSize; lanes *= 2) {
+    if (c <= static_cast<int64_t>(elements) * lanes) {
+      return lanes;
+    }
   }
-  return Path::kGeneral;
+  return c <= static_cast<int64_t>(elements) * kThreads ? kThreads : 0;
+}
+
+// f(std::integral_constant<int, lanes>) for the threads per row threads_per_row chose (not 0).
+template <typename F>
+void with_threads_per_row(int lanes, const F& f) {
+  switch (lanes) {
+    case 4:
+      f(std::integral_constant<int, 4>());
+      break;
+    case 8:
+      f(std::integral_constant<int, 8>());
+      break;
+    case 16:
+      f(std::integral_constant<int, 16>());
+      break;
+    case 32:
+      f(std::integral_constant<int, 32>());
+      break;
+    default:
+      f(std::integral_constant<int, kThreads>());
+      break;
+  }
 }
 
 template <typename T>
@@ -397,7 +441,7 @@ inline void layernorm_forward(const at::Tensor& x, const at::Tensor& residual, c
   if (rows == 0) {
     return;
   }
-  const Path path = choose_path(c, {&x, &residual, &sum, &y});
+  const int lanes = threads_per_row(c, kForwardElements, {&x, &residual, &sum, &y});
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   VITKERNELS_LAYERNORM_DISPATCH(x.scalar_type(), "layernorm_fwd_cuda", [&] {
     const ForwardArgs<scalar_t> args{x.const_data_ptr<scalar_t>(), pointer_or_null<scalar_t>(residual),
@@ -405,17 +449,14 @@ inline void layernorm_forward(const at::Tensor& x, const at::Tensor& residual, c
                                      mutable_pointer_or_null<scalar_t>(sum), y.mutable_data_ptr<scalar_t>(),
                                      mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>(), rows,
                                      static_cast<int>(c), static_cast<float>(eps)};
-    switch (path) {
-      case Path::kWarpPerRow:
-        layernorm_fwd_kernel<scalar_t, 1>
-            <<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(args);
-        break;
-      case Path::kBlockPerRow:
-        layernorm_fwd_kernel<scalar_t, kWarps><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(args);
-        break;
-      case Path::kGeneral:
-        layernorm_fwd_general_kernel<scalar_t><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(args);
-        break;
+    if (lanes == 0) {
+      layernorm_fwd_general_kernel<scalar_t><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(args);
+    } else {
+      with_threads_per_row(lanes, [&](auto threads) {
+        constexpr int kRowsPerBlock = kThreads / decltype(threads)::value;
+        layernorm_fwd_kernel<scalar_t, decltype(threads)::value>
+            <<<static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock), kThreads, 0, stream>>>(args);
+      });
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -434,8 +475,8 @@ inline LayerNormGrads layernorm_backward(const at::Tensor& dy, const at::Tensor&
   const int64_t c = x.size(1);
   check_launch_size(rows, c);
   LayerNormGrads grads{at::empty_like(x), at::Tensor(), at::Tensor()};
-  const Path path = choose_path(c, {&x, &dy, &extra, &grads.dx});
-  const int64_t rows_per_block = path == Path::kWarpPerRow ? kWarps : 1;
+  const int lanes = threads_per_row(c, kBackwardElements, {&x, &dy, &extra, &grads.dx});
+  const int64_t rows_per_block = lanes == 0 ? 1 : kThreads / lanes;
   const int64_t blocks = std::min((rows + rows_per_block - 1) / rows_per_block, kMaxBackwardBlocks);
   const int64_t parts = std::max<int64_t>(blocks * rows_per_block, 1);
   const auto options = x.options().dtype(at::kFloat);
@@ -444,7 +485,7 @@ inline LayerNormGrads layernorm_backward(const at::Tensor& dy, const at::Tensor&
     if (!wanted) {
       return at::Tensor();
     }
-    return path == Path::kGeneral || blocks == 0 ? at::zeros({parts, c}, options) : at::empty({parts, c}, options);
+    return lanes == 0 || blocks == 0 ? at::zeros({parts, c}, options) : at::empty({parts, c}, options);
   };
   at::Tensor partial_weight = partials(weight.defined());
   at::Tensor partial_bias = partials(bias_grad);
@@ -458,16 +499,12 @@ inline LayerNormGrads layernorm_backward(const at::Tensor& dy, const at::Tensor&
           grads.dx.mutable_data_ptr<scalar_t>(), mutable_pointer_or_null<float>(partial_weight),
           mutable_pointer_or_null<float>(partial_bias), rows, static_cast<int>(c)};
       const auto grid = static_cast<unsigned>(blocks);
-      switch (path) {
-        case Path::kWarpPerRow:
-          layernorm_bwd_kernel<scalar_t, 1><<<grid, kThreads, 0, stream>>>(args);
-          break;
-        case Path::kBlockPerRow:
-          layernorm_bwd_kernel<scalar_t, kWarps><<<grid, kThreads, 0, stream>>>(args);
-          break;
-        case Path::kGeneral:
-          layernorm_bwd_general_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(args);
-          break;
+      if (lanes == 0) {
+        layernorm_bwd_general_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(args);
+      } else {
+        with_threads_per_row(lanes, [&](auto threads) {
+          layernorm_bwd_kernel<scalar_t, decltype(threads)::value><<<grid, kThreads, 0, stream>>>(args);
+        });
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

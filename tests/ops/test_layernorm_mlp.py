@@ -193,11 +193,15 @@ def test_cuda_model_sizes(backend, shape, channels, dtype):
     _compare_layernorms(backend, shape, channels, dtype)
 
 
-# 96-512: a warp per row; 768-2048: a block per row; 100 (not a multiple of the 16-byte pack of
-# 16-bit types) and 2056 (over the register budget): the general path, as is a misaligned row.
+# Rows held by 4, 8, 16 or 32 lanes or by a whole block (the forward holds 32 elements per thread,
+# the backward 16): 8 (one 16-bit pack, lanes without one), 96, 192, 384 and 512 in part of a
+# warp, 768 a warp (the backward: a block), 2048 a block; 21 rows leave groups of the last block
+# without a row. 100 (not a multiple of the 16-byte pack of 16-bit types), 2056 (over the
+# backward's register budget) and 4104 (over the forward's) take the general path, as does a
+# misaligned row.
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", CUDA_BACKEND)
-@pytest.mark.parametrize("channels", [96, 100, 512, 768, 2048, 2056])
+@pytest.mark.parametrize("channels", [8, 96, 100, 192, 384, 512, 768, 2048, 2056, 4104])
 @pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 def test_cuda_layernorm_paths(backend, channels, misaligned, dtype):
