@@ -16,8 +16,8 @@
 //
 // The backward's weight and bias gradients are deterministic: every row group keeps fp32 partial
 // sums for the columns it owns, writes them to its own row of a [parts, C] buffer, and a second
-// kernel sums the parts of each column in order. The number of parts depends only on the row
-// count, never on the device.
+// kernel sums the parts of each column in order. The number of parts depends only on the rows
+// (their count, width and dtype), never on the device.
 #pragma once
 
 #include <ATen/core/Tensor.h>
