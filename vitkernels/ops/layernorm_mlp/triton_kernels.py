@@ -34,15 +34,30 @@ _TANH_C = tl.constexpr(0.044715)
 _TL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-def _num_programs(device: torch.device, rows: int) -> int:
-    """Programs for a row-looping reduction kernel: a few per SM on a GPU, few under the interpreter."""
+# Elements of the row tiles of the LayerNorm kernels (BLOCK_M rows of BLOCK_N columns): a program
+# takes as many rows as fill its tile, so Swin's 96-channel rows go 32 to a forward program (16 to a
+# backward one, which holds more per element) instead of one program per 192-byte row, whose
+# launches, not the memory, would bound the kernel.
+FORWARD_TILE = 4096
+BACKWARD_TILE = 2048
+
+
+def _row_tile(rows: int, channels: int, elements: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of a LayerNorm kernel's row tile: whole rows, padded to a power of two."""
+    block_n = triton.next_power_of_2(channels)
+    return max(1, min(elements // block_n, triton.next_power_of_2(max(rows, 1)))), block_n
+
+
+def _num_programs(device: torch.device, tiles: int) -> int:
+    """Programs for a tile-looping reduction kernel: a few per SM on a GPU, few under the interpreter."""
     if device.type == "cuda":
-        return max(1, min(rows, 4 * multiprocessors(device)))
-    return max(1, min(rows, 4))
+        return max(1, min(tiles, 4 * multiprocessors(device)))
+    return max(1, min(tiles, 4))
 
 
-def _row_warps(block_n: int) -> int:
-    return 4 if block_n <= 1024 else 8
+def _row_warps(tile: int) -> int:
+    """Warps of a LayerNorm kernel whose tile holds ``tile`` elements (16 to 32 per thread from 1024 up)."""
+    return 4 if tile <= 1024 else 8
 
 
 @triton.jit
@@ -69,72 +84,80 @@ def _gelu_grad(z, MODE: tl.constexpr):
 
 
 @triton.jit
-def _layernorm_fwd_kernel(x_ptr, res_ptr, w_ptr, b_ptr, sum_ptr, y_ptr, mean_ptr, rstd_ptr, N, eps,
+def _layernorm_fwd_kernel(x_ptr, res_ptr, w_ptr, b_ptr, sum_ptr, y_ptr, mean_ptr, rstd_ptr, M, N, eps,
                           HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                          STORE_Y: tl.constexpr, BLOCK_N: tl.constexpr):
-    # x_ptr, res_ptr, sum_ptr, y_ptr: [M, N]; w_ptr, b_ptr: [N]; mean_ptr, rstd_ptr: [M] fp32
-    row = tl.program_id(0).to(tl.int64)
+                          STORE_Y: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # x_ptr, res_ptr, sum_ptr, y_ptr: [M, N]; w_ptr, b_ptr: [N]; mean_ptr, rstd_ptr: [M] fp32.
+    # A program normalizes rows BLOCK_M * pid ... BLOCK_M * pid + BLOCK_M - 1.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    x = tl.load(x_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+    row_ok = rows < M
+    col_ok = cols < N
+    mask = row_ok[:, None] & col_ok[None, :]
+    offsets = rows[:, None] * N + cols[None, :]
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
         # the sum is rounded to the storage dtype first, as the reference normalizes the stored sum
-        s = (x + tl.load(res_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32))
+        s = (x + tl.load(res_ptr + offsets, mask=mask, other=0.0).to(tl.float32))
         s = s.to(sum_ptr.dtype.element_ty)
-        tl.store(sum_ptr + row * N + cols, s, mask=mask)
+        tl.store(sum_ptr + offsets, s, mask=mask)
         x = s.to(tl.float32)
-    mean = tl.sum(x, axis=0) / N
-    xc = tl.where(mask, x - mean, 0.0)
-    rstd = tl.math.rsqrt(tl.sum(xc * xc, axis=0) / N + eps)
-    tl.store(mean_ptr + row, mean)
-    tl.store(rstd_ptr + row, rstd)
+    mean = tl.sum(x, axis=1) / N
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = tl.math.rsqrt(tl.sum(xc * xc, axis=1) / N + eps)
+    tl.store(mean_ptr + rows, mean, mask=row_ok)
+    tl.store(rstd_ptr + rows, rstd, mask=row_ok)
     if STORE_Y:
-        y = xc * rstd
+        y = xc * rstd[:, None]
         if HAS_W:
-            y = y * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            y = y * tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_B:
-            y = y + tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + row * N + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+            y = y + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _layernorm_bwd_kernel(dy_ptr, dres_ptr, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, M, N, eps, rows_per_program,
+def _layernorm_bwd_kernel(dy_ptr, dres_ptr, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, M, N, eps, tiles_per_program,
                           HAS_DRES: tl.constexpr, HAS_W: tl.constexpr, COMPUTE_DWB: tl.constexpr,
-                          BLOCK_N: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # dy_ptr, dres_ptr, x_ptr, dx_ptr: [M, N]; w_ptr: [N]; dw_ptr, db_ptr: [programs, N] fp32 partial sums.
-    # The row statistics are recomputed from x (the row is loaded anyway), so forward saves none.
+    # A program walks tiles_per_program tiles of BLOCK_M rows. The row statistics are recomputed
+    # from x (the row is loaded anyway), so forward saves none. Rows past M load as zeros and add
+    # nothing to the partial sums.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
+    col_ok = cols < N
     if HAS_W:
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     else:
-        w = tl.where(mask, 1.0, 0.0)
+        w = tl.where(col_ok, 1.0, 0.0)
     dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    row_start = pid * rows_per_program
-    offsets = row_start.to(tl.int64) * N + cols
-    for _ in range(row_start, tl.minimum(row_start + rows_per_program, M)):
+    tile_start = pid * tiles_per_program
+    rows = tile_start.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    for _ in range(tile_start, tl.minimum(tile_start + tiles_per_program, (M + BLOCK_M - 1) // BLOCK_M)):
+        mask = (rows < M)[:, None] & col_ok[None, :]
+        offsets = rows[:, None] * N + cols[None, :]
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(x, axis=0) / N
-        xc = tl.where(mask, x - mean, 0.0)
-        rstd = tl.math.rsqrt(tl.sum(xc * xc, axis=0) / N + eps)
-        xhat = xc * rstd
+        mean = tl.sum(x, axis=1) / N
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = tl.math.rsqrt(tl.sum(xc * xc, axis=1) / N + eps)
+        xhat = xc * rstd[:, None]
         dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        wdy = dy * w
-        c1 = tl.sum(xhat * wdy, axis=0) / N
-        c2 = tl.sum(wdy, axis=0) / N
-        dx = (wdy - (xhat * c1 + c2)) * rstd
+        wdy = dy * w[None, :]
+        c1 = tl.sum(xhat * wdy, axis=1) / N
+        c2 = tl.sum(wdy, axis=1) / N
+        dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         if HAS_DRES:
             dx += tl.load(dres_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if COMPUTE_DWB:
-            dw_acc += dy * xhat
-            db_acc += dy
-        offsets += N
+            dw_acc += tl.sum(dy * xhat, axis=0)
+            db_acc += tl.sum(dy, axis=0)
+        rows += BLOCK_M
     if COMPUTE_DWB:
-        tl.store(dw_ptr + pid * N + cols, dw_acc, mask=mask)
-        tl.store(db_ptr + pid * N + cols, db_acc, mask=mask)
+        tl.store(dw_ptr + pid * N + cols, dw_acc, mask=col_ok)
+        tl.store(db_ptr + pid * N + cols, db_acc, mask=col_ok)
 
 
 @triton.jit
@@ -220,16 +243,22 @@ def _register_aot() -> None:
     for dtype in ("bf16", "fp16"):
         ptr = f"*{dtype}:16"
         ln_signature = {"x_ptr": ptr, "res_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "sum_ptr": ptr, "y_ptr": ptr,
-                        "mean_ptr": "*fp32:16", "rstd_ptr": "*fp32:16", "N": "i32:16", "eps": "fp32"}
-        for on, block_n, what in ((True, 1024, "C<=1024"), (False, 2048, "statistics only, C<=2048")):
+                        "mean_ptr": "*fp32:16", "rstd_ptr": "*fp32:16", "M": "i32", "N": "i32:16", "eps": "fp32"}
+        # ViT-B's 768 channels, Swin's 96, and the statistics of the widest LayerNorm+MLP rows
+        for on, channels, what in ((True, 768, "C=768"), (True, 96, "C=96"), (False, 1536, "statistics only")):
+            block_m, block_n = _row_tile(1 << 20, channels, FORWARD_TILE)
             aot.register(_layernorm_fwd_kernel, signature=ln_signature,
-                         constexprs={"HAS_RES": on, "HAS_W": on, "HAS_B": on, "STORE_Y": on, "BLOCK_N": block_n},
-                         num_warps=_row_warps(block_n), name=f"_layernorm_fwd_kernel[{dtype}, {what}]")
-        aot.register(_layernorm_bwd_kernel, signature={
-            "dy_ptr": ptr, "dres_ptr": ptr, "x_ptr": ptr, "w_ptr": ptr, "dx_ptr": ptr, "dw_ptr": "*fp32:16",
-            "db_ptr": "*fp32:16", "M": "i32", "N": "i32:16", "eps": "fp32", "rows_per_program": "i32"},
-            constexprs={"HAS_DRES": True, "HAS_W": True, "COMPUTE_DWB": True, "BLOCK_N": 2048},
-            num_warps=8, name=f"_layernorm_bwd_kernel[{dtype}, C<=2048]")
+                         constexprs={"HAS_RES": on, "HAS_W": on, "HAS_B": on, "STORE_Y": on, "BLOCK_M": block_m,
+                                     "BLOCK_N": block_n},
+                         num_warps=_row_warps(block_m * block_n), name=f"_layernorm_fwd_kernel[{dtype}, {what}]")
+        for channels in (96, 768, 1536):
+            block_m, block_n = _row_tile(1 << 20, channels, BACKWARD_TILE)
+            aot.register(_layernorm_bwd_kernel, signature={
+                "dy_ptr": ptr, "dres_ptr": ptr, "x_ptr": ptr, "w_ptr": ptr, "dx_ptr": ptr, "dw_ptr": "*fp32:16",
+                "db_ptr": "*fp32:16", "M": "i32", "N": "i32:16", "eps": "fp32", "tiles_per_program": "i32"},
+                constexprs={"HAS_DRES": True, "HAS_W": True, "COMPUTE_DWB": True, "BLOCK_M": block_m,
+                            "BLOCK_N": block_n},
+                num_warps=_row_warps(block_m * block_n), name=f"_layernorm_bwd_kernel[{dtype}, C={channels}]")
         aot.register(_gelu_bwd_kernel, signature={"dz_ptr": ptr, "z_ptr": ptr, "numel": "i32"},
                      constexprs={"MODE": 1, "BLOCK": 1024}, name=f"_gelu_bwd_kernel[{dtype}, erf]")
     stages = {"fc1": {"LN_PROLOGUE": True, "GELU": 1, "STORE_PRE": False, "RESIDUAL": False},
@@ -261,16 +290,16 @@ def layernorm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Opt
     mean [M] fp32, rstd [M] fp32).
     """
     rows, channels = x.shape
-    block_n = triton.next_power_of_2(channels)
+    block_m, block_n = _row_tile(rows, channels, FORWARD_TILE)
     y = torch.empty_like(x) if store_y else None
     total = torch.empty_like(x) if residual is not None else None
     mean = torch.empty(rows, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     if rows:
-        _layernorm_fwd_kernel[(rows,)](
-            x, residual, weight, bias, total, y, mean, rstd, channels, eps,
+        _layernorm_fwd_kernel[(triton.cdiv(rows, block_m),)](
+            x, residual, weight, bias, total, y, mean, rstd, rows, channels, eps,
             HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None, STORE_Y=store_y,
-            BLOCK_N=block_n, num_warps=_row_warps(block_n), num_stages=aot.NUM_STAGES)
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_row_warps(block_m * block_n), num_stages=aot.NUM_STAGES)
     return y, total, mean, rstd
 
 
@@ -282,9 +311,10 @@ def layernorm_bwd(dy: torch.Tensor, dres: Optional[torch.Tensor], x: torch.Tenso
     ``weight_grads``.
     """
     rows, channels = x.shape
-    block_n = triton.next_power_of_2(channels)
-    programs = _num_programs(x.device, rows)
-    per_program = triton.cdiv(max(rows, 1), programs)
+    block_m, block_n = _row_tile(rows, channels, BACKWARD_TILE)
+    tiles = triton.cdiv(rows, block_m)
+    programs = _num_programs(x.device, tiles)
+    per_program = triton.cdiv(max(tiles, 1), programs)
     dx = torch.empty_like(x)
     shape = (programs, channels) if weight_grads else (0,)
     dw = torch.zeros(shape, device=x.device, dtype=torch.float32)
@@ -292,8 +322,8 @@ def layernorm_bwd(dy: torch.Tensor, dres: Optional[torch.Tensor], x: torch.Tenso
     if rows:
         _layernorm_bwd_kernel[(programs,)](
             dy, dres, x, weight, dx, dw, db, rows, channels, eps, per_program,
-            HAS_DRES=dres is not None, HAS_W=weight is not None, COMPUTE_DWB=weight_grads, BLOCK_N=block_n,
-            num_warps=_row_warps(block_n), num_stages=aot.NUM_STAGES)
+            HAS_DRES=dres is not None, HAS_W=weight is not None, COMPUTE_DWB=weight_grads, BLOCK_M=block_m,
+            BLOCK_N=block_n, num_warps=_row_warps(block_m * block_n), num_stages=aot.NUM_STAGES)
     if not weight_grads:
         return dx, None, None
     return dx, dw.sum(0), db.sum(0)
