@@ -8,8 +8,8 @@ vitkernels' backends and the others in providers.py, reads the same tensors by n
 * attention: qkv [B, N, 3C]
 * layernorm_mlp: x [B, N, C], ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias
 * layernorm: x, weight, bias; add_layernorm: x, residual, weight, bias
-* patch_embed: image [B, 3, S, S] (not differentiated), weight, bias, and as the shape asks
-  prefix_tokens, pos_embed, norm_weight, norm_bias
+* patch_embed: image [B, 3, S, S] (not differentiated; uint8 with its mean and std where the shape
+  says so), weight, bias, and as the shape asks prefix_tokens, pos_embed, norm_weight, norm_bias
 """
 from __future__ import annotations
 
@@ -162,10 +162,19 @@ def _add_layernorm_work(shape: shapes.TokenShape, itemsize: int, backward: bool)
 def _patch_embed_inputs(shape: shapes.PatchEmbedShape, device, dtype) -> Inputs:
     e, p = shape.dim, shape.patch
     fan_in = shape.in_chans * p * p
-    inputs = {"image": _randn(shape.batch, shape.in_chans, shape.image, shape.image, device=device, dtype=dtype),
+    image_shape = (shape.batch, shape.in_chans, shape.image, shape.image)
+    if shape.uint8:
+        image = torch.randint(0, 256, image_shape, device=device, dtype=torch.uint8)
+    else:
+        image = _randn(*image_shape, device=device, dtype=dtype)
+    inputs = {"image": image,
               "weight": _randn(e, shape.in_chans, p, p, device=device, dtype=dtype, scale=fan_in ** -0.5),
               "bias": _randn(e, device=device, dtype=dtype, scale=0.02),
-              "prefix_tokens": None, "pos_embed": None, "norm_weight": None, "norm_bias": None}
+              "prefix_tokens": None, "pos_embed": None, "norm_weight": None, "norm_bias": None,
+              "mean": None, "std": None}
+    if shape.uint8:  # ImageNet's statistics, as timm's transforms apply them
+        inputs["mean"] = torch.tensor([0.485, 0.456, 0.406], device=device, dtype=dtype)
+        inputs["std"] = torch.tensor([0.229, 0.224, 0.225], device=device, dtype=dtype)
     if shape.prefix_tokens:
         inputs["prefix_tokens"] = _randn(1, shape.prefix_tokens, e, device=device, dtype=dtype, scale=0.02)
     if shape.pos_embed:
@@ -180,7 +189,8 @@ def _patch_embed_call(shape: shapes.PatchEmbedShape, backend: str) -> Callable[[
     def call(t: Inputs) -> torch.Tensor:
         return ops.patch_embed(t["image"], t["weight"], t["bias"], prefix_tokens=t["prefix_tokens"],
                                pos_embed=t["pos_embed"], patch_norm=shape.patch_norm, norm_weight=t["norm_weight"],
-                               norm_bias=t["norm_bias"], output_format=shape.output_format, backend=backend)
+                               norm_bias=t["norm_bias"], mean=t["mean"], std=t["std"],
+                               output_format=shape.output_format, backend=backend)
 
     return call
 
@@ -189,7 +199,8 @@ def _patch_embed_work(shape: shapes.PatchEmbedShape, itemsize: int, backward: bo
     rows = shape.batch * shape.patches
     k = shape.in_chans * shape.patch ** 2
     out = shape.batch * (shape.prefix_tokens + shape.patches) * shape.dim
-    io_bytes = (shape.batch * shape.in_chans * shape.image ** 2 + out + shape.dim * k) * itemsize
+    image = shape.batch * shape.in_chans * shape.image ** 2 * (1 if shape.uint8 else itemsize)
+    io_bytes = image + (out + shape.dim * k) * itemsize
     # Backward reads the image and dout and writes dW: the same bytes again.
     return Work(io_bytes * (2 if backward else 1), 2.0 * rows * k * shape.dim * (2.0 if backward else 1.0))
 
@@ -209,9 +220,10 @@ OPS = {
     "layernorm_mlp": OpCase(shapes.TOKENS, _layernorm_mlp_inputs, _layernorm_mlp_call, _layernorm_mlp_work),
     "layernorm": OpCase(shapes.TOKENS, _layernorm_inputs, _layernorm_call, _layernorm_work),
     "add_layernorm": OpCase(shapes.TOKENS, _add_layernorm_inputs, _add_layernorm_call, _add_layernorm_work),
-    # The image is an input, not a parameter: backward computes the parameters' gradients only.
+    # The image and its normalization are inputs, not parameters: backward computes the parameters'
+    # gradients only.
     "patch_embed": OpCase(shapes.PATCH_EMBED, _patch_embed_inputs, _patch_embed_call, _patch_embed_work,
-                          frozenset({"image"})),
+                          frozenset({"image", "mean", "std"})),
 }
 assert set(OPS) == set(ops.OPS), f"benchmarks {sorted(OPS)} != ops {sorted(ops.OPS)}"
 
@@ -231,8 +243,9 @@ def grad_inputs(inputs: Inputs) -> list[torch.Tensor]:
 
 
 def cast(inputs: Inputs, dtype: torch.dtype) -> Inputs:
-    """Detached copies in ``dtype`` (for the float64 reference)."""
-    return {k: None if t is None else t.detach().to(dtype) for k, t in inputs.items()}
+    """Detached copies in ``dtype`` (for the float64 reference); integer tensors (a uint8 image) as they are."""
+    return {k: None if t is None else t.detach().to(dtype) if t.is_floating_point() else t.detach()
+            for k, t in inputs.items()}
 
 
 def work(op: str, shape, itemsize: int, mode: str) -> Work:

@@ -249,7 +249,7 @@ def _eager(op: str, shape, device, dtype) -> Fn:
         return lambda t: patch_embed_reference(
             t["image"], t["weight"], t["bias"], prefix_tokens=t["prefix_tokens"], pos_embed=t["pos_embed"],
             patch_norm=shape.patch_norm, norm_weight=t["norm_weight"], norm_bias=t["norm_bias"],
-            output_format=shape.output_format)
+            mean=t["mean"], std=t["std"], output_format=shape.output_format)
     raise Unsupported(f"no eager provider for {op}")
 
 
@@ -286,7 +286,8 @@ _EAGER = {
     "layernorm_mlp": "nn.LayerNorm and timm Mlp: x + mlp(norm(x))",
     "layernorm": "nn.LayerNorm",
     "add_layernorm": "plain PyTorch (x + residual, then F.layer_norm)",
-    "patch_embed": "plain PyTorch reference (conv, flatten, prefix tokens, position embedding, norm)",
+    "patch_embed": "plain PyTorch reference (a uint8 image scaled and normalized first; conv, flatten, prefix "
+                   "tokens, position embedding, norm)",
 }
 
 

@@ -106,6 +106,9 @@ class PatchEmbedShape(_Batched):
     pos_embed: bool = False
     patch_norm: bool = False
     output_format: str = "tokens"
+    # a uint8 image with the per-channel normalization folded into the op (the preprocessing a
+    # float image has already been through)
+    uint8: bool = False
 
     @property
     def grid(self) -> int:
@@ -204,7 +207,7 @@ VIT = tuple(
 # Subset membership by name; everything not listed is in "all" only.
 _QUICK = {
     "swin_t.s1.w7", "swin_t.s1.w7.shifted", "swinv2_t_w8.s1.w8.shifted", "vit_s_224", "vit_b_224",
-    "swin_t.s1", "swin_t",
+    "swin_t.s1", "swin_t", "vit_b_224.uint8",
 }
 _STANDARD = {
     "swin_t.s2.w7", "swin_t.s2.w7.shifted", "swin_t.s3.w7", "swin_t.s3.w7.shifted", "swin_t.s4.w7",
@@ -262,9 +265,10 @@ def _token_shapes() -> list[TokenShape]:
 
 
 def _patch_embed_shapes() -> list[PatchEmbedShape]:
-    shapes = [PatchEmbedShape(name=vit.short, model=vit.model, image=vit.image, patch=16, dim=vit.dim,
-                              prefix_tokens=1, pos_embed=True, gpu_batch=vit.gpu_batch, subsets=_subsets(vit.short))
-              for vit in VIT]
+    shapes = [PatchEmbedShape(name=vit.short + suffix, model=vit.model, image=vit.image, patch=16, dim=vit.dim,
+                              prefix_tokens=1, pos_embed=True, uint8=uint8, gpu_batch=vit.gpu_batch,
+                              subsets=_subsets(vit.short + suffix))
+              for vit in VIT for suffix, uint8 in (("", False), (".uint8", True))]
     for swin in SWIN:
         short = _SWIN_SHORT[swin.model]
         if short == "swinv2_t_w16":
