@@ -28,8 +28,9 @@ recorded and the next one runs; a step out of time gets SIGINT, then SIGKILL):
               vitkernels backends and the eager and SDPA providers, forward, backward and
               forward+backward, one op per run (RESULTS/logs/bench_<op>.json); then the quick
               models, inference and training step (bench/test_bench_models.py); then, while time
-              remains, FlexAttention, torch.compile and last compile max-autotune (forward) on one
-              or two shapes per op. The bench runs read the measured ceilings
+              remains, FlexAttention, torch.compile (forward, on one or two shapes per op),
+              torch.compile of the stock Swin-T and ViT-B/16 (inference) and last compile
+              max-autotune (forward, Swin-T stage 1 window attention). The bench runs read the measured ceilings
               (VITKERNELS_BENCH_CEILINGS), so each record carries its fraction of the copy
               bandwidth or matmul rate. Merged into RESULTS/bench.json.
 
@@ -49,8 +50,8 @@ DIR defaults to $OUT, else ./out. --quick skips slow tests, benchmarks forward a
 forward+backward only and leaves the compiled providers out. --tests-k EXPR runs only the tests
 that pytest's -k EXPR selects (the report's mode says so); --skip-tests skips both test steps,
 --skip-bench the ceilings, the large case and the benchmarks.
---bench LIST makes only the named benchmark runs (ops, "models", "flex", "compile", "max-autotune"),
-in that order.
+--bench LIST makes only the named benchmark runs (ops, "models", "flex", "compile", "models-compile",
+"max-autotune"), in that order.
 --pack-logs replaces RESULTS/logs by RESULTS/logs.tar.gz at the end.
 """
 from __future__ import annotations
@@ -97,7 +98,11 @@ COMPILED_RUNS = {
     "max-autotune": ("window_attention", "compile-max-autotune", "swin_t.s1.w7.shifted"),
 }
 MODEL_PROVIDERS = "stock,triton,cpu,cuda"
-BENCH_RUNS = (*OPS, "models", *COMPILED_RUNS)  # what --bench may name
+# torch.compile of whole stock models (inference; -k models): what the patched ones are compared with
+COMPILED_MODELS = "infer and (swin_t or vit_b_224)"
+# The compiled providers' runs in order, the slowest to compile last.
+COMPILED_ORDER = ("flex", "compile", "models-compile", "max-autotune")
+BENCH_RUNS = (*OPS, "models", *COMPILED_ORDER)  # what --bench may name
 # The kernels under compute-sanitizer: the tests marked `sanitize` (each op's comparisons with the
 # reference), their CUDA and Triton cases in fp32 and fp16 (fp16 takes the tensor-core paths, and
 # bf16 the same code), window attention first, so that a run cut short has covered it.
@@ -995,8 +1000,10 @@ def bench_runs(cpu: bool, quick: bool, ceilings_path: Optional[str],
         runs[name] = (f"bench:{name}", ["bench/test_bench_ops.py", "-k", f"test_op and ({shapes_k})"],
                       dict(common, VITKERNELS_BENCH_OPS=op_names, VITKERNELS_BENCH_PROVIDERS=provider_names,
                            VITKERNELS_BENCH_MODES="fwd"))
+    runs["models-compile"] = ("bench:models-compile", ["bench/test_bench_models.py", "-k", COMPILED_MODELS],
+                              dict(common, VITKERNELS_BENCH_MODEL_PROVIDERS="compile"))
     if selection is None:
-        selection = [*OPS, "models", *([] if quick else COMPILED_RUNS)]
+        selection = [*OPS, "models", *([] if quick else COMPILED_ORDER)]
     return [runs[name] for name in selection]
 
 

@@ -275,6 +275,15 @@ def test_bench_runs_pass_the_measured_ceilings(dc):
     assert all("VITKERNELS_BENCH_CEILINGS" not in env for _, _, env in quick)
 
 
+def test_models_compile_run_times_torch_compile_of_the_stock_models(dc):
+    runs = {name: (args, env) for name, args, env in dc.bench_runs(cpu=False, quick=False, ceilings_path=None)}
+    args, env = runs["bench:models-compile"]
+    assert args[0] == "bench/test_bench_models.py" and args[args.index("-k") + 1] == dc.COMPILED_MODELS
+    assert env["VITKERNELS_BENCH_MODEL_PROVIDERS"] == "compile"
+    assert list(runs)[-4:] == [f"bench:{name}" for name in dc.COMPILED_ORDER]
+    assert "bench:models-compile" not in {name for name, _, _ in dc.bench_runs(False, True, None)}
+
+
 def test_bench_selection_makes_the_named_runs_in_order(dc):
     runs = dc.bench_runs(cpu=False, quick=True, ceilings_path=None, selection=["attention", "compile", "models"])
     assert [name for name, _, _ in runs] == ["bench:attention", "bench:compile", "bench:models"]
