@@ -22,16 +22,30 @@ inline at::Tensor contiguous_float(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->to(at::kFloat).contiguous() : at::Tensor();
 }
 
-// An optional [size] parameter of the kernel whose main operand is `like`, checked and as
-// contiguous fp32; undefined when absent.
-inline at::Tensor float_parameter(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& like,
-                                  int64_t size) {
+// Checks an optional [size] parameter of the kernel whose main operand is `like`.
+inline void check_parameter(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& like,
+                            int64_t size) {
   if (t.has_value()) {
     check_same_device(*t, name, like, "the input");
     check_floating(*t, name);
     TORCH_CHECK(t->dim() == 1 && t->size(0) == size, name, " must have shape [", size, "], got ", t->sizes());
   }
+}
+
+// An optional [size] parameter of the kernel whose main operand is `like`, checked and as
+// contiguous fp32; undefined when absent.
+inline at::Tensor float_parameter(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& like,
+                                  int64_t size) {
+  check_parameter(t, name, like, size);
   return contiguous_float(t);
+}
+
+// As float_parameter, but kept in `like`'s dtype when it has it (the CUDA LayerNorm reads either,
+// so a model in bf16 needs no conversion before each call).
+inline at::Tensor column_parameter(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& like,
+                                   int64_t size) {
+  check_parameter(t, name, like, size);
+  return t.has_value() && t->scalar_type() == like.scalar_type() ? t->contiguous() : contiguous_float(t);
 }
 
 inline const float* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr<float>() : nullptr; }

@@ -207,8 +207,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layernorm_forward(
   check_input(x_in, "x");
   layernorm::check_eps(eps);
   const c10::cuda::CUDAGuard device_guard(x_in.device());
-  const at::Tensor weight = float_parameter(weight_in, "weight", x_in, x_in.size(-1));
-  const at::Tensor bias = float_parameter(bias_in, "bias", x_in, x_in.size(-1));
+  const at::Tensor weight = column_parameter(weight_in, "weight", x_in, x_in.size(-1));
+  const at::Tensor bias = column_parameter(bias_in, "bias", x_in, x_in.size(-1));
   const at::Tensor x = rows_of(x_in);
   at::Tensor residual;
   at::Tensor sum;
@@ -311,7 +311,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layernorm_bwd_cuda(
   const at::Tensor extra = grad_extra.has_value() ? rows_of(*grad_extra) : at::Tensor();
   const auto grads =
       layernorm_cuda::layernorm_backward(rows_of(grad_y), extra, rows_of(x), mean.contiguous(), rstd.contiguous(),
-                                         float_parameter(weight, "weight", x, x.size(-1)), bias_grad);
+                                         column_parameter(weight, "weight", x, x.size(-1)), bias_grad);
   return layernorm::typed_layernorm_gradients(grads.dx.view(x.sizes()), grads.dweight, grads.dbias, weight, x);
 }
 

@@ -129,8 +129,39 @@ struct RowTile : RowGroup<kThreadsPerRow> {
   }
 };
 
-__device__ __forceinline__ float affine(float normalized, const float* weight, const float* bias, int col) {
-  return normalized * (weight != nullptr ? weight[col] : 1.0f) + (bias != nullptr ? bias[col] : 0.0f);
+// A [c] weight or bias: fp32, or in the rows' dtype and read as it is (a model in bf16 needs no
+// conversion kernel before each call), or absent.
+template <typename scalar_t>
+struct ColumnVector {
+  const float* f = nullptr;
+  const scalar_t* s = nullptr;
+
+  __device__ __forceinline__ float at(int col, float absent) const {
+    return f != nullptr ? f[col] : (s != nullptr ? static_cast<float>(s[col]) : absent);
+  }
+};
+
+// The ColumnVector of t (undefined: absent), which is fp32 or of scalar_t.
+template <typename scalar_t>
+ColumnVector<scalar_t> column_vector(const at::Tensor& t) {
+  ColumnVector<scalar_t> v;
+  if (!t.defined()) {
+    return v;
+  }
+  if (t.scalar_type() == at::kFloat) {
+    v.f = t.const_data_ptr<float>();
+  } else {
+    TORCH_CHECK(t.scalar_type() == c10::CppTypeToScalarType<scalar_t>::value,
+                "the cuda LayerNorm reads its weight and bias in fp32 or in the input's dtype, got ", t.scalar_type());
+    v.s = t.const_data_ptr<scalar_t>();
+  }
+  return v;
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ float affine(float normalized, const ColumnVector<scalar_t>& weight,
+                                        const ColumnVector<scalar_t>& bias, int col) {
+  return normalized * weight.at(col, 1.0f) + bias.at(col, 0.0f);
 }
 
 // y = LayerNorm(x + residual) of [rows, c] rows; residual and sum are null for a plain LayerNorm.
@@ -138,8 +169,8 @@ template <typename scalar_t>
 struct ForwardArgs {
   const scalar_t* x;         // [rows, c]
   const scalar_t* residual;  // [rows, c] or null
-  const float* weight;       // [c] or null
-  const float* bias;         // [c] or null
+  ColumnVector<scalar_t> weight;
+  ColumnVector<scalar_t> bias;
   scalar_t* sum;             // [rows, c] or null: x + residual
   scalar_t* y;               // [rows, c]
   float* mean;               // [rows]
@@ -253,7 +284,7 @@ struct BackwardArgs {
   const scalar_t* x;      // [rows, c]
   const float* mean;      // [rows]
   const float* rstd;      // [rows]
-  const float* weight;    // [c] or null
+  ColumnVector<scalar_t> weight;
   scalar_t* dx;           // [rows, c]
   float* partial_weight;  // [parts, c] or null
   float* partial_bias;    // [parts, c] or null
@@ -293,7 +324,7 @@ __global__ void __launch_bounds__(kThreads) layernorm_bwd_kernel(BackwardArgs<sc
         xhat[i][j] = (xhat[i][j] - mu) * r;
         dweight[i][j] += d[j] * xhat[i][j];
         dbias[i][j] += d[j];
-        grad[i][j] = d[j] * (a.weight != nullptr ? a.weight[p * kVec + j] : 1.0f);
+        grad[i][j] = d[j] * a.weight.at(p * kVec + j, 1.0f);
         sums[0] += grad[i][j];
         sums[1] += grad[i][j] * xhat[i][j];
       }
@@ -342,7 +373,7 @@ __global__ void __launch_bounds__(kThreads) layernorm_bwd_general_kernel(Backwar
     const float r = a.rstd[row];
     const auto xhat = [&](int col) { return (static_cast<float>(a.x[base + col]) - mu) * r; };
     const auto grad = [&](int col) {
-      return static_cast<float>(a.dy[base + col]) * (a.weight != nullptr ? a.weight[col] : 1.0f);
+      return static_cast<float>(a.dy[base + col]) * a.weight.at(col, 1.0f);
     };
     float sums[2] = {0.0f, 0.0f};
     for (int col = group.lane; col < a.c; col += kThreads) {
@@ -431,7 +462,7 @@ inline void check_launch_size(int64_t rows, int64_t c) {
 }
 
 // LayerNorm(x + residual) of contiguous [rows, c] x (residual and sum undefined: plain
-// LayerNorm) with fp32 weight and bias [c] or undefined; writes sum, y, mean and rstd.
+// LayerNorm) with weight and bias [c] (fp32 or x's dtype) or undefined; writes sum, y, mean and rstd.
 inline void layernorm_forward(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
                               const at::Tensor& bias, const at::Tensor& sum, const at::Tensor& y,
                               const at::Tensor& mean, const at::Tensor& rstd, double eps) {
@@ -445,7 +476,7 @@ inline void layernorm_forward(const at::Tensor& x, const at::Tensor& residual, c
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   VITKERNELS_LAYERNORM_DISPATCH(x.scalar_type(), "layernorm_fwd_cuda", [&] {
     const ForwardArgs<scalar_t> args{x.const_data_ptr<scalar_t>(), pointer_or_null<scalar_t>(residual),
-                                     pointer_or_null<float>(weight), pointer_or_null<float>(bias),
+                                     column_vector<scalar_t>(weight), column_vector<scalar_t>(bias),
                                      mutable_pointer_or_null<scalar_t>(sum), y.mutable_data_ptr<scalar_t>(),
                                      mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>(), rows,
                                      static_cast<int>(c), static_cast<float>(eps)};
@@ -467,7 +498,7 @@ struct LayerNormGrads {
 };
 
 // Backward of layernorm_forward for contiguous [rows, c] dy, extra (undefined: none) and x of one
-// dtype, from the fp32 statistics [rows]; fp32 weight [c] or undefined.
+// dtype, from the fp32 statistics [rows]; weight [c] (fp32 or x's dtype) or undefined.
 inline LayerNormGrads layernorm_backward(const at::Tensor& dy, const at::Tensor& extra, const at::Tensor& x,
                                          const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& weight,
                                          bool bias_grad) {
@@ -495,7 +526,7 @@ inline LayerNormGrads layernorm_backward(const at::Tensor& dy, const at::Tensor&
       const BackwardArgs<scalar_t> args{
           dy.const_data_ptr<scalar_t>(),    pointer_or_null<scalar_t>(extra),
           x.const_data_ptr<scalar_t>(),     mean.const_data_ptr<float>(),
-          rstd.const_data_ptr<float>(),     pointer_or_null<float>(weight),
+          rstd.const_data_ptr<float>(),     column_vector<scalar_t>(weight),
           grads.dx.mutable_data_ptr<scalar_t>(), mutable_pointer_or_null<float>(partial_weight),
           mutable_pointer_or_null<float>(partial_bias), rows, static_cast<int>(c)};
       const auto grid = static_cast<unsigned>(blocks);
