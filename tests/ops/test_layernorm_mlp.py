@@ -3,6 +3,7 @@ import torch
 
 from op_helpers import backend_params, compare_with_reference, random
 from vitkernels import ops
+from vitkernels.ops.layernorm_mlp import triton_kernels
 from vitkernels.ops.layernorm_mlp.reference import (
     add_layernorm_reference,
     layernorm_mlp_reference,
@@ -167,6 +168,22 @@ def test_triton_bf16(backend, shape, channels):
                            lambda *t: layernorm_mlp_reference(*t[:7], gamma=t[7]),
                            _mlp_inputs(shape, channels, hidden), torch.bfloat16)
     _compare_layernorms(backend, shape, channels, torch.bfloat16)
+
+
+# The autotuner picks a tile by speed alone, and under the interpreter it has the last (fp32) one
+# only: each tile it may pick, launched alone, against the reference (fc1 with the LN prologue, fc2
+# with LayerScale and the residual, and fc1 again in the backward). 74 rows leave a partial tile in
+# M, fc2's 64 columns one in N.
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("index", range(len(triton_kernels._gemm_configs())))
+def test_triton_each_gemm_tile(backend, index, monkeypatch):
+    config = triton_kernels._gemm_configs()[index]
+    dtype = torch.float32 if config.kwargs["BLOCK_K"] == 32 else torch.float16
+    monkeypatch.setattr(triton_kernels._mlp_fwd_kernel, "configs", [config])
+    monkeypatch.setattr(triton_kernels._mlp_fwd_kernel, "cache", {})
+    compare_with_reference(lambda *t: ops.layernorm_mlp(*t[:7], gamma=t[7], backend=backend),
+                           lambda *t: layernorm_mlp_reference(*t[:7], gamma=t[7]),
+                           _mlp_inputs((2, 37), 64, 256), dtype)
 
 
 # --- the cuda backend (csrc/layernorm_mlp/cuda.cu) ----------------------------------------------

@@ -3,6 +3,7 @@ import torch
 
 from op_helpers import DEVICE, backend_params, compare_with_reference, random
 from vitkernels import backends, ops
+from vitkernels.ops.patch_embed import triton_kernels as patch_kernels
 from vitkernels.ops.patch_embed.reference import patch_embed_reference
 from vitkernels.testing import assert_close
 
@@ -112,6 +113,27 @@ def test_uint8_image_padded_into_swin_map(backend):
 
 TRITON = [p for p in backend_params("patch_embed") if p.id == "triton"]
 GPU_BACKENDS = [p for p in backend_params("patch_embed") if p.id in ("triton", "cuda")]
+
+
+# The autotuner picks a tile by speed alone, and under the interpreter it has the last one only:
+# each tile it may pick, launched alone, against the reference (ViT's token layout, 2 images of 5x6
+# patches: 60 rows, partial tiles in M and N).
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("index", range(len(patch_kernels._configs())))
+def test_triton_each_gemm_tile(backend, index, monkeypatch):
+    config = patch_kernels._configs()[index]
+    dtype = torch.float32 if config.kwargs["BLOCK_K"] == 32 else torch.float16
+    monkeypatch.setattr(patch_kernels._patch_embed_fwd_tuned, "configs", [config])
+    monkeypatch.setattr(patch_kernels._patch_embed_fwd_tuned, "cache", {})
+    inputs = [random(2, CIN, 20, 24), random(DIM, CIN, 4, 4, scale=0.2), random(DIM), random(1, 1, DIM),
+              random(1, 31, DIM)]
+
+    def bind(fn, **extra):
+        def call(x, weight, bias, prefix, pos):
+            return fn(x, weight, bias, prefix_tokens=prefix, pos_embed=pos, **extra)
+        return call
+
+    compare_with_reference(bind(ops.patch_embed, backend=backend), bind(patch_embed_reference), inputs, dtype)
 
 
 @pytest.mark.parametrize("backend", TRITON)
