@@ -184,6 +184,7 @@ SCHEDULE_VARIANTS = {
     # (sm_90, ViT-B), at 188 registers (one CTA per multiprocessor) against 116 (two)
     "128x128 forward tiles": ("CONFIGS", (*window_kernels.CONFIGS[:3], window_kernels.Config(128, 128, 8)),
                               ("attention",)),
+    "128 registers per thread": ("TILE_FORWARD_MAX_REGISTERS", 128, ("window_attention",)),
 }
 # (variant, op) whose forward is the default's: only its forward+backward is timed
 SAME_FORWARD = {("two warpgroups per tile", "attention")}
@@ -199,7 +200,9 @@ def test_schedule_variant(benchmark, variant, op, shape, mode, device, dtype, mo
     head) instead of as many as the device holds walking the windows, or the kernels of wider
     windows (a program per window and head, the bias gathered in each, and a dq and a dk/dv
     kernel); for window and global attention, two warpgroups per 64-row tile instead of one where
-    the default takes one; for global attention, 128 keys per step of the forward instead of 64."""
+    the default takes one; for global attention, 128 keys per step of the forward instead of 64; for
+    the one-tile window forward, registers capped at 128 per thread (four programs per multiprocessor
+    where Swin-T's shifted forward fits three)."""
     if device != "cuda":
         pytest.skip("Triton on CPU runs in the interpreter, whose timings say nothing about the kernels")
     if (variant, op) in SAME_FORWARD and mode == "fwd":

@@ -738,6 +738,11 @@ class Config:
 # 16 warps to hide the window loads' latency, against 8 with 4 warps.
 CONFIGS = (Config(16, 16, 1), Config(32, 32, 2), Config(64, 64, 8), Config(128, 64, 8))
 MAX_WARPS = 8  # 16 warps would cap a thread at 128 registers, which these kernels exceed
+# Registers per thread the one-tile forward may use (ptxas's maxnreg), None for the compiler's
+# choice: Swin-T stage 1's shifted forward takes 165 (3 programs of 4 warps per multiprocessor);
+# capped at 128 (4 programs, more warps to hide latency) it spills 56 bytes per thread (sm_90). The
+# benchmarks time the cap beside the default.
+TILE_FORWARD_MAX_REGISTERS: Optional[int] = None
 # The backward of head dims above 64 (BLOCK_D 128; ViT-H's 80 too) beyond 32 tokens: bytes of stack
 # per thread of the dq, dk/dv and table kernels 176 / 144 / 264, against 1592 / 1568 / 1568 for a
 # 64x64 tile with 8 warps (bf16, cosine attention, same report).
@@ -864,6 +869,8 @@ def window_attention_fwd(qkv, num_heads, window, shift, bias_table=None, qkv_bia
         args = (qkv, out, lse, *tensors, *_tile_sizes(launch))
         options = dict(**_flags(launch, "HAS_BIAS"), BLOCK=config.block_m, BLOCK_D=block_d,
                        num_warps=launch_warps("tile", config, launch.head_dim, launch.flags), num_stages=launch.stages)
+        if TILE_FORWARD_MAX_REGISTERS is not None:
+            options["maxnreg"] = TILE_FORWARD_MAX_REGISTERS
         programs = window_programs(qkv.device, launch.grid_windows, num_heads,
                                    lambda: resident_programs(kernel, args, options, qkv.device))
         kernel[(programs, num_heads)](*args, **options)
