@@ -7,8 +7,9 @@ each model's ``gpu_batch`` on GPU (bf16 there, fp32 on CPU). Random weights (see
 images. Before timing, each provider's logits are checked once against the stock model run in
 float64, under the tolerance policy of vitkernels/testing.py.
 
-Each record's ``extra_info`` has ``metric`` "images/s" and its ``value``. Timing as in
-test_bench_ops.py (bench/timing.py).
+Each record's ``extra_info`` has ``metric`` "images/s" and its ``value`` (on a GPU, inference
+also ``graph_value``, from the device's time alone: bench/timing.py's CUDA graph replay). Timing
+as in test_bench_ops.py (bench/timing.py).
 
 Run: ``pytest bench/test_bench_models.py -q``; ``VITKERNELS_BENCH_SHAPES`` picks the models and
 ``VITKERNELS_BENCH_MODEL_PROVIDERS=stock,cuda`` the providers.
@@ -112,7 +113,11 @@ def test_model(benchmark, shape, provider, mode, device, dtype):
         provider_kind="vitkernels" if provider in backends.BACKENDS else "baseline", mode=mode, batch=shape.batch,
         dtype=str(dtype).replace("torch.", ""), device=device, metric="images/s", input_pool=count,
     )
-    timing.measure(benchmark, call, device)
+    # inference also replayed from a CUDA graph (the device's time alone); a training step's
+    # optimizer is not capturable as built, and torch.compile brings graphs of its own
+    timing.measure(benchmark, call, device, graph=mode == "infer" and provider != "compile")
     stats = getattr(benchmark, "stats", None)
     if stats is not None and stats.stats.median > 0:
         benchmark.extra_info["value"] = shape.batch / stats.stats.median
+    if benchmark.extra_info.get("graph_seconds"):
+        benchmark.extra_info["graph_value"] = shape.batch / benchmark.extra_info["graph_seconds"]
