@@ -143,10 +143,11 @@ def record_achieved(benchmark, op, work) -> None:
     """Puts the achieved rate and its fraction of the measured ceiling in extra_info (of the device
     time alone too, ``graph_*``, where the CUDA graph timing ran)."""
     stats = getattr(benchmark, "stats", None)
+    measured = timing.ceilings()
     if stats is not None and stats.stats.median > 0:
-        benchmark.extra_info.update(timing.achieved(work, stats.stats.median, cases.metric(op), timing.ceilings()))
+        benchmark.extra_info.update(timing.achieved(work, stats.stats.median, cases.metric(op), measured))
     if benchmark.extra_info.get("graph_seconds"):
-        alone = timing.achieved(work, benchmark.extra_info["graph_seconds"], cases.metric(op), timing.ceilings())
+        alone = timing.achieved(work, benchmark.extra_info["graph_seconds"], cases.metric(op), measured)
         benchmark.extra_info.update({f"graph_{key}": value for key, value in alone.items() if key != "ceiling"})
 
 

@@ -12,6 +12,14 @@ from vitkernels.testing import LOW_PRECISION, assert_close
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def launch_tile_alone(monkeypatch, autotuner, config) -> torch.dtype:
+    """Makes Triton ``autotuner`` launch ``config`` alone, as if it had picked it; returns the dtype
+    that config's depth is for (BLOCK_K 32: fp32, 64: fp16)."""
+    monkeypatch.setattr(autotuner, "configs", [config])
+    monkeypatch.setattr(autotuner, "cache", {})
+    return torch.float32 if config.kwargs["BLOCK_K"] == 32 else torch.float16
+
+
 def backend_params(op: str) -> list:
     """Every backend in the op's table, skipped with its reason where it cannot run here.
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from op_helpers import backend_params, compare_with_reference, random
+from op_helpers import backend_params, compare_with_reference, launch_tile_alone, random
 from vitkernels import ops
 from vitkernels.ops.layernorm_mlp import triton_kernels
 from vitkernels.ops.layernorm_mlp.reference import (
@@ -177,10 +177,7 @@ def test_triton_bf16(backend, shape, channels):
 @pytest.mark.parametrize("backend", TRITON)
 @pytest.mark.parametrize("index", range(len(triton_kernels._gemm_configs())))
 def test_triton_each_gemm_tile(backend, index, monkeypatch):
-    config = triton_kernels._gemm_configs()[index]
-    dtype = torch.float32 if config.kwargs["BLOCK_K"] == 32 else torch.float16
-    monkeypatch.setattr(triton_kernels._mlp_fwd_kernel, "configs", [config])
-    monkeypatch.setattr(triton_kernels._mlp_fwd_kernel, "cache", {})
+    dtype = launch_tile_alone(monkeypatch, triton_kernels._mlp_fwd_kernel, triton_kernels._gemm_configs()[index])
     compare_with_reference(lambda *t: ops.layernorm_mlp(*t[:7], gamma=t[7], backend=backend),
                            lambda *t: layernorm_mlp_reference(*t[:7], gamma=t[7]),
                            _mlp_inputs((2, 37), 64, 256), dtype)

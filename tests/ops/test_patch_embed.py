@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from op_helpers import DEVICE, backend_params, compare_with_reference, random
+from op_helpers import DEVICE, backend_params, compare_with_reference, launch_tile_alone, random
 from vitkernels import backends, ops
 from vitkernels.ops.patch_embed import triton_kernels as patch_kernels
 from vitkernels.ops.patch_embed.reference import patch_embed_reference
@@ -121,10 +121,7 @@ GPU_BACKENDS = [p for p in backend_params("patch_embed") if p.id in ("triton", "
 @pytest.mark.parametrize("backend", TRITON)
 @pytest.mark.parametrize("index", range(len(patch_kernels._configs())))
 def test_triton_each_gemm_tile(backend, index, monkeypatch):
-    config = patch_kernels._configs()[index]
-    dtype = torch.float32 if config.kwargs["BLOCK_K"] == 32 else torch.float16
-    monkeypatch.setattr(patch_kernels._patch_embed_fwd_tuned, "configs", [config])
-    monkeypatch.setattr(patch_kernels._patch_embed_fwd_tuned, "cache", {})
+    dtype = launch_tile_alone(monkeypatch, patch_kernels._patch_embed_fwd_tuned, patch_kernels._configs()[index])
     inputs = [random(2, CIN, 20, 24), random(DIM, CIN, 4, 4, scale=0.2), random(DIM), random(1, 1, DIM),
               random(1, 31, DIM)]
 
