@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """The one command to run on a GPU machine: build, GPU tests, measured ceilings, benchmarks, report.
 
-    python bench/device_check.py [--out DIR] [--quick] [--cpu] [--sanitize] [--no-build] [--tests-k EXPR]
-                                 [--skip-tests] [--skip-bench] [--bench LIST] [--budget SECONDS]
+    python bench/device_check.py [--out DIR] [--full] [--quick] [--cpu] [--sanitize] [--no-build]
+                                 [--tests-k EXPR] [--skip-tests] [--skip-bench] [--bench LIST]
+                                 [--budget SECONDS]
 
 Steps (each in a subprocess with a timeout, logged to RESULTS/logs/<step>.log; a failing step is
 recorded and the next one runs; a step out of time gets SIGINT, then SIGKILL):
@@ -10,11 +11,12 @@ recorded and the next one runs; a step out of time gets SIGINT, then SIGKILL):
   env         GPU name and capability, torch / triton / CUDA / nvcc versions, git commit, date
   build       VITKERNELS_CUDA_ARCHS=<major>.<minor> python setup.py build_ext --inplace, then a check
               that vitkernels._C loads with its CUDA kernels (skipped with --cpu or without setup.py)
-  tests_ops   python -m pytest tests/ops -q         (compiled Triton on GPU, no interpreter)
-  tests_cuda  python -m pytest tests -m cuda -q     (the GPU-only tests outside tests/ops)
-              On a GPU machine both run on pytest-xdist workers; a test whose worker crashed
-              (a segmentation fault) is rerun alone under gdb or cuda-gdb (<step>_backtrace),
-              whose top frames the step's detail quotes.
+  tests       python -m pytest tests -m device -q: every test of tests/ops (the kernels against the
+              reference, compiled Triton on a GPU, no interpreter) and the cuda-marked tests
+              elsewhere (models, CUDA graphs, leaks, faults), in one run. On a GPU machine it runs
+              on pytest-xdist workers, which share out the slow tests (the model comparisons) with
+              the many short ones; a test whose worker crashed (a segmentation fault) is rerun alone
+              under gdb or cuda-gdb (tests_backtrace), whose top frames the step's detail quotes.
   ceilings    device-to-device copy of 1 GiB (GB/s, read + write) and an 8192^3 bf16 matmul
               (TFLOP/s), medians of CUDA-event timings; --cpu: a large clone and an fp32 matmul
   large       one call of window_attention and of layernorm per compiled backend on a tensor of
@@ -24,19 +26,26 @@ recorded and the next one runs; a step out of time gets SIGINT, then SIGKILL):
               the benchmarks disabled, on pytest-xdist workers: the kernels' host compiles run in
               parallel and fill Triton's on-disk cache for the timed runs (up to WARM_SHARE of
               the benchmarks' time; cut short, it still warmed what it reached)
-  bench       the compact set: pytest bench/test_bench_ops.py with the quick shapes, the
-              vitkernels backends and the eager and SDPA providers, forward, backward and
-              forward+backward, one op per run (RESULTS/logs/bench_<op>.json); then the quick
-              models, inference and training step (bench/test_bench_models.py); then, while time
-              remains, FlexAttention, torch.compile (forward, on one or two shapes per op),
-              torch.compile of the stock Swin-T and ViT-B/16 (inference) and last compile
-              max-autotune (forward, Swin-T stage 1 window attention). The bench runs read the measured ceilings
-              (VITKERNELS_BENCH_CEILINGS), so each record carries its fraction of the copy
-              bandwidth or matmul rate. Merged into RESULTS/bench.json.
+  bench       the compact set, one pytest run per op (RESULTS/logs/bench_<op>.json): each op on the
+              quick shapes, forward and backward, by the vitkernels GPU backends (--cpu: the CPU
+              backend) and the eager and SDPA baselines; then the quick models' inference, stock
+              and patched with the Triton backend (--cpu: the CPU backend). --full adds
+              forward+backward, the torch and cpu backends, the Triton schedule variants, the
+              models' training step and the other backends, then, while time remains,
+              FlexAttention, torch.compile (forward, on one or two shapes per op), torch.compile
+              of the stock Swin-T and ViT-B/16 (inference) and last compile max-autotune
+              (forward, Swin-T stage 1 window attention). The bench runs read the measured
+              ceilings (VITKERNELS_BENCH_CEILINGS), so each record carries its fraction of the
+              copy bandwidth or matmul rate. Merged into RESULTS/bench.json.
+
+The default run is sized to finish within 7 minutes, the build included, and DEFAULT_BUDGET_S bounds
+it: a step out of time is cut and the report says so; --full's budget is FULL_BUDGET_S.
 
 --sanitize replaces tests, ceilings, large and bench by two runs, side by side, of a short pytest
-selection of the CUDA and Triton kernels (the tests marked sanitize, SANITIZE_K) under
-compute-sanitizer, one with --tool memcheck and one with --tool racecheck; each tool's verdict (its
+selection of the CUDA and Triton kernels (the tests marked sanitize) under compute-sanitizer, one
+with --tool memcheck (fp32 and fp16 cases, SANITIZE_K["memcheck"]) and one with --tool racecheck
+(the fp16 cases alone, SANITIZE_K["racecheck"]: the shared-memory traffic of the tensor-core paths,
+which bf16 shares; the fp32 cases add the IEEE products of the same tiles); each tool's verdict (its
 ERROR SUMMARY) is recorded. Its default budget is 540 s.
 
 Results go to RESULTS = DIR/<gpu>/<date>-<commit>/ (DIR/cpu/... with --cpu), the layout of
@@ -44,14 +53,13 @@ bench/results/: copy DIR's contents into bench/results/ to commit them. RESULTS 
 device_check.json (facts, ceilings, steps, benchmark medians with GB/s or TFLOP/s and their
 fraction of the measured ceiling), device_check.md, speedup_<mode>.png plots, bench.json,
 device_check.log (this script's own output) and logs/ (every step's raw log). The whole run keeps
-under --budget seconds (default 400); the exit status is 1 when a step failed or timed out.
+under --budget seconds; the exit status is 1 when a step failed or timed out.
 
-DIR defaults to $OUT, else ./out. --quick skips slow tests, benchmarks forward and
-forward+backward only and leaves the compiled providers out. --tests-k EXPR runs only the tests
-that pytest's -k EXPR selects (the report's mode says so); --skip-tests skips both test steps,
---skip-bench the ceilings, the large case and the benchmarks.
+DIR defaults to $OUT, else ./out. --quick skips slow tests and benchmarks the forward alone.
+--tests-k EXPR runs only the tests that pytest's -k EXPR selects (the report's mode says so);
+--skip-tests skips the tests, --skip-bench the ceilings, the large case and the benchmarks.
 --bench LIST makes only the named benchmark runs (ops, "models", "flex", "compile", "models-compile",
-"max-autotune"), in that order.
+"max-autotune"), in that order, each with the default's selection or --full's.
 --pack-logs replaces RESULTS/logs by RESULTS/logs.tar.gz at the end.
 """
 from __future__ import annotations
@@ -78,18 +86,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.abspath(__file__)
 OPS = ("window_attention", "attention", "patch_embed", "layernorm_mlp", "layernorm", "add_layernorm")
 
-DEFAULT_BUDGET_S = 400
+DEFAULT_BUDGET_S = 400  # under 7 minutes, the build included
+FULL_BUDGET_S = 580
 SANITIZE_BUDGET_S = 540  # the build, then two passes under tools that slow kernels by 10-100x
 # Per-step caps (seconds) and the time each later step is guaranteed before an earlier one may use it.
-CAPS = {"env": 60, "build": 240, "build_check": 60, "tests_ops": 150, "tests_cuda": 120, "ceilings": 90,
-        "large": 60, "bench": 300, "sanitize_memcheck": 450, "sanitize_racecheck": 450, "backtrace": 60}
-RESERVE = {"env": 10, "build": 30, "build_check": 10, "tests_ops": 30, "tests_cuda": 20, "ceilings": 30,
-           "large": 15, "bench": 90, "sanitize_memcheck": 40, "sanitize_racecheck": 60, "backtrace": 0}
-# The compact benchmark set: shapes, providers and modes of each run of bench/test_bench_ops.py.
+CAPS = {"env": 60, "build": 240, "build_check": 60, "tests": 240, "ceilings": 90, "large": 60, "bench": 480,
+        "sanitize_memcheck": 450, "sanitize_racecheck": 450, "backtrace": 60}
+RESERVE = {"env": 10, "build": 30, "build_check": 10, "tests": 40, "ceilings": 30, "large": 15, "bench": 90,
+           "sanitize_memcheck": 40, "sanitize_racecheck": 60, "backtrace": 0}
+# The GPU tests: tests/conftest.py marks every test of tests/ops and every cuda test `device`.
+TESTS_MARK = "device"
+# The benchmark set of each run of bench/test_bench_ops.py: providers, modes and the tests (-k).
 # The providers run in this order and a run cut short by its timeout keeps what it measured: the
-# vitkernels GPU backends first, then the baselines users compare them with, then the reference.
-COMPACT_PROVIDERS = "triton,cuda,eager-sdpa,eager,sdpa,torch,cpu"
-COMPACT_MODES = "fwd,bwd,fwd+bwd"
+# vitkernels backends of the machine first (--cpu: the CPU backend), then the baselines users compare
+# them with, then (--full) the reference and the CPU backend.
+BASELINES = "eager-sdpa,eager,sdpa"
+COMPACT_PROVIDERS = {"gpu": "triton,cuda," + BASELINES, "cpu": "cpu," + BASELINES}
+COMPACT_MODES = "fwd,bwd"
+FULL_PROVIDERS = f"triton,cuda,{BASELINES},torch,cpu"
+FULL_MODES = "fwd,bwd,fwd+bwd"
+QUICK_MODES = "fwd"
+COMPACT_OP_TESTS = "not test_schedule_variant"  # the compact set leaves the Triton schedule variants out
 # Runs of the compiled providers (name: ops, providers, -k shapes), slowest to compile last.
 COMPILED_RUNS = {
     "flex": ("window_attention,attention", "flex", "swin_t.s1.w7.shifted or vit_b_224"),
@@ -97,19 +114,24 @@ COMPILED_RUNS = {
                 "swin_t.s1.w7.shifted or vit_b_224 or swin_t.s1-"),
     "max-autotune": ("window_attention", "compile-max-autotune", "swin_t.s1.w7.shifted"),
 }
-MODEL_PROVIDERS = "stock,triton,cpu,cuda"
+# The models: the compact set times inference, stock and patched with the Triton backend (--cpu: the
+# CPU backend); --full adds the training step and the other backends.
+COMPACT_MODEL_PROVIDERS = {"gpu": "stock,triton", "cpu": "stock,cpu"}
+COMPACT_MODEL_TESTS = "infer"
+FULL_MODEL_PROVIDERS = "stock,triton,cpu,cuda"
 # torch.compile of whole stock models (inference; -k models): what the patched ones are compared with
 COMPILED_MODELS = "infer and (swin_t or vit_b_224)"
 # The compiled providers' runs in order, the slowest to compile last.
 COMPILED_ORDER = ("flex", "compile", "models-compile", "max-autotune")
 BENCH_RUNS = (*OPS, "models", *COMPILED_ORDER)  # what --bench may name
 # The kernels under compute-sanitizer: the tests marked `sanitize` (each op's comparisons with the
-# reference), their CUDA and Triton cases in fp32 and fp16 (fp16 takes the tensor-core paths, and
-# bf16 the same code), window attention first, so that a run cut short has covered it.
+# reference), their CUDA and Triton cases, window attention first, so that a run cut short has
+# covered it. memcheck takes fp32 and fp16 (fp16 takes the tensor-core paths, and bf16 the same
+# code); racecheck, two to three times as slow, the fp16 cases alone (module docstring).
 SANITIZE_FILES = ("tests/ops/test_window_attention.py", "tests/ops/test_attention.py",
                   "tests/ops/test_layernorm_mlp.py", "tests/ops/test_patch_embed.py")
-SANITIZE_K = "(cuda or triton) and not bf16"
-SANITIZE_TOOLS = ("memcheck", "racecheck")
+SANITIZE_K = {"memcheck": "(cuda or triton) and not bf16", "racecheck": "(cuda or triton) and fp16"}
+SANITIZE_TOOLS = tuple(SANITIZE_K)
 # What a pytest run prints when it stops on a kernel fault (vitkernels.testing.CUDA_CONTEXT_LOST;
 # this script imports no vitkernels module into its own process).
 CUDA_CONTEXT_LOST = "CUDA context lost"
@@ -594,9 +616,10 @@ PROBES = {"env": lambda args: probe_env(), "ceilings": lambda args: probe_ceilin
 
 class Runner:
     def __init__(self, out: str, budget: float, cpu: bool, quick: bool, tests_k: Optional[str] = None,
-                 bench: Optional[list[str]] = None, skip_tests: bool = False, skip_bench: bool = False):
+                 bench: Optional[list[str]] = None, skip_tests: bool = False, skip_bench: bool = False,
+                 full: bool = False):
         self.out, self.budget, self.cpu, self.quick, self.tests_k = out, budget, cpu, quick, tests_k
-        self.bench, self.skip_tests, self.skip_bench = bench, skip_tests, skip_bench
+        self.bench, self.skip_tests, self.skip_bench, self.full = bench, skip_tests, skip_bench, full
         self.logs = os.path.join(out, "logs")
         os.makedirs(self.logs, exist_ok=True)
         self.start = time.monotonic()
@@ -792,7 +815,8 @@ def _pytest_step(runner: Runner, name: str, args: list[str], later: list[str]) -
     command = [sys.executable, "-m", "pytest", *args, "-q", "-p", "no:cacheprovider", DURATIONS,
                *pytest_workers(runner.cpu)]
     if runner.quick:
-        command += ["-m", "not slow"] if "-m" not in args else []
+        marks = args[args.index("-m") + 1] if "-m" in args else None
+        command += ["-m", f"({marks}) and not slow" if marks else "not slow"]
     if runner.tests_k:
         command += ["-k", runner.tests_k]
     step, output = runner.command(name, command, runner.timeout_for(name, later), review=review_pytest)
@@ -871,7 +895,7 @@ def review_pytest(step: Step, output: str) -> None:
         step.detail = f"{step.detail}; {lost[0]}" if step.detail else lost[0]
 
 
-ORDER = ["env", "build", "build_check", "tests_ops", "tests_cuda", "ceilings", "large", "bench"]
+ORDER = ["env", "build", "build_check", "tests", "ceilings", "large", "bench"]
 MEASURE_STEPS = ("ceilings", "large", "bench")  # what --skip-bench leaves out
 SANITIZE_ORDER = ["env", "build", "build_check", "sanitize_memcheck", "sanitize_racecheck"]
 
@@ -897,14 +921,9 @@ def run_steps(runner: Runner, no_build: bool, sanitize: bool = False) -> dict:
 
     # GPU tests, with compiled Triton (no interpreter) on a GPU
     if runner.skip_tests:
-        runner.skip("tests_ops", "--skip-tests")
-        runner.skip("tests_cuda", "--skip-tests")
-    elif os.path.isdir(os.path.join(ROOT, "tests", "ops")):
-        _pytest_step(runner, "tests_ops", ["tests/ops"], later("tests_ops"))
+        runner.skip("tests", "--skip-tests")
     else:
-        runner.skip("tests_ops", "no tests/ops folder")
-    if not runner.skip_tests:
-        _pytest_step(runner, "tests_cuda", ["tests", "-m", "cuda", "--ignore=tests/ops"], later("tests_cuda"))
+        _pytest_step(runner, "tests", ["tests", "-m", TESTS_MARK], later("tests"))
     if runner.skip_bench:
         for name in MEASURE_STEPS:
             runner.skip(name, "--skip-bench")
@@ -968,7 +987,7 @@ def sanitizer_command(tool: str, sanitizer: str) -> list[str]:
     if tool not in SANITIZE_TOOLS:
         raise ValueError(f"tool must be one of {SANITIZE_TOOLS}, got {tool!r}")
     return [sanitizer, "--tool", tool, "--error-exitcode", "3", sys.executable, "-m", "pytest", *SANITIZE_FILES,
-            "-q", "-p", "no:cacheprovider", "-m", "sanitize", "-k", SANITIZE_K]
+            "-q", "-p", "no:cacheprovider", "-m", "sanitize", "-k", SANITIZE_K[tool]]
 
 
 def run_sanitizer(runner: Runner, tool: str, later: list[str]) -> Step:
@@ -983,19 +1002,24 @@ def run_sanitizer(runner: Runner, tool: str, later: list[str]) -> Step:
     return step
 
 
-def bench_runs(cpu: bool, quick: bool, ceilings_path: Optional[str],
-               selection: Optional[list[str]] = None) -> list[tuple[str, list[str], dict]]:
-    """(name, pytest arguments, environment) of each benchmark run, in order of importance; with
-    ``selection`` (names of BENCH_RUNS), those runs alone, in its order."""
+def bench_runs(cpu: bool, quick: bool, ceilings_path: Optional[str], selection: Optional[list[str]] = None,
+               full: bool = False) -> list[tuple[str, list[str], dict]]:
+    """(name, pytest arguments, environment) of each benchmark run, in order of importance: the
+    compact set, or with ``full`` the full one (the module docstring); with ``selection`` (names of
+    BENCH_RUNS), those runs alone, in its order."""
     common = {"VITKERNELS_BENCH_SHAPES": "quick"}
     if ceilings_path:
         common["VITKERNELS_BENCH_CEILINGS"] = ceilings_path
-    modes = "fwd,fwd+bwd" if quick else COMPACT_MODES
-    runs = {op: (f"bench:{op}", ["bench/test_bench_ops.py"],
-                 dict(common, VITKERNELS_BENCH_OPS=op, VITKERNELS_BENCH_PROVIDERS=COMPACT_PROVIDERS,
-                      VITKERNELS_BENCH_MODES=modes)) for op in OPS}
-    runs["models"] = ("bench:models", ["bench/test_bench_models.py"],
-                      dict(common, VITKERNELS_BENCH_MODEL_PROVIDERS=MODEL_PROVIDERS))
+    modes = QUICK_MODES if quick else FULL_MODES if full else COMPACT_MODES
+    machine = "cpu" if cpu else "gpu"
+    op_args = ["bench/test_bench_ops.py"] + ([] if full else ["-k", COMPACT_OP_TESTS])
+    runs = {op: (f"bench:{op}", op_args,
+                 dict(common, VITKERNELS_BENCH_OPS=op, VITKERNELS_BENCH_MODES=modes,
+                      VITKERNELS_BENCH_PROVIDERS=FULL_PROVIDERS if full else COMPACT_PROVIDERS[machine]))
+            for op in OPS}
+    runs["models"] = ("bench:models", ["bench/test_bench_models.py"] + ([] if full else ["-k", COMPACT_MODEL_TESTS]),
+                      dict(common, VITKERNELS_BENCH_MODEL_PROVIDERS=FULL_MODEL_PROVIDERS if full
+                           else COMPACT_MODEL_PROVIDERS[machine]))
     for name, (op_names, provider_names, shapes_k) in COMPILED_RUNS.items():
         runs[name] = (f"bench:{name}", ["bench/test_bench_ops.py", "-k", f"test_op and ({shapes_k})"],
                       dict(common, VITKERNELS_BENCH_OPS=op_names, VITKERNELS_BENCH_PROVIDERS=provider_names,
@@ -1003,7 +1027,7 @@ def bench_runs(cpu: bool, quick: bool, ceilings_path: Optional[str],
     runs["models-compile"] = ("bench:models-compile", ["bench/test_bench_models.py", "-k", COMPILED_MODELS],
                               dict(common, VITKERNELS_BENCH_MODEL_PROVIDERS="compile"))
     if selection is None:
-        selection = [*OPS, "models", *([] if quick else COMPILED_ORDER)]
+        selection = [*OPS, "models", *(COMPILED_ORDER if full and not quick else ())]
     return [runs[name] for name in selection]
 
 
@@ -1024,6 +1048,7 @@ def warm_run(runs: list[tuple[str, list[str], dict]], workers: list[str]) -> Opt
     from which the timed runs, one process at a time, load them. None without workers or such runs."""
     ops = [env for name, _, env in runs if name.split(":", 1)[1] in OPS]
     models = [env for name, _, env in runs if name == "bench:models"]
+    compact = any(args[-2:] == ["-k", COMPACT_OP_TESTS] for name, args, _ in runs if name.split(":", 1)[1] in OPS)
     if not workers or not (ops or models):
         return None
     env = dict((ops or models)[0], VITKERNELS_BENCH_PROVIDERS=WARM_PROVIDERS,
@@ -1032,7 +1057,8 @@ def warm_run(runs: list[tuple[str, list[str], dict]], workers: list[str]) -> Opt
     files = ["bench/test_bench_ops.py"] * bool(ops) + ["bench/test_bench_models.py"] * bool(models)
     # A model's training step holds its activations for the backward: several at once on the
     # workers could exhaust the device's memory, and the op cases compile the same kernels.
-    return [*files, "--benchmark-disable", "-k", "not train", *workers], env
+    return [*files, "--benchmark-disable", "-k", f"not train and {COMPACT_OP_TESTS}" if compact else "not train",
+            *workers], env
 
 
 def review_warm(step: Step, output: str) -> None:
@@ -1046,7 +1072,7 @@ def review_warm(step: Step, output: str) -> None:
 def run_bench(runner: Runner) -> list[str]:
     ceilings_path = os.path.join(runner.logs, "ceilings.json")
     runs = bench_runs(runner.cpu, runner.quick, ceilings_path if os.path.exists(ceilings_path) else None,
-                      runner.bench)
+                      runner.bench, runner.full)
     parts, started, failed = [], time.monotonic(), []
     warm = warm_run(runs, pytest_workers(runner.cpu))
     if warm is not None:
@@ -1117,7 +1143,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.getcwd(), "out"),
                         help="output folder (default: $OUT, else ./out)")
-    parser.add_argument("--quick", action="store_true", help="quick shape subset, skip slow tests, fewer reps")
+    parser.add_argument("--full", action="store_true",
+                        help=f"the full benchmark set: every mode and provider, the Triton schedule variants, the "
+                             f"models' training step, then the compiled providers (default budget {FULL_BUDGET_S}s)")
+    parser.add_argument("--quick", action="store_true", help="skip slow tests, benchmark the forward alone, fewer reps")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU (hides GPUs; no CUDA build)")
     parser.add_argument("--sanitize", action="store_true",
                         help="build, then run the CUDA and Triton kernel tests under compute-sanitizer "
@@ -1125,19 +1154,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--no-build", action="store_true", help="skip building the extension")
     parser.add_argument("--pack-logs", action="store_true", help="replace DIR/logs by DIR/logs.tar.gz at the end")
     parser.add_argument("--tests-k", metavar="EXPR",
-                        help="run only the tests pytest -k EXPR selects in the two test steps (a rerun of "
+                        help="run only the tests pytest -k EXPR selects (a rerun of "
                              "what an earlier run found, leaving the budget to the benchmarks)")
     parser.add_argument("--bench", metavar="LIST",
                         help=f"the benchmark runs to make, in this order (comma-separated: {', '.join(BENCH_RUNS)}; "
-                             "default: every op, then models, then the compiled providers unless --quick)")
+                             "default: every op, then models, then with --full the compiled providers)")
     parser.add_argument("--skip-tests", action="store_true",
-                        help="skip the two test steps (a run for the benchmarks alone)")
+                        help="skip the tests (a run for the benchmarks alone)")
     parser.add_argument("--skip-bench", action="store_true",
                         help="skip the ceilings, the large case and the benchmarks (a run for the tests alone, "
                              "which then get the whole budget)")
     parser.add_argument("--budget", type=float, default=None,
-                        help=f"total seconds for every step (default {DEFAULT_BUDGET_S}, "
-                             f"with --sanitize {SANITIZE_BUDGET_S})")
+                        help=f"total seconds for every step (default {DEFAULT_BUDGET_S}, with --full "
+                             f"{FULL_BUDGET_S}, with --sanitize {SANITIZE_BUDGET_S})")
     parser.add_argument("--probe", choices=sorted(PROBES), help=argparse.SUPPRESS)
     parser.add_argument("--probe-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1154,15 +1183,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
 
     if args.budget is None:
-        args.budget = SANITIZE_BUDGET_S if args.sanitize else DEFAULT_BUDGET_S
+        args.budget = SANITIZE_BUDGET_S if args.sanitize else FULL_BUDGET_S if args.full else DEFAULT_BUDGET_S
     date = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
     relative = results_folder("cpu" if args.cpu else (_gpu_name() or "unknown-gpu"), date, _git_commit())
     out = os.path.join(os.path.abspath(args.out), relative)
     if os.path.exists(out):
         shutil.rmtree(out)
     runner = Runner(out, args.budget, cpu=args.cpu, quick=args.quick, tests_k=args.tests_k, bench=args.bench,
-                    skip_tests=args.skip_tests, skip_bench=args.skip_bench)
-    mode = ("cpu" if args.cpu else "gpu") + (" quick" if args.quick else "") + (" sanitize" if args.sanitize else "")
+                    skip_tests=args.skip_tests, skip_bench=args.skip_bench, full=args.full)
+    mode = ("cpu" if args.cpu else "gpu") + (" full" if args.full else "") + (" quick" if args.quick else "")
+    mode += " sanitize" if args.sanitize else ""
     mode += f", tests -k {args.tests_k!r}" if args.tests_k else ""
     mode += ", no tests" if args.skip_tests else ""
     mode += ", no benchmarks" if args.skip_bench else ""

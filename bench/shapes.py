@@ -4,7 +4,7 @@ Shapes are built with batch 1; :func:`scaled` (or ``shape.scaled(batch)``) sets 
 :func:`for_device` picks a subset and the batch for a device: a small batch on CPU, the model's
 ``gpu_batch`` on GPU.
 
-Subsets: ``"quick"`` (a handful per op, the CPU default and ``device_check --quick``),
+Subsets: ``"quick"`` (a handful per op, the CPU default and the shapes bench/device_check.py times),
 ``"standard"`` (the GPU default: one shape per distinct geometry that matters), ``"all"``.
 ``VITKERNELS_BENCH_SHAPES`` overrides the default.
 

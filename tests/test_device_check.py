@@ -70,7 +70,7 @@ def test_summary_carries_the_device_time_alone(dc):
 
 def test_render_markdown_writes_every_section(dc):
     steps = [{"name": "env", "status": "ok", "seconds": 2.5, "detail": ""},
-             {"name": "tests_ops", "status": "failed", "seconds": 80.0, "detail": "1 failed | 20 passed in 70s"}]
+             {"name": "tests", "status": "failed", "seconds": 80.0, "detail": "1 failed | 20 passed in 70s"}]
     result = {
         "date": "2026-01-01T00:00:00+00:00", "mode": "gpu", "total_seconds": 300.0, "status": dc.overall_status(steps),
         "env": {"device_name": "NVIDIA H100 80GB HBM3", "capability": "9.0", "torch": "2.11.0"},
@@ -118,10 +118,10 @@ def test_parsers(dc):
 
 
 def test_review_pytest_accepts_an_empty_selection(dc):
-    step = dc.Step("tests_cuda", "failed", 1.0, "exit 5")
+    step = dc.Step("tests", "failed", 1.0, "exit 5")
     dc.review_pytest(step, "\n1 deselected in 0.02s\nno tests ran in 0.02s\n")
     assert step.status == "ok" and step.detail == "no tests ran in 0.02s"
-    step = dc.Step("tests_ops", "failed", 1.0, "exit 1")
+    step = dc.Step("tests", "failed", 1.0, "exit 1")
     dc.review_pytest(step, "1 failed, 3 passed in 1.00s\n")
     assert step.status == "failed" and step.detail == "1 failed, 3 passed in 1.00s; exit 1"
 
@@ -203,12 +203,13 @@ def test_sanitizer_verdicts(dc):
     assert dc.sanitizer_progress(report) == (3, 1)
 
 
-def test_sanitizer_command_runs_the_kernel_selection(dc):
-    command = dc.sanitizer_command("racecheck", "/cuda/bin/compute-sanitizer")
-    assert command[:3] == ["/cuda/bin/compute-sanitizer", "--tool", "racecheck"]
+@pytest.mark.parametrize("tool, dtypes", [("memcheck", {"fp16", "fp32"}), ("racecheck", {"fp16"})])
+def test_sanitizer_command_runs_the_kernel_selection(dc, tool, dtypes):
+    command = dc.sanitizer_command(tool, "/cuda/bin/compute-sanitizer")
+    assert command[:3] == ["/cuda/bin/compute-sanitizer", "--tool", tool]
     assert command[command.index("pytest") + 1] == "tests/ops/test_window_attention.py"
     assert command[command.index("-m", command.index("pytest")) + 1] == "sanitize"
-    assert command[command.index("-k") + 1] == dc.SANITIZE_K
+    assert command[command.index("-k") + 1] == dc.SANITIZE_K[tool]
     pytest_args = command[command.index("pytest") + 1:]
     selected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", *pytest_args], cwd=ROOT,
                               capture_output=True, text=True, timeout=300).stdout
@@ -218,7 +219,7 @@ def test_sanitizer_command_runs_the_kernel_selection(dc):
         assert name in selected and f"{name}[" in selected, name
     tests = [line for line in selected.splitlines() if "::" in line]
     assert tests and all(("cuda" in t or "triton" in t) and "bf16" not in t for t in tests)
-    assert any("fp16" in t for t in tests) and any("fp32" in t for t in tests)
+    assert {dtype for dtype in ("fp16", "fp32") if any(dtype in t for t in tests)} == dtypes
     with pytest.raises(ValueError, match="initcheck"):
         dc.sanitizer_command("initcheck", "compute-sanitizer")
 
@@ -247,7 +248,7 @@ def test_sanitize_mode_records_each_tools_verdict(dc, tmp_path, monkeypatch):
     steps = {s["name"]: s for s in report["steps"]}
     assert steps["sanitize_memcheck"]["status"] == "ok" and steps["sanitize_memcheck"]["detail"].startswith("clean")
     assert steps["sanitize_racecheck"]["status"] == "ok"
-    assert "tests_ops" not in steps and "bench" not in report["mode"]
+    assert "tests" not in steps and "bench" not in report["mode"]
     tools = [c[c.index("--tool") + 1] for c, _ in seen if "--tool" in c]
     assert sorted(tools) == ["memcheck", "racecheck"]
     assert (folder / "device_check.log").read_text().count("sanitize_") >= 2
@@ -262,26 +263,52 @@ def test_missing_sanitizer_fails_the_step(dc, tmp_path, monkeypatch):
 
 
 def test_bench_runs_pass_the_measured_ceilings(dc):
-    runs = dc.bench_runs(cpu=False, quick=False, ceilings_path="/r/logs/ceilings.json")
+    runs = dc.bench_runs(cpu=False, quick=False, ceilings_path="/r/logs/ceilings.json", full=True)
     names = [name for name, _, _ in runs]
     assert names[:len(dc.OPS)] == [f"bench:{op}" for op in dc.OPS]
     assert "bench:models" in names and "bench:flex" in names and "bench:compile" in names
     assert all(env["VITKERNELS_BENCH_CEILINGS"] == "/r/logs/ceilings.json" for _, _, env in runs)
-    ops_env = runs[names.index("bench:layernorm")][2]
-    assert ops_env["VITKERNELS_BENCH_MODES"] == "fwd,bwd,fwd+bwd"
-    assert "flex" not in ops_env["VITKERNELS_BENCH_PROVIDERS"]
+    args, ops_env = runs[names.index("bench:layernorm")][1:]
+    assert ops_env["VITKERNELS_BENCH_MODES"] == "fwd,bwd,fwd+bwd" and args == ["bench/test_bench_ops.py"]
+    assert "flex" not in ops_env["VITKERNELS_BENCH_PROVIDERS"] and "torch" in ops_env["VITKERNELS_BENCH_PROVIDERS"]
+    assert runs[names.index("bench:models")][1] == ["bench/test_bench_models.py"]
     quick = dc.bench_runs(cpu=True, quick=True, ceilings_path=None)
     assert "bench:flex" not in [name for name, _, _ in quick]
     assert all("VITKERNELS_BENCH_CEILINGS" not in env for _, _, env in quick)
+    assert quick[0][2]["VITKERNELS_BENCH_MODES"] == "fwd"
+
+
+def test_the_default_benchmarks_are_the_compact_set(dc):
+    runs = {name: (args, env) for name, args, env in dc.bench_runs(cpu=False, quick=False, ceilings_path=None)}
+    assert list(runs) == [f"bench:{op}" for op in dc.OPS] + ["bench:models"]
+    args, env = runs["bench:window_attention"]
+    assert args == ["bench/test_bench_ops.py", "-k", "not test_schedule_variant"]
+    assert env["VITKERNELS_BENCH_MODES"] == "fwd,bwd"
+    assert env["VITKERNELS_BENCH_PROVIDERS"].split(",") == ["triton", "cuda", "eager-sdpa", "eager", "sdpa"]
+    args, env = runs["bench:models"]
+    assert args == ["bench/test_bench_models.py", "-k", "infer"]
+    assert env["VITKERNELS_BENCH_MODEL_PROVIDERS"] == "stock,triton"
+    on_cpu = {name: env for name, _, env in dc.bench_runs(cpu=True, quick=False, ceilings_path=None)}
+    assert on_cpu["bench:layernorm"]["VITKERNELS_BENCH_PROVIDERS"].split(",")[0] == "cpu"
+    assert on_cpu["bench:models"]["VITKERNELS_BENCH_MODEL_PROVIDERS"] == "stock,cpu"
+    # the selection the runs' arguments make, collected by pytest on this machine
+    ops_env = dict(os.environ, **runs["bench:attention"][1])
+    selected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", *runs["bench:attention"][0]],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300, env=ops_env).stdout
+    tests = [line for line in selected.splitlines() if "::" in line]
+    assert tests and all("::test_op[" in t and "fwd+bwd" not in t for t in tests), selected[-2000:]
+    assert {provider for provider in ("triton", "sdpa", "torch") if any(f"[{provider}-" in t for t in tests)} == {
+        "triton", "sdpa"}, tests
 
 
 def test_models_compile_run_times_torch_compile_of_the_stock_models(dc):
-    runs = {name: (args, env) for name, args, env in dc.bench_runs(cpu=False, quick=False, ceilings_path=None)}
+    runs = {name: (args, env) for name, args, env in dc.bench_runs(cpu=False, quick=False, ceilings_path=None,
+                                                                   full=True)}
     args, env = runs["bench:models-compile"]
     assert args[0] == "bench/test_bench_models.py" and args[args.index("-k") + 1] == dc.COMPILED_MODELS
     assert env["VITKERNELS_BENCH_MODEL_PROVIDERS"] == "compile"
     assert list(runs)[-4:] == [f"bench:{name}" for name in dc.COMPILED_ORDER]
-    assert "bench:models-compile" not in {name for name, _, _ in dc.bench_runs(False, True, None)}
+    assert "bench:models-compile" not in {name for name, _, _ in dc.bench_runs(False, True, None, full=True)}
 
 
 def test_bench_selection_makes_the_named_runs_in_order(dc):
@@ -300,7 +327,7 @@ def test_bench_only_run_skips_the_tests(dc, tmp_path, monkeypatch):
     (folder,) = (tmp_path / "h100-80gb-hbm3").iterdir()
     report = json.loads((folder / "device_check.json").read_text())
     steps = {s["name"]: s for s in report["steps"]}
-    assert steps["tests_ops"]["status"] == steps["tests_cuda"]["status"] == "skipped"
+    assert steps["tests"]["status"] == "skipped"
     assert [s["name"] for s in report["steps"] if s["name"].startswith("bench:")] == ["bench:layernorm",
                                                                                        "bench:models"]
     assert report["mode"] == "gpu, no tests, bench layernorm,models"
@@ -317,7 +344,7 @@ def test_tests_only_run_gives_the_tests_the_measurements_reserve(dc, tmp_path, m
         return fake(command, env, log, timeout)
 
     monkeypatch.setattr(dc, "run_with_timeout", timed)
-    budget = dc.CAPS["tests_ops"] + dc.RESERVE["tests_cuda"] + 5
+    budget = dc.CAPS["tests"] + 5
     assert dc.main(["--out", str(tmp_path), "--budget", str(budget), "--no-build", "--skip-bench"]) == 0
     (folder,) = (tmp_path / "h100-80gb-hbm3").iterdir()
     report = json.loads((folder / "device_check.json").read_text())
@@ -325,7 +352,7 @@ def test_tests_only_run_gives_the_tests_the_measurements_reserve(dc, tmp_path, m
     assert all(steps[name]["status"] == "skipped" for name in ("ceilings", "large", "bench"))
     assert report["benchmarks"] == []
     assert not any(arg.startswith("--benchmark-json=") for command, _ in seen for arg in command)
-    assert timeouts["tests_ops.log"] > dc.CAPS["tests_ops"] - 5, timeouts
+    assert timeouts["tests.log"] > dc.CAPS["tests"] - 5, timeouts
     assert report["mode"] == "gpu, no benchmarks"
 
 
@@ -409,14 +436,16 @@ def test_gpu_test_steps_spread_over_xdist_workers(dc, monkeypatch):
 
 def test_gpu_run_wires_every_step(dc, tmp_path, monkeypatch):
     seen = _fake_gpu_machine(dc, monkeypatch)
-    assert dc.main(["--out", str(tmp_path), "--budget", "1000", "--pack-logs"]) == 0
+    assert dc.main(["--out", str(tmp_path), "--pack-logs"]) == 0
     (folder,) = (tmp_path / "h100-80gb-hbm3").iterdir()
     assert dc._git_commit()[:7] in folder.name
     report = json.loads((folder / "device_check.json").read_text())
     names = [s["name"] for s in report["steps"]]
-    assert names[:8] == ["env", "build", "build_check", "tests_ops", "tests_cuda", "ceilings", "large",
-                         "bench:window_attention"]
-    assert "bench:models" in names and "bench:compile" in names
+    assert names[:7] == ["env", "build", "build_check", "tests", "ceilings", "large", "bench:window_attention"]
+    assert "bench:models" in names and "bench:compile" not in names
+    assert report["budget_seconds"] == dc.DEFAULT_BUDGET_S <= 7 * 60
+    tests_command = next(command for command, _ in seen if "pytest" in command and "tests" in command)
+    assert tests_command[tests_command.index("tests"):][:3] == ["tests", "-m", dc.TESTS_MARK]
     build_env = next(env for command, env in seen if "build_ext" in command)
     assert build_env["TORCH_CUDA_ARCH_LIST"] == "9.0"
     bench_envs = [env for command, env in seen if any(a.startswith("--benchmark-json=") for a in command)]
@@ -428,6 +457,19 @@ def test_gpu_run_wires_every_step(dc, tmp_path, monkeypatch):
     assert {p.name for p in folder.iterdir()} >= {"device_check.md", "device_check.json", "bench.json", "logs.tar.gz",
                                                  "device_check.log", "speedup_fwd.png"}
     assert "## Past 2^31 elements" in (folder / "device_check.md").read_text()
+
+
+def test_full_run_adds_the_compiled_providers_in_a_larger_budget(dc, tmp_path, monkeypatch):
+    seen = _fake_gpu_machine(dc, monkeypatch)
+    assert dc.main(["--out", str(tmp_path), "--full", "--skip-tests"]) == 0
+    (folder,) = (tmp_path / "h100-80gb-hbm3").iterdir()
+    report = json.loads((folder / "device_check.json").read_text())
+    names = [s["name"] for s in report["steps"]]
+    assert names[-4:] == [f"bench:{name}" for name in dc.COMPILED_ORDER]
+    assert report["budget_seconds"] == dc.FULL_BUDGET_S and report["mode"] == "gpu full, no tests"
+    layernorm_env = next(env for command, env in seen if env.get("VITKERNELS_BENCH_OPS") == "layernorm"
+                         and any(a.startswith("--benchmark-json=") for a in command))
+    assert layernorm_env["VITKERNELS_BENCH_MODES"] == dc.FULL_MODES
 
 
 def test_review_pytest_fails_a_run_that_lost_its_cuda_context(dc):
@@ -449,10 +491,10 @@ def test_tests_k_selects_in_each_test_step(dc, tmp_path, monkeypatch):
 
     monkeypatch.setattr(dc.Runner, "command", command)
     runner = dc.Runner(str(tmp_path), budget=60, cpu=True, quick=True, tests_k="swinv2 or fp32")
-    dc._pytest_step(runner, "tests_cuda", ["tests", "-m", "cuda"], [])
-    assert seen[-1][-2:] == ["-k", "swinv2 or fp32"] and "not slow" not in seen[-1]
-    dc._pytest_step(dc.Runner(str(tmp_path), budget=60, cpu=True, quick=False), "tests_ops", ["tests/ops"], [])
-    assert "-k" not in seen[-1]
+    dc._pytest_step(runner, "tests", ["tests", "-m", "device"], [])
+    assert seen[-1][-4:] == ["-m", "(device) and not slow", "-k", "swinv2 or fp32"]
+    dc._pytest_step(dc.Runner(str(tmp_path), budget=60, cpu=True, quick=False), "tests", ["tests/ops"], [])
+    assert "-k" not in seen[-1] and seen[-1].count("-m") == 1  # python -m pytest
 
 
 def test_git_commit_marks_a_working_tree_that_differs(dc, tmp_path, monkeypatch):
@@ -476,11 +518,13 @@ def test_warm_up_compiles_the_timed_cases_in_parallel_first(dc, tmp_path, monkey
     runs = dc.bench_runs(cpu=False, quick=True, ceilings_path="/r/ceilings.json",
                          selection=["attention", "layernorm", "flex", "models"])
     args, env = dc.warm_run(runs, ["-n", "14"])
-    assert args == ["bench/test_bench_ops.py", "bench/test_bench_models.py", "--benchmark-disable", "-k", "not train",
-                    "-n", "14"]
+    assert args == ["bench/test_bench_ops.py", "bench/test_bench_models.py", "--benchmark-disable",
+                    "-k", "not train and not test_schedule_variant", "-n", "14"]
     assert env["VITKERNELS_BENCH_OPS"] == "attention,layernorm"
     assert env["VITKERNELS_BENCH_PROVIDERS"] == env["VITKERNELS_BENCH_MODEL_PROVIDERS"] == "triton"
-    assert env["VITKERNELS_BENCH_MODES"] == "fwd,fwd+bwd" and env["VITKERNELS_BENCH_SHAPES"] == "quick"
+    assert env["VITKERNELS_BENCH_MODES"] == "fwd" and env["VITKERNELS_BENCH_SHAPES"] == "quick"
+    full, _ = dc.warm_run(dc.bench_runs(False, False, None, ["window_attention"], full=True), ["-n", "14"])
+    assert full[full.index("-k") + 1] == "not train"
     assert dc.warm_run(runs, []) is None
     assert dc.warm_run(runs[2:3], ["-n", "14"]) is None  # compiled providers only
     models_only, _ = dc.warm_run(runs[3:], ["-n", "2"])
@@ -538,10 +582,10 @@ def test_a_crashed_test_is_rerun_under_a_debugger(dc, tmp_path, monkeypatch):
     monkeypatch.setattr(dc, "run_with_timeout", fake)
     monkeypatch.setattr(dc, "debugger_path", lambda: "/usr/bin/gdb")
     runner = dc.Runner(str(tmp_path), budget=300, cpu=False, quick=True)
-    dc._pytest_step(runner, "tests_ops", ["tests/ops"], ["tests_cuda"])
+    dc._pytest_step(runner, "tests", ["tests", "-m", "device"], ["ceilings"])
     steps = {s.name: s for s in runner.steps}
-    assert steps["tests_ops"].status == "failed"
-    trace = steps["tests_ops_backtrace"]
+    assert steps["tests"].status == "failed"
+    trace = steps["tests_backtrace"]
     assert trace.status == "ok" and trace.detail.startswith("tests/ops/test_x.py::test_y[short-mean]: #0 ")
     assert "c10::detail::_str<long>" in trace.detail
     assert seen[1][:2] == ["/usr/bin/gdb", "-batch"] and "tests/ops/test_x.py::test_y[short-mean]" in seen[1]
@@ -549,10 +593,10 @@ def test_a_crashed_test_is_rerun_under_a_debugger(dc, tmp_path, monkeypatch):
                                     ("ptrace: Operation not permitted.\n", "no backtrace")):
         monkeypatch.setattr(dc, "run_with_timeout", lambda command, env, log, timeout, text=debugger_output: (
             log.write(text if command[0].endswith("gdb") else CRASH_OUTPUT), 0)[1])
-        dc._pytest_step(runner, "tests_cuda", ["tests"], [])
-        assert detail in runner.steps[-1].detail and runner.steps[-1].name == "tests_cuda_backtrace"
+        dc._pytest_step(runner, "tests", ["tests"], [])
+        assert detail in runner.steps[-1].detail and runner.steps[-1].name == "tests_backtrace"
     monkeypatch.setattr(dc, "debugger_path", lambda: None)
-    dc._pytest_step(runner, "tests_cuda", ["tests"], [])
+    dc._pytest_step(runner, "tests", ["tests"], [])
     assert runner.steps[-1].status == "skipped" and "no gdb or cuda-gdb" in runner.steps[-1].detail
 
 
@@ -573,3 +617,13 @@ def test_sanitizer_tools_run_side_by_side(dc, tmp_path, monkeypatch):
     dc.run_steps(runner, no_build=True, sanitize=True)
     steps = {s.name: s.status for s in runner.steps}
     assert steps["sanitize_memcheck"] == steps["sanitize_racecheck"] == "ok"
+
+
+def test_gpu_tests_are_tests_ops_and_the_cuda_tests():
+    selected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                               "-m", "device", "tests/ops/test_cpu_math.py", "tests/test_leaks.py",
+                               "tests/test_errors.py"], cwd=ROOT, capture_output=True, text=True, timeout=300).stdout
+    tests = [line for line in selected.splitlines() if "::" in line]
+    files = {t.split("::")[0] for t in tests}
+    assert files == {"tests/ops/test_cpu_math.py", "tests/test_leaks.py"}, selected[-2000:]
+    assert all("test_cuda_allocated_memory_is_flat" in t for t in tests if t.startswith("tests/test_leaks.py"))

@@ -1,8 +1,10 @@
-"""The tolerance policy of vitkernels.testing.assert_close on constructed errors."""
+"""vitkernels.testing: the tolerance policy of assert_close on constructed errors, and the narrowing of
+the autotuners for test runs on a GPU."""
 import pytest
 import torch
 
-from vitkernels.testing import assert_close
+from vitkernels.ops._triton import autotuned_kernels, gemm_config
+from vitkernels.testing import assert_close, first_tile_of_each_depth
 
 
 def _with_error(reference: torch.Tensor, error: float, dtype: torch.dtype) -> torch.Tensor:
@@ -53,3 +55,23 @@ def test_rounded_inputs_raise_a_lucky_base(reference):
     # a smaller rounding error leaves the low-precision base in place
     with pytest.raises(AssertionError, match="low-precision torch"):
         assert_close(actual, reference, low_precision_reference=low, rounded_input_reference=low)
+
+
+class _Tuner:
+    def __init__(self, configs):
+        self.configs = configs
+
+
+def test_first_tile_of_each_depth_narrows_and_restores_autotuners():
+    tiles = [gemm_config(128, 128, 64, 8, 3), gemm_config(128, 64, 64, 4, 4), gemm_config(128, 128, 32, 8, 3),
+             gemm_config(64, 64, 32, 4, 3)]
+    tuner = _Tuner(list(tiles))
+    with pytest.raises(RuntimeError, match="inside"):
+        with first_tile_of_each_depth([tuner]):
+            assert tuner.configs == [tiles[0], tiles[2]]
+            raise RuntimeError("inside")
+    assert tuner.configs == tiles
+    kernels = autotuned_kernels()
+    assert len(kernels) >= 2 and all(hasattr(k, "configs") for k in kernels)
+    with first_tile_of_each_depth():
+        assert all(len({c.kwargs["BLOCK_K"] for c in k.configs}) == len(k.configs) for k in kernels)

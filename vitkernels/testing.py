@@ -1,4 +1,5 @@
-"""Tolerance policy shared by tests, benchmarks and the demo, and the check for a lost CUDA context.
+"""Tolerance policy shared by tests, benchmarks and the demo, the check for a lost CUDA context, and
+the narrowing of Triton's autotuners for test runs on a GPU.
 
 * fp32 / fp64 against the reference computed in fp64: relative error max|a - b| / max|b| below
   1e-5 for forward values, 1e-4 for gradients.
@@ -9,10 +10,11 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 import torch
 
@@ -128,3 +130,26 @@ def stop_on_cuda_fault(item: pytest.Item) -> None:
         sys.stderr.flush()
         os._exit(3)
     pytest.exit(message, returncode=3)
+
+
+@contextlib.contextmanager
+def first_tile_of_each_depth(tuners: Optional[Sequence] = None) -> Iterator[None]:
+    """Within the block, each of ``tuners`` (default: every autotuned Triton kernel of vitkernels)
+    keeps the first tile of each K depth of its list, so that it launches that tile without
+    compiling and timing the others, as a test run on a GPU wants (each tile is then compared with
+    the reference alone by the ops' each-tile tests)."""
+    if tuners is None:
+        from .ops import _triton
+
+        tuners = _triton.autotuned_kernels()
+    saved = [(tuner, tuner.configs) for tuner in tuners]
+    for tuner, configs in saved:
+        depths: dict = {}
+        for config in configs:
+            depths.setdefault(config.kwargs["BLOCK_K"], config)
+        tuner.configs = list(depths.values())
+    try:
+        yield
+    finally:
+        for tuner, configs in saved:
+            tuner.configs = configs

@@ -3,6 +3,8 @@ persistent launches."""
 from __future__ import annotations
 
 import functools
+import importlib
+import os
 from typing import Callable
 
 import torch
@@ -57,6 +59,19 @@ def gemm_config(block_m: int, block_n: int, block_k: int, warps: int, stages: in
                          num_warps=warps, num_stages=stages)
 
 
+_AUTOTUNED: list = []  # the autotuners autotune_by_depth made
+
+
+def autotuned_kernels() -> list:
+    """The Triton autotuners of every op (``triton.autotune`` objects), each op's kernel module
+    imported first."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in sorted(os.listdir(here)):
+        if os.path.exists(os.path.join(here, name, "triton_kernels.py")):
+            importlib.import_module(f"{__package__}.{name}.triton_kernels")
+    return list(_AUTOTUNED)
+
+
 def autotune_by_depth(configs: list, pointer: str) -> Callable:
     """``triton.autotune`` over ``configs``, keyed on M, N, K, trying the configs whose BLOCK_K suits
     the dtype of argument ``pointer``: fp32 tiles take half the K depth (32) of fp16/bf16 ones (64)
@@ -66,13 +81,20 @@ def autotune_by_depth(configs: list, pointer: str) -> Callable:
     it launches it without benchmarking.
     """
     if aot.interpreter_on():
-        return triton.autotune(configs=configs[-1:], key=["M", "N", "K"])
+        tune = triton.autotune(configs=configs[-1:], key=["M", "N", "K"])
+    else:
+        def prune(configs, named_args, **kwargs):
+            depth = 32 if named_args[pointer].dtype == torch.float32 else 64
+            return [c for c in configs if c.kwargs["BLOCK_K"] == depth]
 
-    def prune(configs, named_args, **kwargs):
-        depth = 32 if named_args[pointer].dtype == torch.float32 else 64
-        return [c for c in configs if c.kwargs["BLOCK_K"] == depth]
+        tune = triton.autotune(configs=configs, key=["M", "N", "K"], prune_configs_by={"early_config_prune": prune})
 
-    return triton.autotune(configs=configs, key=["M", "N", "K"], prune_configs_by={"early_config_prune": prune})
+    def register(kernel):
+        tuner = tune(kernel)
+        _AUTOTUNED.append(tuner)
+        return tuner
+
+    return register
 
 
 @triton.jit
