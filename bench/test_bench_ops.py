@@ -35,6 +35,7 @@ import providers
 import shapes
 import timing
 from vitkernels import backends, ops
+from vitkernels.ops.layernorm_mlp import triton_kernels as mlp_kernels
 from vitkernels.ops.window_attention import triton_kernels as window_kernels
 from vitkernels.testing import LOW_PRECISION
 
@@ -172,27 +173,30 @@ def _bench_case(benchmark, op, shape, provider, mode, device, dtype, variant: Op
     record_achieved(benchmark, op, work)
 
 
-# Schedules of the Triton attention kernels other than the default, timed beside it (the window
-# kernels' docstring): the name of each, the attribute of vitkernels.ops.window_attention.triton_kernels
-# it replaces (global attention runs those kernels too), and the ops it concerns.
+# Schedules of the Triton kernels other than the default, timed beside it (the window kernels' and
+# the LayerNorm+MLP kernels' docstrings): the name of each, the kernel module and the attribute of it
+# it replaces (global attention runs the window kernels too), and the ops it concerns.
 SCHEDULE_VARIANTS = {
-    "1 program per window": ("window_programs", lambda device, windows, heads, per_multiprocessor: windows,
-                             ("window_attention",)),
-    "key-block kernels": ("one_tile", lambda tokens, config: False, ("window_attention",)),
-    "two warpgroups per tile": ("launch_warps", lambda kernel, config, head_dim, flags: config.num_warps,
+    "1 program per window": (window_kernels, "window_programs",
+                             lambda device, windows, heads, per_multiprocessor: windows, ("window_attention",)),
+    "key-block kernels": (window_kernels, "one_tile", lambda tokens, config: False, ("window_attention",)),
+    "two warpgroups per tile": (window_kernels, "launch_warps",
+                                lambda kernel, config, head_dim, flags: config.num_warps,
                                 ("window_attention", "attention")),
     # 128 keys per step of the forward's loop: 14% fewer instructions per key by the compiler's report
     # (sm_90, ViT-B), at 188 registers (one CTA per multiprocessor) against 116 (two)
-    "128x128 forward tiles": ("CONFIGS", (*window_kernels.CONFIGS[:3], window_kernels.Config(128, 128, 8)),
-                              ("attention",)),
-    "128 registers per thread": ("TILE_FORWARD_MAX_REGISTERS", 128, ("window_attention",)),
+    "128x128 forward tiles": (window_kernels, "CONFIGS",
+                              (*window_kernels.CONFIGS[:3], window_kernels.Config(128, 128, 8)), ("attention",)),
+    "128 registers per thread": (window_kernels, "TILE_FORWARD_MAX_REGISTERS", 128, ("window_attention",)),
+    # fc1 normalizing its x tiles as they load instead of LN folded into its weights
+    "LN prologue in fc1": (mlp_kernels, "FOLD_LAYERNORM", False, ("layernorm_mlp",)),
 }
 # (variant, op) whose forward is the default's: its forward alone is not timed
 SAME_FORWARD = {("two warpgroups per tile", "attention")}
 # variants whose backward is the default's: their backward alone is not timed
-SAME_BACKWARD = {"128x128 forward tiles", "128 registers per thread"}
+SAME_BACKWARD = {"128x128 forward tiles", "128 registers per thread", "LN prologue in fc1"}
 VARIANT_CASES = [pytest.param(variant, *case.values, id=f"{variant}-{case.id}")
-                 for variant, (_, _, variant_ops) in SCHEDULE_VARIANTS.items()
+                 for variant, (_, _, _, variant_ops) in SCHEDULE_VARIANTS.items()
                  for case in CASES if case.values[0] in variant_ops]
 
 
@@ -205,12 +209,13 @@ def test_schedule_variant(benchmark, variant, op, shape, mode, device, dtype, mo
     kernel); for window and global attention, two warpgroups per 64-row tile instead of one where
     the default takes one; for global attention, 128 keys per step of the forward instead of 64; for
     the one-tile window forward, registers capped at 128 per thread (four programs per multiprocessor
-    where Swin-T's shifted forward fits three)."""
+    where Swin-T's shifted forward fits three); for LayerNorm+MLP, fc1 normalizing its x tiles as
+    they load instead of taking LN folded into its weights."""
     if device != "cuda":
         pytest.skip("Triton on CPU runs in the interpreter, whose timings say nothing about the kernels")
     if (variant, op) in SAME_FORWARD and mode == "fwd":
         pytest.skip(f"{op}'s forward launches the same kernel with {variant!r}")
     if variant in SAME_BACKWARD and mode == "bwd":
         pytest.skip(f"{op}'s backward launches the same kernels with {variant!r}")
-    monkeypatch.setattr(window_kernels, *SCHEDULE_VARIANTS[variant][:2])
+    monkeypatch.setattr(*SCHEDULE_VARIANTS[variant][:3])
     _bench_case(benchmark, op, shape, "triton", mode, device, dtype, variant=variant)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from op_helpers import backend_params, compare_with_reference, launch_tile_alone, random
+from op_helpers import DEVICE, backend_params, compare_with_reference, launch_tile_alone, random
 from vitkernels import ops
 from vitkernels.ops.layernorm_mlp import triton_kernels
 from vitkernels.ops.layernorm_mlp.reference import (
@@ -181,6 +181,63 @@ def test_triton_each_gemm_tile(backend, index, monkeypatch):
     compare_with_reference(lambda *t: ops.layernorm_mlp(*t[:7], gamma=t[7], backend=backend),
                            lambda *t: layernorm_mlp_reference(*t[:7], gamma=t[7]),
                            _mlp_inputs((2, 37), 64, 256), dtype)
+
+
+# fp16 and bf16 fold LN into fc1 (triton_kernels.FOLD_LAYERNORM); the LN prologue is the benchmarks'
+# other schedule, and what fp32 takes. Rows far from zero mean (an offset 30 standard deviations away)
+# are where the folded GEMM cancels the mean from x @ W'^T.
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("fold", [True, False], ids=["folded", "prologue"])
+@pytest.mark.parametrize("variant", ["full", "no-affine-no-bias", "offset-rows"])
+def test_triton_fc1_layernorm_schedules(backend, fold, variant, monkeypatch):
+    monkeypatch.setattr(triton_kernels, "FOLD_LAYERNORM", fold)
+    plain = variant == "no-affine-no-bias"
+    inputs = _mlp_inputs((3, 29), 48, 192, affine=not plain, biases=not plain)
+    if variant == "offset-rows":
+        inputs[0] = inputs[0] + 30.0
+    compare_with_reference(lambda *t: ops.layernorm_mlp(*t[:7], gamma=t[7], backend=backend),
+                           lambda *t: layernorm_mlp_reference(*t[:7], gamma=t[7]), inputs, torch.float16)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("offset", [0.0, 30.0, -300.0])
+def test_triton_folded_fc1_alone(backend, offset):
+    """fc1 with LN folded, GELU(LN(x) W^T + b), against the reference with no residual to hide its
+    error: offsets from zero mean are where x W'^T and mean * colsum cancel. The inputs are fp16
+    values already, so that no rounding of them widens the tolerance: the kernel's error is held to
+    fp16 torch's on the same inputs (a colsum of the unrounded W * ln_w fails it from offset 30 on)."""
+    def run(x, lw, lb, w, b):
+        _, _, mean, rstd = triton_kernels.layernorm_fwd(x, None, None, None, 1e-6, store_y=False)
+        folded, colsum, shift = triton_kernels.fold_layernorm(w, lw, lb, b)
+        return triton_kernels.linear_fwd(x, folded, shift, folded=(mean, rstd, colsum), gelu="none")[0]
+
+    def reference(x, lw, lb, w, b):
+        return torch.nn.functional.gelu(torch.nn.functional.linear(
+            torch.nn.functional.layer_norm(x, (x.shape[-1],), lw, lb, 1e-6), w, b))
+
+    x, lw, lb, w1, b1 = _mlp_inputs((87,), 64, 256)[:5]
+    inputs = [t.half().double() for t in (x + offset, lw, lb, w1, b1)]
+    compare_with_reference(run, reference, inputs, torch.float16, grad=False)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("affine", ["both", "weight-only", "bias-only", "none"])
+def test_fold_layernorm(backend, affine):
+    weight = random(70, 160, device=DEVICE).half()  # a partial block of rows and of columns
+    ln_weight = (1 + random(160)).half() if affine in ("both", "weight-only") else None
+    ln_bias = random(160).half() if affine in ("both", "bias-only") else None
+    bias = random(70).half() if affine != "none" else None
+    folded, colsum, shift = triton_kernels.fold_layernorm(weight, ln_weight, ln_bias, bias)
+    expected = weight if ln_weight is None else (weight.float() * ln_weight.float()).half()
+    assert torch.equal(folded, expected)
+    assert colsum.dtype == shift.dtype == torch.float32
+    torch.testing.assert_close(colsum, expected.double().sum(1).float(), rtol=1e-5, atol=1e-4)
+    expected_shift = torch.zeros(70, dtype=torch.float64, device=DEVICE)
+    if ln_bias is not None:
+        expected_shift += weight.double() @ ln_bias.double()
+    if bias is not None:
+        expected_shift += bias.double()
+    torch.testing.assert_close(shift, expected_shift.float(), rtol=1e-5, atol=1e-4)
 
 
 # --- the cuda backend (csrc/layernorm_mlp/cuda.cu) ----------------------------------------------

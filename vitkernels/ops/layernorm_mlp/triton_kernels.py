@@ -4,8 +4,18 @@ Rows are the flattened leading dims: x is [M, C] (contiguous), the MLP hidden wi
 
 layernorm_mlp forward, y = x + gamma * fc2(GELU(fc1(LN(x)))):
   1. ``_layernorm_fwd_kernel`` (STORE_Y=False): row statistics mean, rstd [M] in fp32.
-  2. ``_mlp_fwd_kernel`` as fc1: the x tile is normalized as it is loaded (LN prologue), so LN(x) never
-     goes through memory; bias and GELU in the epilogue; the hidden activation [M, H] is written once.
+  2. ``_mlp_fwd_kernel`` as fc1, LN(x) never going through memory, in one of two ways:
+     - fp16 and bf16 (:data:`FOLD_LAYERNORM`): LN folded into the GEMM. With W' = W * ln_w (W's
+       dtype), s = the row sums of W' and c = b + W ln_b (fp32, ``_fold_layernorm_kernel``, one pass
+       over W), fc1(LN(x)) = rstd * (x W'^T - mean * s) + c: the loop is a plain GEMM of x, and
+       the epilogue scales and shifts each row. W's rounding to W' errs as much as the reference's
+       rounding of LN(x) does, and s sums the rounded W', so the mean cancels exactly but for fp32
+       accumulation.
+     - fp32, and FOLD_LAYERNORM off: the x tile is normalized as it is loaded (LN prologue). By
+       the compiler's report (sm_90, Triton 3.6, bf16, 128x128x64 tiles, 8 warps) the prologue
+       makes the loop 290 instructions a step against the plain GEMM's 82: the warps' issue,
+       not the tensor cores, then bounds it.
+     Bias and GELU in the epilogue; the hidden activation [M, H] is written once.
   3. ``_mlp_fwd_kernel`` as fc2: bias, LayerScale gamma and the residual x in the epilogue.
 
 layernorm_mlp backward (see :func:`layernorm_mlp_bwd`) saves nothing but the op's inputs and recomputes
@@ -32,6 +42,10 @@ _TANH_K = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
 _TANH_C = tl.constexpr(0.044715)
 
 _TL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+# fc1 of fp16 and bf16 inputs with LN folded into its weights (the module docstring); False: the LN
+# prologue, as fp32 always takes it.
+FOLD_LAYERNORM = True
+FOLD_BLOCK_N, FOLD_BLOCK_K = 32, 128  # W rows and columns of a step of _fold_layernorm_kernel
 
 
 # Elements of the row tiles of the LayerNorm kernels (BLOCK_M rows of BLOCK_N columns): a program
@@ -161,6 +175,38 @@ def _layernorm_bwd_kernel(dy_ptr, dres_ptr, x_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr
 
 
 @triton.jit
+def _fold_layernorm_kernel(w_ptr, ln_w_ptr, ln_b_ptr, bias_ptr, folded_ptr, colsum_ptr, shift_ptr, N, K,
+                           HAS_LN_W: tl.constexpr, HAS_LN_B: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # w_ptr, folded_ptr: [N, K]; ln_w_ptr, ln_b_ptr: [K]; bias_ptr, colsum_ptr, shift_ptr: [N] (the last two
+    # fp32). folded = w * ln_w in w's dtype (stored with HAS_LN_W), colsum = its row sums (of the rounded
+    # values), shift = bias + w @ ln_b. A program takes BLOCK_N rows of w.
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    colsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    shift = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K
+        offsets = rows.to(tl.int64)[:, None] * K + k[None, :]
+        mask = row_ok[:, None] & k_ok[None, :]
+        w = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        if HAS_LN_W:
+            folded = (w * tl.load(ln_w_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :])
+            folded = folded.to(folded_ptr.dtype.element_ty)
+            tl.store(folded_ptr + offsets, folded, mask=mask)
+            colsum += tl.sum(folded.to(tl.float32), axis=1)
+        else:
+            colsum += tl.sum(w, axis=1)
+        if HAS_LN_B:
+            shift += tl.sum(w * tl.load(ln_b_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :], axis=1)
+    if HAS_BIAS:
+        shift += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(colsum_ptr + rows, colsum, mask=row_ok)
+    tl.store(shift_ptr + rows, shift, mask=row_ok)
+
+
+@triton.jit
 def _gelu_bwd_kernel(dz_ptr, z_ptr, numel, MODE: tl.constexpr, BLOCK: tl.constexpr):
     # dz_ptr, z_ptr: [M, H]; dz holds dL/dGELU(z) on entry and dL/dz on exit
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -175,7 +221,8 @@ def _gemm_configs() -> list:
     prologue, whose cost grows with the A tile alone, over twice the products: by the compiler's
     report (sm_90, Triton 3.6, bf16) fc1's loop is 8 warps x 315 instructions per 128x256x64 step
     against 8 x 290 per 128x128x64, at 255 registers with no spill in the loop (22 spill
-    instructions outside it)."""
+    instructions outside it). That is fc1 with the LN prologue, which fp32 takes; with LN folded,
+    fc1's loop is a plain GEMM as fc2's is."""
     return [
         gemm_config(128, 128, 64, 8, 3), gemm_config(128, 64, 64, 4, 4), gemm_config(64, 128, 64, 4, 4),  # 16-bit
         gemm_config(128, 256, 64, 8, 3),
@@ -186,14 +233,16 @@ def _gemm_configs() -> list:
 @autotune_by_depth(_gemm_configs(), "a_ptr")
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
-def _mlp_fwd_kernel(a_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, ln_w_ptr, ln_b_ptr, res_ptr, gamma_ptr,
+def _mlp_fwd_kernel(a_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, ln_w_ptr, ln_b_ptr, colsum_ptr, res_ptr, gamma_ptr,
                     pre_ptr, out_ptr, M, N, K,
-                    HAS_BIAS: tl.constexpr, LN_PROLOGUE: tl.constexpr, HAS_LN_W: tl.constexpr,
-                    HAS_LN_B: tl.constexpr, GELU: tl.constexpr, STORE_PRE: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, LN_PROLOGUE: tl.constexpr, LN_FOLDED: tl.constexpr,
+                    HAS_LN_W: tl.constexpr, HAS_LN_B: tl.constexpr, GELU: tl.constexpr, STORE_PRE: tl.constexpr,
                     RESIDUAL: tl.constexpr, HAS_GAMMA: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # a_ptr: [M, K]; w_ptr: [N, K] (nn.Linear weight); bias_ptr, gamma_ptr: [N]; mean_ptr, rstd_ptr: [M] fp32;
-    # ln_w_ptr, ln_b_ptr: [K]; res_ptr, pre_ptr, out_ptr: [M, N]. out = epilogue(prologue(a) @ w^T).
+    # ln_w_ptr, ln_b_ptr: [K]; colsum_ptr: [N] fp32; res_ptr, pre_ptr, out_ptr: [M, N].
+    # out = epilogue(prologue(a) @ w^T). LN_FOLDED: w is W * ln_w with row sums colsum, and the bias
+    # the folded shift (the module docstring), so the epilogue normalizes the rows of the product.
     # EVEN_K: K is a multiple of BLOCK_K (every ViT and Swin width), so no K step needs a mask.
     rows, cols = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     row_ok = rows < M
@@ -224,6 +273,11 @@ def _mlp_fwd_kernel(a_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, ln_w_ptr, ln_b_p
         w = tl.load(w_cols + k[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = dot(a, w, acc, IEEE)
 
+    if LN_FOLDED:
+        mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+        colsum = tl.load(colsum_ptr + cols, mask=col_ok, other=0.0)
+        acc = acc * rstd[:, None] - (mean * rstd)[:, None] * colsum[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     offsets = rows.to(tl.int64)[:, None] * N + cols[None, :]
@@ -261,18 +315,27 @@ def _register_aot() -> None:
                 num_warps=_row_warps(block_m * block_n), name=f"_layernorm_bwd_kernel[{dtype}, C={channels}]")
         aot.register(_gelu_bwd_kernel, signature={"dz_ptr": ptr, "z_ptr": ptr, "numel": "i32"},
                      constexprs={"MODE": 1, "BLOCK": 1024}, name=f"_gelu_bwd_kernel[{dtype}, erf]")
-    stages = {"fc1": {"LN_PROLOGUE": True, "GELU": 1, "STORE_PRE": False, "RESIDUAL": False},
-              "fc2": {"LN_PROLOGUE": False, "GELU": 0, "STORE_PRE": False, "RESIDUAL": True},
-              "fc1 recompute": {"LN_PROLOGUE": False, "GELU": 1, "STORE_PRE": True, "RESIDUAL": False}}
-    launches = [(stage, "bf16", config) for stage in ("fc1", "fc2") for config in (0, 1, 2, 3)]
-    launches += [("fc1 recompute", "bf16", 0), ("fc1", "fp32", 4), ("fc2", "fp32", 4)]
+        aot.register(_fold_layernorm_kernel, signature={
+            "w_ptr": ptr, "ln_w_ptr": ptr, "ln_b_ptr": ptr, "bias_ptr": ptr, "folded_ptr": ptr,
+            "colsum_ptr": "*fp32:16", "shift_ptr": "*fp32:16", "N": "i32:16", "K": "i32:16"},
+            constexprs={"HAS_LN_W": True, "HAS_LN_B": True, "HAS_BIAS": True, "BLOCK_N": FOLD_BLOCK_N,
+                        "BLOCK_K": FOLD_BLOCK_K}, name=f"_fold_layernorm_kernel[{dtype}]")
+    plain = {"LN_PROLOGUE": False, "LN_FOLDED": False}
+    stages = {"fc1 folded": {**plain, "LN_FOLDED": True, "GELU": 1, "STORE_PRE": False, "RESIDUAL": False},
+              "fc1 prologue": {**plain, "LN_PROLOGUE": True, "GELU": 1, "STORE_PRE": False, "RESIDUAL": False},
+              "fc2": {**plain, "GELU": 0, "STORE_PRE": False, "RESIDUAL": True},
+              "fc1 recompute": {**plain, "GELU": 1, "STORE_PRE": True, "RESIDUAL": False}}
+    launches = [(stage, "bf16", config) for stage in ("fc1 folded", "fc2") for config in (0, 1, 2, 3)]
+    launches += [("fc1 prologue", "bf16", 0), ("fc1 prologue", "bf16", 3), ("fc1 recompute", "bf16", 0),
+                 ("fc1 prologue", "fp32", 4), ("fc2", "fp32", 4)]
     for stage, dtype, config in launches:
         ptr = f"*{dtype}:16"
         chosen = _gemm_configs()[config]
+        folded = stages[stage]["LN_FOLDED"]
         aot.register(_mlp_fwd_kernel, signature={
-            "a_ptr": ptr, "w_ptr": ptr, "bias_ptr": ptr, "mean_ptr": "*fp32:16", "rstd_ptr": "*fp32:16",
-            "ln_w_ptr": ptr, "ln_b_ptr": ptr, "res_ptr": ptr, "gamma_ptr": ptr, "pre_ptr": ptr, "out_ptr": ptr,
-            "M": "i32", "N": "i32:16", "K": "i32:16"},
+            "a_ptr": ptr, "w_ptr": ptr, "bias_ptr": "*fp32:16" if folded else ptr, "mean_ptr": "*fp32:16",
+            "rstd_ptr": "*fp32:16", "ln_w_ptr": ptr, "ln_b_ptr": ptr, "colsum_ptr": "*fp32:16", "res_ptr": ptr,
+            "gamma_ptr": ptr, "pre_ptr": ptr, "out_ptr": ptr, "M": "i32", "N": "i32:16", "K": "i32:16"},
             constexprs={"HAS_BIAS": True, "HAS_LN_W": True, "HAS_LN_B": True, "HAS_GAMMA": stage == "fc2",
                         "IEEE": dtype == "fp32", "EVEN_K": True, **stages[stage], **chosen.kwargs},
             num_warps=chosen.num_warps, num_stages=chosen.num_stages,
@@ -330,29 +393,53 @@ def layernorm_bwd(dy: torch.Tensor, dres: Optional[torch.Tensor], x: torch.Tenso
 
 
 def linear_fwd(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], *,
-               ln: Optional[tuple] = None, gelu: Optional[str] = None, store_pre: bool = False,
-               residual: Optional[torch.Tensor] = None, gamma: Optional[torch.Tensor] = None):
+               ln: Optional[tuple] = None, folded: Optional[tuple] = None, gelu: Optional[str] = None,
+               store_pre: bool = False, residual: Optional[torch.Tensor] = None,
+               gamma: Optional[torch.Tensor] = None):
     """out = residual + gamma * GELU(LN(a) @ weight^T + bias), each stage optional.
 
     a: [M, K]; weight: [N, K]; bias, gamma: [N]; residual: [M, N]; ln: (mean [M] fp32, rstd [M] fp32,
-    ln_weight [K] or None, ln_bias [K] or None) normalizes a's rows as they are loaded; gelu: "none"
-    (erf) or "tanh". Returns (out [M, N], the pre-activation [M, N] with ``store_pre`` else None).
+    ln_weight [K] or None, ln_bias [K] or None) normalizes a's rows as they are loaded; folded: (mean,
+    rstd, colsum [N] fp32) normalizes the product's rows instead, for weight and bias from
+    :func:`fold_layernorm`; gelu: "none" (erf) or "tanh". Returns (out [M, N], the pre-activation
+    [M, N] with ``store_pre`` else None).
     """
     rows, depth = a.shape
     width = weight.shape[0]
     out = torch.empty((rows, width), device=a.device, dtype=a.dtype)
     pre = torch.empty_like(out) if store_pre else None
     mean, rstd, ln_w, ln_b = ln if ln is not None else (None,) * 4
+    colsum = None
+    if folded is not None:
+        mean, rstd, colsum = folded
     if rows:
         def grid(meta):
             return (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(width, meta["BLOCK_N"]),)
 
         _mlp_fwd_kernel[grid](
-            a, weight, bias, mean, rstd, ln_w, ln_b, residual, gamma, pre, out, rows, width, depth,
-            HAS_BIAS=bias is not None, LN_PROLOGUE=ln is not None, HAS_LN_W=ln_w is not None,
-            HAS_LN_B=ln_b is not None, GELU=GELU_MODES[gelu] if gelu is not None else 0, STORE_PRE=store_pre,
-            RESIDUAL=residual is not None, HAS_GAMMA=gamma is not None, IEEE=a.dtype == torch.float32)
+            a, weight, bias, mean, rstd, ln_w, ln_b, colsum, residual, gamma, pre, out, rows, width, depth,
+            HAS_BIAS=bias is not None, LN_PROLOGUE=ln is not None, LN_FOLDED=folded is not None,
+            HAS_LN_W=ln_w is not None, HAS_LN_B=ln_b is not None, GELU=GELU_MODES[gelu] if gelu is not None else 0,
+            STORE_PRE=store_pre, RESIDUAL=residual is not None, HAS_GAMMA=gamma is not None,
+            IEEE=a.dtype == torch.float32)
     return out, pre
+
+
+def fold_layernorm(weight: torch.Tensor, ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor],
+                   bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LN's affine folded into the Linear after it (the module docstring): (weight * ln_weight [N, K]
+    in weight's dtype, or weight itself without ln_weight; its row sums [N] fp32; bias + weight @
+    ln_bias [N] fp32)."""
+    width, depth = weight.shape
+    folded = torch.empty_like(weight) if ln_weight is not None else weight
+    colsum = torch.empty(width, device=weight.device, dtype=torch.float32)
+    shift = torch.empty_like(colsum)
+    if width:
+        _fold_layernorm_kernel[(triton.cdiv(width, FOLD_BLOCK_N),)](
+            weight, ln_weight, ln_bias, bias, folded, colsum, shift, width, depth, HAS_LN_W=ln_weight is not None,
+            HAS_LN_B=ln_bias is not None, HAS_BIAS=bias is not None, BLOCK_N=FOLD_BLOCK_N, BLOCK_K=FOLD_BLOCK_K,
+            num_stages=aot.NUM_STAGES)
+    return folded, colsum, shift
 
 
 def gelu_bwd_(grad: torch.Tensor, pre: torch.Tensor, approximate: str) -> torch.Tensor:
@@ -376,7 +463,11 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def layernorm_mlp_fwd(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, gamma, approximate):
     """y = x + gamma * fc2(GELU(fc1(LN(x)))) for x [M, C]; see the module docstring for the kernels."""
     _, _, mean, rstd = layernorm_fwd(x, None, None, None, eps, store_y=False)
-    hidden, _ = linear_fwd(x, fc1_weight, fc1_bias, ln=(mean, rstd, ln_weight, ln_bias), gelu=approximate)
+    if FOLD_LAYERNORM and x.dtype != torch.float32:
+        weight, colsum, shift = fold_layernorm(fc1_weight, ln_weight, ln_bias, fc1_bias)
+        hidden, _ = linear_fwd(x, weight, shift, folded=(mean, rstd, colsum), gelu=approximate)
+    else:
+        hidden, _ = linear_fwd(x, fc1_weight, fc1_bias, ln=(mean, rstd, ln_weight, ln_bias), gelu=approximate)
     y, _ = linear_fwd(hidden, fc2_weight, fc2_bias, residual=x, gamma=gamma)
     return y
 
