@@ -377,6 +377,21 @@ def test_programs_per_multiprocessor():
     assert triton_helpers.programs_per_multiprocessor(255, 32, 300 * 1024, shared, threads) == 1
 
 
+def test_pipeline_depth_and_register_cap():
+    """fp16 and bf16 launches pipeline a step ahead (3 stages); the one-tile forward is capped at
+    168 registers (three programs of 4 warps per multiprocessor) where the compiler's report shows
+    no spill: sm_90, head dims up to 32, parameters in the input's dtype."""
+    kernels = importlib.import_module("vitkernels.ops.window_attention.triton_kernels")
+    assert kernels.pipeline_stages(False) == kernels.HALF_STAGES == 3
+    assert kernels.pipeline_stages(True) == kernels.FP32_STAGES
+    registers = kernels.tile_forward_registers
+    assert registers(32, False, False, (9, 0)) == registers(16, False, False, (10, 0)) == 168
+    assert 3 * 168 * 128 <= 65536 < 4 * 168 * 128
+    for block_d, fp32, fp32_params, capability in ((64, False, False, (9, 0)), (32, True, False, (9, 0)),
+                                                   (32, False, True, (9, 0)), (32, False, False, (8, 0))):
+        assert registers(block_d, fp32, fp32_params, capability) is None
+
+
 def test_resident_programs_reads_the_compiled_kernel(monkeypatch):
     triton_helpers = importlib.import_module("vitkernels.ops._triton")
     class Compiled:  # Triton's CompiledKernel: registers known once its binary is loaded

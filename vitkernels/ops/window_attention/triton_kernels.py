@@ -46,8 +46,9 @@ only the windows of the last window row or column need (the others' tokens all l
 region, so they skip it). A map that needs no padding (every Swin stage at 224) is launched as
 such (``PADDING``): its tokens are all real and the qkv bias, which only padding tokens read, is
 left out. The loop over windows is what Triton's software pipeliner overlaps: the next window's
-q, k and v are copied to shared memory while the current one is computed (``num_stages`` = 2 in
-fp16 and bf16; fp32 runs :data:`FP32_STAGES`).
+q, k and v are copied to shared memory while the current one is computed (:data:`HALF_STAGES` in
+fp16 and bf16; fp32 runs :data:`FP32_STAGES`), and on sm_90 the registers are capped so that three
+programs share a multiprocessor (:data:`TILE_FORWARD_MAX_REGISTERS`).
 """
 from __future__ import annotations
 
@@ -78,6 +79,15 @@ WARPGROUP, WARPGROUP_TILE = 4, 64  # one warpgroup's warps, and the tile rows it
 # dq kernel 96); with 1 stage the forward takes 128 registers and 48 bytes of stack, and the others
 # none but the one-tile backward of an unpadded map (336 bytes; 16 with 2 stages).
 FP32_STAGES = 1
+# Pipeline depth of the fp16 and bf16 launches. With 2 stages Triton 3.6 issues the copies of a loop
+# step's tiles at the end of the step before and waits for all of them at its top (sm_90: each
+# loop opens with "DEPBAR.LE SB0, 0x0"), so every window or key block waits out its own loads; with
+# 3 the copies of step i + 1 are in flight through all of step i ("DEPBAR.LE SB0, 0x3" in the
+# one-tile forward, whose q, k and v are three groups). By the compiler's report (sm_90 and sm_80)
+# the third stage costs the forward kernels shared memory (12 KiB for the 64x64 head_dim-32 tile)
+# and registers (TILE_FORWARD_MAX_REGISTERS) but no spill, and the backward kernels 8 to 16 bytes
+# of stack per thread more where they spilled already (the one-tile backward 32 -> 40 on sm_90).
+HALF_STAGES = 3
 # The kernels' PADDING: the map is a whole number of windows, or padded to one after the cyclic shift
 # (timm) or before it (the original Swin, Hugging Face, torchvision).
 NO_PADDING, SHIFT_THEN_PAD, PAD_THEN_SHIFT = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
@@ -738,11 +748,14 @@ class Config:
 # 16 warps to hide the window loads' latency, against 8 with 4 warps.
 CONFIGS = (Config(16, 16, 1), Config(32, 32, 2), Config(64, 64, 8), Config(128, 64, 8))
 MAX_WARPS = 8  # 16 warps would cap a thread at 128 registers, which these kernels exceed
-# Registers per thread the one-tile forward may use (ptxas's maxnreg), None for the compiler's
-# choice: Swin-T stage 1's shifted forward takes 165 (3 programs of 4 warps per multiprocessor);
-# capped at 128 (4 programs, more warps to hide latency) it spills 56 bytes per thread (sm_90). The
-# benchmarks time the cap beside the default.
-TILE_FORWARD_MAX_REGISTERS: Optional[int] = None
+# Registers per thread the fp16 and bf16 one-tile forward may use on sm_90 (ptxas's maxnreg) where
+# BLOCK_D is at most 32 and the parameters are in the input's dtype, None for the compiler's
+# choice. With HALF_STAGES = 3 Swin-T stage 1's shifted forward takes 196 registers, two programs
+# of 4 warps per multiprocessor (65536 / (196 x 128)); capped at 168 it takes 162 with no spill, and
+# three programs fit. The registered head_dim-32 variants (cosine, padded) fit 168 without
+# spilling; fp32 parameters (autocast) spill 48 bytes at 168, head_dim 64 72 bytes, and sm_80 96
+# bytes, which keeps two programs either way. The benchmarks time the compiler's choice beside it.
+TILE_FORWARD_MAX_REGISTERS: Optional[int] = 168
 # The backward of head dims above 64 (BLOCK_D 128; ViT-H's 80 too) beyond 32 tokens: bytes of stack
 # per thread of the dq, dk/dv and table kernels 176 / 144 / 264, against 1592 / 1568 / 1568 for a
 # 64x64 tile with 8 warps (bf16, cosine attention, same report).
@@ -812,8 +825,17 @@ def _prepare(qkv, num_heads, window, shift, bias_table, qkv_bias, logit_scale, s
 
 
 def pipeline_stages(fp32: bool) -> int:
-    """The attention kernels' pipeline depth: :data:`FP32_STAGES` for fp32 inputs, else aot.NUM_STAGES."""
-    return FP32_STAGES if fp32 else aot.NUM_STAGES
+    """The attention kernels' pipeline depth: :data:`FP32_STAGES` for fp32 inputs, else :data:`HALF_STAGES`."""
+    return FP32_STAGES if fp32 else HALF_STAGES
+
+
+def tile_forward_registers(block_d: int, fp32: bool, fp32_params: bool, capability: tuple[int, int]) -> Optional[int]:
+    """maxnreg of a one-tile forward launch on a device of compute ``capability``: the cap
+    :data:`TILE_FORWARD_MAX_REGISTERS` for fp16 and bf16 inputs and parameters with BLOCK_D at most
+    32 on sm_90 and later, else None (the compiler's choice)."""
+    if TILE_FORWARD_MAX_REGISTERS is None or fp32 or fp32_params or block_d > 32 or capability < (9, 0):
+        return None
+    return TILE_FORWARD_MAX_REGISTERS
 
 
 def _tile_sizes(launch: _Launch) -> tuple:
@@ -869,8 +891,11 @@ def window_attention_fwd(qkv, num_heads, window, shift, bias_table=None, qkv_bia
         args = (qkv, out, lse, *tensors, *_tile_sizes(launch))
         options = dict(**_flags(launch, "HAS_BIAS"), BLOCK=config.block_m, BLOCK_D=block_d,
                        num_warps=launch_warps("tile", config, launch.head_dim, launch.flags), num_stages=launch.stages)
-        if TILE_FORWARD_MAX_REGISTERS is not None:
-            options["maxnreg"] = TILE_FORWARD_MAX_REGISTERS
+        capability = torch.cuda.get_device_capability(qkv.device) if qkv.is_cuda else (0, 0)
+        fp32_params = any(t is not None and t.dtype == torch.float32 for t in (bias_table, qkv_bias, logit_scale))
+        registers = tile_forward_registers(block_d, qkv.dtype == torch.float32, fp32_params, capability)
+        if registers is not None:
+            options["maxnreg"] = registers
         programs = window_programs(qkv.device, launch.grid_windows, num_heads,
                                    lambda: resident_programs(kernel, args, options, qkv.device))
         kernel[(programs, num_heads)](*args, **options)
@@ -906,8 +931,8 @@ def launch_warps(kernel: str, config: Config, head_dim: int, flags: dict) -> int
     In fp16 and bf16 a 64-row tile takes one warpgroup of 4 warps where the compiler's report favours
     it: one warpgroup holds the whole tile, so the rows' max and sum stay in it and P stays in
     registers for the P V product, where 8 warps split the keys over two warpgroups, which exchange
-    both through shared memory. By that report (sm_90, Triton 3.6, bf16; warps times instructions
-    per window or key block of the loop, 4 warps against 8):
+    both through shared memory. By that report (sm_90, Triton 3.6, bf16, 2 pipeline stages; warps
+    times instructions per window or key block of the loop, 4 warps against 8):
 
     * one-tile forward, Swin-T stage 1 (head_dim 32): shifted 4 x 958 against 8 x 649, unshifted
       4 x 561 against 8 x 481, at 165 and 127 registers (3 and 4 programs per multiprocessor); head
@@ -1079,10 +1104,11 @@ KERNELS = {"tile": _window_attention_fwd_tile_kernel, "fwd": _window_attention_f
 
 
 def register_specialization(kernel: str, dtype: str, config: Config, head_dim: int, param_dtype: Optional[str] = None,
-                            **flags) -> None:
+                            capability: tuple[int, int] = (9, 0), **flags) -> None:
     """Registers ``KERNELS[kernel]`` for the AOT compile check with qkv in ``dtype`` ("fp16", "bf16",
     "fp32"), parameters (table, qkv bias, logit scale, bias) in ``param_dtype`` (default: ``dtype``;
-    fp32 under autocast), and ``flags`` over :data:`FLAGS`."""
+    fp32 under autocast), and ``flags`` over :data:`FLAGS`, as it is launched on a device of compute
+    ``capability`` (the one-tile forward's register cap)."""
     kernel_name, kernel = kernel, KERNELS[kernel]
     params = inspect.signature(kernel.fn).parameters
     names = list(params)
@@ -1105,10 +1131,14 @@ def register_specialization(kernel: str, dtype: str, config: Config, head_dim: i
     constexprs = {k: v for k, v in values.items() if k in names}
     suffix = "" if param_dtype is None else f"_params_{param_dtype}"
     flag_names = ", ".join(f"{k}={v}" for k, v in sorted(flags.items()) if v != FLAGS.get(k) and k in names)
+    registers = (tile_forward_registers(_block_d(head_dim), dtype == "fp32", param_dtype == "fp32", capability)
+                 if kernel_name == "tile" else None)
+    options = {} if registers is None else {"maxnreg": registers}
     name = (f"{kernel.fn.__name__}[{dtype}{suffix}, {config.block_m}x{config.block_n}, d={head_dim}"
-            f"{', ' + flag_names if flag_names else ''}, warps={config.num_warps}]")
+            f"{', ' + flag_names if flag_names else ''}, warps={config.num_warps}"
+            f"{f', maxnreg={registers}' if registers else ''}]")
     aot.register(kernel, signature=signature, constexprs=constexprs, num_warps=config.num_warps,
-                 num_stages=pipeline_stages(dtype == "fp32"), name=name)
+                 num_stages=pipeline_stages(dtype == "fp32"), name=name, options=options)
 
 
 def _register_window_kernels() -> None:
@@ -1123,6 +1153,7 @@ def _register_window_kernels() -> None:
     register_specialization("tile", "bf16", swin, 32, param_dtype="fp32", PADDING=PAD_THEN_SHIFT.value, HAS_FILL=True)
     register_specialization("tile", "bf16", swin, 32, COSINE=True)
     register_specialization("tile", "bf16", swin, 32)
+    register_specialization("tile", "bf16", swin, 32, capability=(8, 0))  # uncapped, as sm_80 runs it
     register_specialization("tile", "bf16", swin, 32, **padded)
     register_specialization("tile", "fp16", CONFIGS[0], 32)
     register_specialization("fwd", "fp16", CONFIGS[3], 32)
