@@ -25,6 +25,9 @@ CASES = {
     # padded pixels are zeros of the normalized image, not normalized zeros
     "normalize-dynamic-pad": (10, 7, 4, lambda: {"mean": random(CIN), "std": 1 + torch.rand(
         CIN, dtype=torch.float64, device=DEVICE), "dynamic_pad": True, "pos_embed": random(6, DIM)}),
+    # patches of 8: a K block within one channel, whose scale and shift the Triton kernel loads once
+    "normalize-p8-dynamic-pad": (20, 13, 8, lambda: {"mean": random(CIN), "std": 1 + torch.rand(
+        CIN, dtype=torch.float64, device=DEVICE), "dynamic_pad": True, "pos_embed": random(6, DIM)}),
     "map-norm-no-affine": (8, 12, 4, lambda: {"patch_norm": True, "output_format": "map"}),
     "tokens-norm-pos": (12, 8, 4, lambda: {"patch_norm": True, "norm_weight": 1 + random(DIM),
                                             "prefix_tokens": random(2, DIM), "pos_embed": random(1, 8, DIM)}),
@@ -53,9 +56,10 @@ def test_matches_reference(backend, case, batch, dtype):
 
 
 @pytest.mark.parametrize("backend", backend_params("patch_embed"))
-def test_uint8_image_with_normalization(backend):
-    image = torch.randint(0, 256, (2, CIN, 8, 12), dtype=torch.uint8, device=DEVICE)
-    weight, bias = torch.randn(DIM, CIN, 4, 4, device=DEVICE), torch.randn(DIM, device=DEVICE)
+@pytest.mark.parametrize("patch", [4, 8])
+def test_uint8_image_with_normalization(backend, patch):
+    image = torch.randint(0, 256, (2, CIN, 16, 24), dtype=torch.uint8, device=DEVICE)
+    weight, bias = torch.randn(DIM, CIN, patch, patch, device=DEVICE), torch.randn(DIM, device=DEVICE)
     mean = torch.tensor([0.485, 0.456, 0.406], device=DEVICE)
     std = torch.tensor([0.229, 0.224, 0.225], device=DEVICE)
     out = ops.patch_embed(image, weight, bias, mean=mean, std=std, backend=backend)

@@ -4,7 +4,11 @@ Forward: ``_patch_embed_fwd_kernel`` reads the image [B, Cin, H, W] directly, on
 (M = B * Gh * Gw patches, K = Cin * ph * pw, N = E): each A element is gathered from the image,
 normalized on load ((x * in_scale - mean) / std folded into one per-channel scale and shift; pixels past
 H or W of a dynamically padded image are zero, as the reference pads the normalized image), and
-multiplied by the conv weight [E, Cin, ph, pw] seen as [E, K]. The epilogue adds the bias, applies the
+multiplied by the conv weight [E, Cin, ph, pw] seen as [E, K]. A float image without mean or std
+(timm's models get normalized images) skips the normalization (``HAS_AFFINE``); where a K block lies
+within one input channel (patch area a multiple of BLOCK_K: patches of 8, 16, 32) the block's scale
+and shift are one load each, not one per column: by the compiler's report (sm_90, Triton 3.6, ViT-B,
+128x128x64 tiles) the per-column loads made the loop 254 instructions a step. The epilogue adds the bias, applies the
 patch LayerNorm (Swin; a tile then spans the whole E row), adds the position embedding and stores the
 row after the prefix tokens. There is no unfold / im2col copy. The prefix rows ([B, P, E], prefix
 token + its position embedding) are written by the host into the same output buffer.
@@ -39,13 +43,14 @@ def _configs() -> list:
 @triton.jit
 def _patch_embed_fwd_kernel(x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, pos_ptr, norm_w_ptr, norm_b_ptr, out_ptr,
                             M, N, K, C_in, H, W, grid_w, patches, num_prefix, pos_start, eps,
-                            PATCH_H: tl.constexpr, PATCH_W: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            PATCH_H: tl.constexpr, PATCH_W: tl.constexpr, HAS_AFFINE: tl.constexpr,
+                            HAS_BIAS: tl.constexpr,
                             HAS_POS: tl.constexpr, PATCH_NORM: tl.constexpr, HAS_NORM_W: tl.constexpr,
                             HAS_NORM_B: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
                             PADDED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # x_ptr: [B, C_in, H, W] (float or uint8); w_ptr: [N, K] = [E, C_in * PATCH_H * PATCH_W];
-    # bias_ptr, norm_w_ptr, norm_b_ptr: [N]; scale_ptr, shift_ptr: [C_in] fp32; pos_ptr: [L, N] (row
+    # bias_ptr, norm_w_ptr, norm_b_ptr: [N]; scale_ptr, shift_ptr: [C_in] fp32 (read with HAS_AFFINE); pos_ptr: [L, N] (row
     # pos_start + p for patch p); out_ptr: [B, num_prefix + patches, N]; M = B * patches.
     # EVEN_K: K is a multiple of BLOCK_K. PADDED: the image is padded to whole patches, whose pixels
     # past H or W are zeros after normalization; without it no A element needs a mask beyond its
@@ -71,13 +76,21 @@ def _patch_embed_fwd_kernel(x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, pos_pt
         if PADDED:
             mask = mask & ((top[:, None] + dy[None, :]) < H) & ((left[:, None] + dx[None, :]) < W)
         pixels = tl.load(x_ptr + row_base[:, None] + (channel * H * W + dy * W + dx)[None, :], mask=mask, other=0)
-        scale = tl.load(scale_ptr + channel, mask=k_ok, other=0.0)
-        shift = tl.load(shift_ptr + channel, mask=k_ok, other=0.0)
-        a = pixels.to(tl.float32) * scale[None, :] + shift[None, :]
-        if PADDED:
-            a = tl.where(mask, a, 0.0)
+        if HAS_AFFINE:
+            if (PATCH_H * PATCH_W) % BLOCK_K == 0:  # the block lies in one channel
+                a = pixels.to(tl.float32) * tl.load(scale_ptr + k0 // (PATCH_H * PATCH_W)) + tl.load(
+                    shift_ptr + k0 // (PATCH_H * PATCH_W))
+            else:
+                scale = tl.load(scale_ptr + channel, mask=k_ok, other=0.0)
+                shift = tl.load(shift_ptr + channel, mask=k_ok, other=0.0)
+                a = pixels.to(tl.float32) * scale[None, :] + shift[None, :]
+            if PADDED:
+                a = tl.where(mask, a, 0.0)
+            a = a.to(w_ptr.dtype.element_ty)
+        else:
+            a = pixels.to(w_ptr.dtype.element_ty)
         w = tl.load(w_cols + k[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = dot(a.to(w_ptr.dtype.element_ty), w, acc, IEEE)
+        acc = dot(a, w, acc, IEEE)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -113,17 +126,19 @@ def _register_aot() -> None:
             "M": "i32", "N": "i32:16", "K": "i32:16", "C_in": "i32", "H": "i32:16", "W": "i32:16",
             "grid_w": "i32", "patches": "i32", "num_prefix": "i32", "pos_start": "i32", "eps": "fp32"}
     flags = {"HAS_BIAS": True, "HAS_POS": True, "IEEE": False, "EVEN_K": True, "PADDED": False}
-    for image, index in (("bf16", 0), ("bf16", 1), ("u8", 0)):
+    for image, index, patch in (("bf16", 0, 16), ("bf16", 1, 16), ("u8", 0, 16), ("u8", 0, 14)):
         config = _configs()[index]
+        affine = image == "u8"
         aot.register(_patch_embed_fwd_kernel, signature={"x_ptr": f"*{image}:16", **base},
-                     constexprs={"PATCH_H": 16, "PATCH_W": 16, "PATCH_NORM": False, "HAS_NORM_W": False,
-                                 "HAS_NORM_B": False, **flags, **config.kwargs},
+                     constexprs={"PATCH_H": patch, "PATCH_W": patch, "HAS_AFFINE": affine, "PATCH_NORM": False,
+                                 "HAS_NORM_W": False, "HAS_NORM_B": False, **flags, **config.kwargs,
+                                 "EVEN_K": (3 * patch * patch) % config.kwargs["BLOCK_K"] == 0},
                      num_warps=config.num_warps, num_stages=config.num_stages,
-                     name=f"_patch_embed_fwd_kernel[vit p16, {image} image, bf16, config {index}]")
+                     name=f"_patch_embed_fwd_kernel[vit p{patch}, {image} image, bf16, config {index}]")
     swin = _norm_config(128)
     aot.register(_patch_embed_fwd_kernel, signature={"x_ptr": "*bf16:16", **base},
-                 constexprs={"PATCH_H": 4, "PATCH_W": 4, "PATCH_NORM": True, "HAS_NORM_W": True, "HAS_NORM_B": True,
-                             **flags, **{k: v for k, v in swin.items() if k.isupper()}},
+                 constexprs={"PATCH_H": 4, "PATCH_W": 4, "HAS_AFFINE": False, "PATCH_NORM": True, "HAS_NORM_W": True,
+                             "HAS_NORM_B": True, **flags, **{k: v for k, v in swin.items() if k.isupper()}},
                  num_warps=swin["num_warps"], num_stages=swin["num_stages"],
                  name="_patch_embed_fwd_kernel[swin p4 E<=128, patch norm, bf16]")
 
@@ -143,6 +158,14 @@ def input_affine(x: torch.Tensor, mean: Optional[torch.Tensor], std: Optional[to
     return scale.contiguous(), shift.contiguous()
 
 
+def kernel_affine(x: torch.Tensor, mean: Optional[torch.Tensor], std: Optional[torch.Tensor]):
+    """:func:`input_affine` as the kernel takes it: (None, None) for a float image without mean and
+    std, whose normalization the kernel then skips."""
+    if x.is_floating_point() and mean is None and std is None:
+        return None, None
+    return input_affine(x, mean, std)
+
+
 def _grid(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int]:
     ph, pw = weight.shape[-2:]
     return -(-x.shape[-2] // ph), -(-x.shape[-1] // pw)
@@ -151,7 +174,8 @@ def _grid(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int]:
 def conv_fwd(x, weight, bias, scale, shift, out, *, num_prefix=0, pos=None, pos_start=0, norm=None):
     """Writes the patch rows of ``out`` [B, num_prefix + Gh * Gw, E] from the image x [B, Cin, H, W].
 
-    weight: [E, Cin, ph, pw]; bias: [E] or None; scale, shift: [Cin] fp32 input normalization;
+    weight: [E, Cin, ph, pw]; bias: [E] or None; scale, shift: [Cin] fp32 input normalization, or
+    None for none (a float image);
     pos: [L, E] or None, row pos_start + p added to patch p; norm: (weight [E] or None, bias [E] or
     None, eps) for the patch LayerNorm, or None. Rows before num_prefix are left untouched.
     """
@@ -165,7 +189,8 @@ def conv_fwd(x, weight, bias, scale, shift, out, *, num_prefix=0, pos=None, pos_
     norm_w, norm_b, eps = norm if norm is not None else (None, None, 0.0)
     args = (x, weight, bias, scale, shift, pos, norm_w, norm_b, out, rows, dim, depth, channels, height, width,
             grid_w, patches, num_prefix, pos_start, eps)
-    flags = {"PATCH_H": ph, "PATCH_W": pw, "HAS_BIAS": bias is not None, "HAS_POS": pos is not None,
+    flags = {"PATCH_H": ph, "PATCH_W": pw, "HAS_AFFINE": scale is not None, "HAS_BIAS": bias is not None,
+             "HAS_POS": pos is not None,
              "PATCH_NORM": norm is not None, "HAS_NORM_W": norm_w is not None, "HAS_NORM_B": norm_b is not None,
              "IEEE": weight.dtype == torch.float32}
     if norm is None:
@@ -205,7 +230,7 @@ def patch_embed_fwd(x, weight, bias, prefix_tokens, pos_embed, pos_embed_grid, n
     if num_prefix:
         prefix = prefix_tokens.reshape(num_prefix, dim)
         out[:, :num_prefix] = prefix + pos[:num_prefix] if covers_prefix else prefix
-    scale, shift = input_affine(x, mean, std)
+    scale, shift = kernel_affine(x, mean, std)
     norm = (norm_weight, norm_bias, norm_eps) if patch_norm else None
     conv_fwd(x, weight, bias, scale, shift, out, num_prefix=num_prefix, pos=pos,
              pos_start=num_prefix if covers_prefix else 0, norm=norm)
@@ -279,7 +304,7 @@ def patch_embed_bwd(dout, x, weight, bias, prefix_tokens, pos_embed, pos_embed_g
     dz = dout[:, num_prefix:].reshape(-1, dim).contiguous()
     scale, shift = input_affine(x, mean, std)
     if patch_norm:
-        pre_norm = conv_fwd(x, weight, bias, scale, shift, dz.new_empty(batch, grid[0] * grid[1], dim))
+        pre_norm = conv_fwd(x, weight, bias, *kernel_affine(x, mean, std), dz.new_empty(batch, grid[0] * grid[1], dim))
         affine = needs[5] or needs[6]
         dz, dnw, dnb = layernorm_bwd(dz, None, pre_norm.view(-1, dim), norm_weight, norm_eps, affine)
         grads[5] = dnw.to(norm_weight.dtype) if needs[5] else None
