@@ -265,16 +265,19 @@ def _relative_bias(table_ptr, heads, qi, qj, ki, kj, Wh, Ww, pair):
 def _logits(qn, kn, scale, tq, qi, qj, q_region, tk, ki, kj, k_region, n, table_ptr, heads, Wh, Ww, mask_value,
             bias_ptr, stride_bq, stride_bk,
             HAS_TABLE: tl.constexpr, SHIFTED: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-            MASK_KEYS: tl.constexpr = True):
+            MASK_KEYS: tl.constexpr = True, LOG2: tl.constexpr = False):
     """(q.k, logits) [BLOCK_M, BLOCK_N] fp32; keys past the window are -inf (unless not MASK_KEYS:
-    the caller masks them)."""
+    the caller masks them). LOG2: the logits in log2 units (times log2(e)) for :func:`_exp2`, which
+    saves a multiply per logit: ``scale`` and ``mask_value`` come so scaled, the biases are scaled here."""
     raw = _dot(qn, tl.trans(kn), IEEE)
     s = raw * scale
     pair = (tq < n)[:, None] & (tk < n)[None, :]
     if HAS_TABLE:
-        s += _relative_bias(table_ptr, heads, qi, qj, ki, kj, Wh, Ww, pair)
+        table_bias = _relative_bias(table_ptr, heads, qi, qj, ki, kj, Wh, Ww, pair)
+        s += table_bias * LOG2E if LOG2 else table_bias
     if HAS_BIAS:
-        s += tl.load(bias_ptr + tq[:, None] * stride_bq + tk[None, :] * stride_bk, mask=pair, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + tq[:, None] * stride_bq + tk[None, :] * stride_bk, mask=pair, other=0.0)
+        s += bias.to(tl.float32) * LOG2E if LOG2 else bias.to(tl.float32)
     if SHIFTED:
         s += tl.where(q_region[:, None] != k_region[None, :], mask_value, 0.0)
     if MASK_KEYS:
@@ -322,18 +325,19 @@ def _window_attention_fwd_kernel(
                                                 channels, d, d_mask, fill_base, PADDING, HAS_FILL, BLOCK_N, SEQUENCE)
         if COSINE:
             k = _unit_rows(k)
-        _, s = _logits(q, k, head_scale, tq, qi, qj, q_region, tk, ki, kj, k_region, n, table_ptr + h, heads, Wh,
-                       Ww, mask_value, bias_base, stride_bq, stride_bk, HAS_TABLE, SHIFTED, HAS_BIAS, IEEE, False)
+        _, s = _logits(q, k, head_scale * LOG2E, tq, qi, qj, q_region, tk, ki, kj, k_region, n, table_ptr + h, heads,
+                       Wh, Ww, mask_value * LOG2E, bias_base, stride_bq, stride_bk, HAS_TABLE, SHIFTED, HAS_BIAS, IEEE,
+                       False, True)
         if start + BLOCK_N > n:  # the last key block alone has keys past the window
             s = tl.where((tk < n)[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = _exp(m - m_new)
-        p = _exp(s - m_new[:, None])
+        m_new = tl.maximum(m, tl.max(s, 1))  # in log2 units, as s
+        alpha = _exp2(m - m_new)
+        p = _exp2(s - m_new[:, None])
         l = l * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + _dot(p, v, IEEE)
         m = m_new
-    _store_rows(out_ptr, lse_ptr, acc / l[:, None], m + tl.log(l), image, bw, h, tq, qy, qx, q_real, d, d_mask, H,
-                W, n, heads, head_dim)
+    _store_rows(out_ptr, lse_ptr, acc / l[:, None], (m + tl.log2(l)) * LN2, image, bw, h, tq, qy, qx, q_real, d,
+                d_mask, H, W, n, heads, head_dim)
 
 
 @triton.jit
