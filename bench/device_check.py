@@ -68,6 +68,7 @@ import argparse
 import concurrent.futures
 import datetime
 import importlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -803,12 +804,22 @@ def pytest_workers(cpu: bool, cpu_count: Optional[int] = None) -> list[str]:
     """pytest-xdist arguments for a test step on a GPU machine: first use of each Triton kernel
     specialization compiles it on the host, which dominates those runs, so every core but two
     (:data:`MAX_WORKERS` at most) runs a share of the tests on the one GPU. A worker keeps one core
-    busy at a time: Triton compiles in its process, then waits for ptxas. None on CPU runs, below
-    4 cores or without pytest-xdist."""
+    busy at a time: Triton compiles in its process, then waits for ptxas. Where pytest-xdist has it
+    (3.2 and later), idle workers steal queued tests from busy ones, so a few slow tests (the model
+    comparisons) do not hold the run's tail. None on CPU runs, below 4 cores or without pytest-xdist."""
     workers = min(MAX_WORKERS, (cpu_count or os.cpu_count() or 1) - 2)
     if cpu or workers < 2 or importlib.util.find_spec("xdist") is None:
         return []
-    return ["-n", str(workers)]
+    return ["-n", str(workers)] + (["--dist", "worksteal"] if _xdist_steals() else [])
+
+
+def _xdist_steals() -> bool:
+    """Whether the installed pytest-xdist has --dist worksteal (3.2 and later)."""
+    try:
+        major, minor = (int(part) for part in importlib.metadata.version("pytest-xdist").split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return False
+    return (major, minor) >= (3, 2)
 
 
 def _pytest_step(runner: Runner, name: str, args: list[str], later: list[str]) -> Step:

@@ -425,6 +425,9 @@ def _fake_gpu_machine(dc, monkeypatch):
 
 def test_gpu_test_steps_spread_over_xdist_workers(dc, monkeypatch):
     monkeypatch.setattr(dc.importlib.util, "find_spec", lambda name: object() if name == "xdist" else None)
+    monkeypatch.setattr(dc.importlib.metadata, "version", lambda name: "3.8.0")
+    assert dc.pytest_workers(cpu=False, cpu_count=16) == ["-n", "14", "--dist", "worksteal"]
+    monkeypatch.setattr(dc.importlib.metadata, "version", lambda name: "3.1.0")
     assert dc.pytest_workers(cpu=False, cpu_count=16) == ["-n", "14"]
     assert dc.pytest_workers(cpu=False, cpu_count=64) == ["-n", "16"]
     assert dc.pytest_workers(cpu=False, cpu_count=4) == ["-n", "2"]
