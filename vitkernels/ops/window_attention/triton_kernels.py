@@ -85,8 +85,9 @@ FP32_STAGES = 1
 # 3 the copies of step i + 1 are in flight through all of step i ("DEPBAR.LE SB0, 0x3" in the
 # one-tile forward, whose q, k and v are three groups). By the compiler's report (sm_90 and sm_80)
 # the third stage costs the forward kernels shared memory (12 KiB for the 64x64 head_dim-32 tile)
-# and registers (TILE_FORWARD_MAX_REGISTERS) but no spill, and the backward kernels 8 to 16 bytes
-# of stack per thread more where they spilled already (the one-tile backward 32 -> 40 on sm_90).
+# and registers (TILE_FORWARD_MAX_REGISTERS) but no spill; the backward kernels' stack per thread
+# moves by -56 to +16 bytes on sm_90 (the one-tile backward 32 -> 40, the head_dim-128 dq kernel
+# 0 -> 8) and by up to +64 on sm_80, where they spilled more already (the one-tile backward 304).
 HALF_STAGES = 3
 # The kernels' PADDING: the map is a whole number of windows, or padded to one after the cyclic shift
 # (timm) or before it (the original Swin, Hugging Face, torchvision).
