@@ -294,11 +294,12 @@ def test_table_gradient_summed_over_chunks_of_windows(backend, window, monkeypat
 
 @pytest.mark.parametrize("backend", TRITON)
 @pytest.mark.parametrize("pad_first", [False, True], ids=["timm-order", "hf-tv-order"])
-@pytest.mark.parametrize("heads,programs,cosine", [(4, 1, False), (3, 5, True)],
-                         ids=["4-heads-1-program", "3-heads-5-programs-cosine"])
+@pytest.mark.parametrize("heads,programs,cosine", [(4, 1, False), (3, 5, True), (2, 11, False)],
+                         ids=["4-heads-1-program", "3-heads-5-programs-cosine", "2-heads-11-programs"])
 def test_one_tile_forward_walks_windows(backend, pad_first, heads, programs, cosine, monkeypatch):
     """The one-tile schedule: each program walks every ``programs``-th window of its head, the
-    boundary windows of the shift among them, with the head's bias computed once."""
+    boundary windows of the shift among them, with the head's bias computed once. Of the 9 windows
+    of an image (3 x 3), a step of 5 carries from column to row, and one of 11 to the next image."""
     kernels = importlib.import_module("vitkernels.ops.window_attention.triton_kernels")
     monkeypatch.setattr(kernels, "window_programs", lambda device, windows, heads, per_multiprocessor: programs)
     batch, height, width, window, shift = 2, 9, 10, (4, 4), (2, 2)
@@ -380,16 +381,17 @@ def test_programs_per_multiprocessor():
 def test_pipeline_depth_and_register_cap():
     """fp16 and bf16 launches pipeline a step ahead (3 stages); the one-tile forward is capped at
     168 registers (three programs of 4 warps per multiprocessor) where the compiler's report shows
-    no spill: sm_90, head dims up to 32, parameters in the input's dtype."""
+    no spill: sm_90, head dims up to 32, parameters in the input's dtype, no padding."""
     kernels = importlib.import_module("vitkernels.ops.window_attention.triton_kernels")
     assert kernels.pipeline_stages(False) == kernels.HALF_STAGES == 3
     assert kernels.pipeline_stages(True) == kernels.FP32_STAGES
     registers = kernels.tile_forward_registers
-    assert registers(32, False, False, (9, 0)) == registers(16, False, False, (10, 0)) == 168
+    assert registers(32, False, False, False, (9, 0)) == registers(16, False, False, False, (10, 0)) == 168
     assert 3 * 168 * 128 <= 65536 < 4 * 168 * 128
-    for block_d, fp32, fp32_params, capability in ((64, False, False, (9, 0)), (32, True, False, (9, 0)),
-                                                   (32, False, True, (9, 0)), (32, False, False, (8, 0))):
-        assert registers(block_d, fp32, fp32_params, capability) is None
+    for block_d, fp32, fp32_params, padded, capability in (
+            (64, False, False, False, (9, 0)), (32, True, False, False, (9, 0)), (32, False, True, False, (9, 0)),
+            (32, False, False, True, (9, 0)), (32, False, False, False, (8, 0))):
+        assert registers(block_d, fp32, fp32_params, padded, capability) is None
 
 
 def test_resident_programs_reads_the_compiled_kernel(monkeypatch):

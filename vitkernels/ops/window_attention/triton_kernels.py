@@ -104,19 +104,22 @@ def _frame(win, t, H, W, Wh, Ww, sh, sw, PADDING: tl.constexpr, SEQUENCE: tl.con
         return zero, t, zero, t, t < W, zero
     i = t // Ww
     j = t % Ww
-    y, x, real, region = _frame_at(win, t, i, j, H, W, Wh, Ww, sh, sw, PADDING)
+    windows_per_row = tl.cdiv(W, Ww)
+    row0 = (win // windows_per_row) * Wh
+    col0 = (win % windows_per_row) * Ww
+    y, x, real, region = _frame_at(row0, col0, t, i, j, H, W, Wh, Ww, sh, sw, PADDING)
     return i, j, y, x, real, region
 
 
 @triton.jit
-def _frame_at(win, t, i, j, H, W, Wh, Ww, sh, sw, PADDING: tl.constexpr):
-    """:func:`_frame` of tokens ``t`` whose window row and column ``i``, ``j`` are known: (source
-    row, column, is a real token, shift region id)."""
-    windows_per_row = tl.cdiv(W, Ww)
+def _frame_at(row0, col0, t, i, j, H, W, Wh, Ww, sh, sw, PADDING: tl.constexpr):
+    """:func:`_frame` of tokens ``t`` at window rows and columns ``i``, ``j`` of the window whose
+    first frame row and column are ``row0``, ``col0``: (source row, column, is a real token, shift
+    region id)."""
     hp = tl.cdiv(H, Wh) * Wh
-    wp = windows_per_row * Ww
-    r = (win // windows_per_row) * Wh + i
-    c = (win % windows_per_row) * Ww + j
+    wp = tl.cdiv(W, Ww) * Ww
+    r = row0 + i
+    c = col0 + j
     # The cyclic shifts as one conditional subtraction: r + sh < 2 hp (sh < Wh <= hp), and for a
     # real row r + sh % H < 2 H; the same for columns. Without padding, hp = H and wp = W.
     if PADDING == NO_PADDING:
@@ -391,11 +394,35 @@ def _tile_head(table_ptr, fill_ptr, logit_scale_ptr, h, heads, head_dim, scale, 
 
 
 @triton.jit
-def _tile_window(qkv_base, fill_base, win, t, i, j, in_window, d, d_mask, stride_qh, stride_qw, H, W, Wh, Ww, sh, sw,
-                 channels, PADDING: tl.constexpr, HAS_FILL: tl.constexpr):
-    """Window ``win`` of a one-tile program (``qkv_base`` at its image and head): its tokens' source
-    rows, columns and reality, and their q, k, v rows."""
-    y, x, real, _ = _frame_at(win, t, i, j, H, W, Wh, Ww, sh, sw, PADDING)
+def _walk_start(first, step, num_windows, windows_per_row):
+    """(image, window row, window column) of window ``first`` of the flattened [B * nW] windows, then
+    the same three of ``step`` windows, for :func:`_walk_next`."""
+    win = first % num_windows
+    step_win = step % num_windows
+    return (first // num_windows, win // windows_per_row, win % windows_per_row, step // num_windows,
+            step_win // windows_per_row, step_win % windows_per_row)
+
+
+@triton.jit
+def _walk_next(image, wrow, wcol, step_image, step_row, step_col, window_rows, windows_per_row):
+    """The window ``step`` windows after (image, wrow, wcol), by adds with carries: a one-tile program
+    walks its windows so, where dividing each window's index by nW and by the windows per row took
+    three integer divisions by run-time values, some 70 instructions a window (sm_90)."""
+    wcol += step_col
+    carry = wcol >= windows_per_row
+    wcol = tl.where(carry, wcol - windows_per_row, wcol)
+    wrow += step_row + carry.to(tl.int32)
+    carry = wrow >= window_rows
+    wrow = tl.where(carry, wrow - window_rows, wrow)
+    return image + step_image + carry.to(tl.int32), wrow, wcol
+
+
+@triton.jit
+def _tile_window(qkv_base, fill_base, row0, col0, t, i, j, in_window, d, d_mask, stride_qh, stride_qw, H, W, Wh, Ww, sh,
+                 sw, channels, PADDING: tl.constexpr, HAS_FILL: tl.constexpr):
+    """The window of a one-tile program at frame row and column ``row0``, ``col0`` (``qkv_base`` at
+    its image and head): its tokens' source rows, columns and reality, and their q, k, v rows."""
+    y, x, real, _ = _frame_at(row0, col0, t, i, j, H, W, Wh, Ww, sh, sw, PADDING)
     offsets = _map_offsets(y, x, stride_qh, stride_qw)
     q = _load_rows(qkv_base, offsets, real, in_window, d, d_mask, fill_base, HAS_FILL)
     k = _load_rows(qkv_base + channels, offsets, real, in_window, d, d_mask, fill_base + channels, HAS_FILL)
@@ -404,18 +431,18 @@ def _tile_window(qkv_base, fill_base, win, t, i, j, in_window, d, d_mask, stride
 
 
 @triton.jit
-def _shift_masked(s, win, i, j, H, W, Wh, Ww, sh, sw, mask_value, SHIFTED: tl.constexpr):
-    """One-tile logits ``s`` of window ``win`` (tokens at window rows ``i``, columns ``j``) with the
-    shift mask added; only windows of the last window row or column have tokens in more than one
-    shift region, so only they add it. Within such a window a token's :func:`_region` id, less what
-    is the same for the whole window, is whether its row is one the shift wrapped (i >= Wh - sh, in
-    the last window row) and whether its column is (j >= Ww - sw, in the last window column). By
-    the compiler's report (sm_90, Triton 3.6, Swin-T stage 1's forward) that takes 189 instructions
-    an edge window, where the ids from frame rows and columns took 382."""
+def _shift_masked(s, wrow, wcol, i, j, H, W, Wh, Ww, sh, sw, mask_value, SHIFTED: tl.constexpr):
+    """One-tile logits ``s`` of the window at window row and column ``wrow``, ``wcol`` (tokens at
+    window rows ``i``, columns ``j``) with the shift mask added; only windows of the last window row
+    or column have tokens in more than one shift region, so only they add it. Within such a window a
+    token's :func:`_region` id, less what is the same for the whole window, is whether its row is
+    one the shift wrapped (i >= Wh - sh, in the last window row) and whether its column is (j >= Ww
+    - sw, in the last window column). By the compiler's report (sm_90, Triton 3.6, Swin-T stage
+    1's forward) that takes 189 instructions an edge window, where the ids from frame rows and
+    columns took 382."""
     if SHIFTED:
-        windows_per_row = tl.cdiv(W, Ww)
-        bottom = win // windows_per_row == tl.cdiv(H, Wh) - 1
-        right = win % windows_per_row == windows_per_row - 1
+        bottom = wrow == tl.cdiv(H, Wh) - 1
+        right = wcol == tl.cdiv(W, Ww) - 1
         if bottom | right:
             region = tl.where(bottom & (i >= Wh - sh), 2, 0) + tl.where(right & (j >= Ww - sw), 1, 0)
             s += tl.where(region[:, None] != region[None, :], mask_value, 0.0)
@@ -437,21 +464,26 @@ def _window_attention_fwd_tile_kernel(
     channels = heads * head_dim
     t, i, j, in_window, d, d_mask, shared, fill_base, head_scale = _tile_head(
         table_ptr, fill_ptr, logit_scale_ptr, h, heads, head_dim, scale, Wh, Ww, HAS_TABLE, COSINE, BLOCK, BLOCK_D)
+    window_rows = tl.cdiv(H, Wh)
+    windows_per_row = tl.cdiv(W, Ww)
+    image, wrow, wcol, step_image, step_row, step_col = _walk_start(tl.program_id(0), tl.num_programs(0),
+                                                                    num_windows, windows_per_row)
     for bw in range(tl.program_id(0), total_windows, tl.num_programs(0)):
-        image = bw // num_windows
         y, x, real, q, k, v = _tile_window(
-            qkv_ptr + image.to(tl.int64) * stride_qb + h * head_dim, fill_base, bw % num_windows, t, i, j, in_window,
-            d, d_mask, stride_qh, stride_qw, H, W, Wh, Ww, sh, sw, channels, PADDING, HAS_FILL)
+            qkv_ptr + image.to(tl.int64) * stride_qb + h * head_dim, fill_base, wrow * Wh, wcol * Ww, t, i, j,
+            in_window, d, d_mask, stride_qh, stride_qw, H, W, Wh, Ww, sh, sw, channels, PADDING, HAS_FILL)
         if COSINE:
             q = _unit_rows(q)
             k = _unit_rows(k)
-        s = _shift_masked(_dot(q, tl.trans(k), IEEE) * (head_scale * LOG2E) + shared, bw % num_windows, i, j, H, W,
-                          Wh, Ww, sh, sw, mask_value * LOG2E, SHIFTED)
+        s = _shift_masked(_dot(q, tl.trans(k), IEEE) * (head_scale * LOG2E) + shared, wrow, wcol, i, j, H, W, Wh, Ww,
+                          sh, sw, mask_value * LOG2E, SHIFTED)
         m = tl.max(s, 1)
         p = _exp2(s - m[:, None])
         l = tl.sum(p, 1)
         _store_rows(out_ptr, lse_ptr, _dot(p, v, IEEE) * (1.0 / l)[:, None], (m + _log2(l)) * LN2, image, bw, h, t, y,
                     x, real, d, d_mask, H, W, n, heads, head_dim)
+        image, wrow, wcol = _walk_next(image, wrow, wcol, step_image, step_row, step_col, window_rows,
+                                       windows_per_row)
 
 
 @triton.jit
@@ -631,11 +663,14 @@ def _window_attention_bwd_tile_kernel(
     dscale = tl.zeros((BLOCK,), tl.float32)
     dfill_k = tl.zeros((BLOCK_D,), tl.float32)
     dfill_v = tl.zeros((BLOCK_D,), tl.float32)
+    window_rows = tl.cdiv(H, Wh)
+    windows_per_row = tl.cdiv(W, Ww)
+    image, wrow, wcol, step_image, step_row, step_col = _walk_start(tl.program_id(0), tl.num_programs(0),
+                                                                    num_windows, windows_per_row)
     for bw in range(tl.program_id(0), total_windows, tl.num_programs(0)):
-        image = bw // num_windows
         y, x, real, q, k, v = _tile_window(
-            qkv_ptr + image.to(tl.int64) * stride_qb + h * head_dim, fill_base, bw % num_windows, t, i, j, in_window,
-            d, d_mask, stride_qh, stride_qw, H, W, Wh, Ww, sh, sw, channels, PADDING, HAS_FILL)
+            qkv_ptr + image.to(tl.int64) * stride_qb + h * head_dim, fill_base, wrow * Wh, wcol * Ww, t, i, j,
+            in_window, d, d_mask, stride_qh, stride_qw, H, W, Wh, Ww, sh, sw, channels, PADDING, HAS_FILL)
         qn = _unit_rows(q) if COSINE else q
         kn = _unit_rows(k) if COSINE else k
         rows = (image.to(tl.int64) * H * W + y * W + x) * channels + h * head_dim
@@ -643,8 +678,8 @@ def _window_attention_bwd_tile_kernel(
         do = tl.load(dout_ptr + rows[:, None] + d[None, :], mask=rows_mask, other=0.0)
         lse = tl.load(lse_ptr + (bw * heads + h) * n + t, mask=in_window, other=float("inf"))
         raw = _dot(qn, tl.trans(kn), IEEE)
-        s = _shift_masked(raw * (scale * LOG2E) + shared, bw % num_windows, i, j, H, W, Wh, Ww, sh, sw,
-                          mask_value * LOG2E, SHIFTED)
+        s = _shift_masked(raw * (scale * LOG2E) + shared, wrow, wcol, i, j, H, W, Wh, Ww, sh, sw, mask_value * LOG2E,
+                          SHIFTED)
         p = _exp2(s - lse[:, None] * LOG2E)
         dp = _dot(do, tl.trans(v), IEEE)
         p_sum = tl.sum(p, 1)
@@ -668,6 +703,8 @@ def _window_attention_bwd_tile_kernel(
         tl.store(dqkv, dq.to(dqkv_ptr.dtype.element_ty), mask=rows_mask)
         tl.store(dqkv + channels, dk.to(dqkv_ptr.dtype.element_ty), mask=rows_mask)
         tl.store(dqkv + 2 * channels, dv.to(dqkv_ptr.dtype.element_ty), mask=rows_mask)
+        image, wrow, wcol = _walk_next(image, wrow, wcol, step_image, step_row, step_col, window_rows,
+                                       windows_per_row)
     program = tl.program_id(0)
     if COSINE:
         tl.store(dscale_ptr + program * heads + h, tl.sum(dscale, 0))
@@ -768,13 +805,14 @@ class Config:
 # 16 warps to hide the window loads' latency, against 8 with 4 warps.
 CONFIGS = (Config(16, 16, 1), Config(32, 32, 2), Config(64, 64, 8), Config(128, 64, 8))
 MAX_WARPS = 8  # 16 warps would cap a thread at 128 registers, which these kernels exceed
-# Registers per thread the fp16 and bf16 one-tile forward may use on sm_90 (ptxas's maxnreg) where
-# BLOCK_D is at most 32 and the parameters are in the input's dtype, None for the compiler's
-# choice. With HALF_STAGES = 3 Swin-T stage 1's shifted forward takes 196 registers, two programs
-# of 4 warps per multiprocessor (65536 / (196 x 128)); capped at 168 it takes 162 with no spill, and
-# three programs fit. The registered head_dim-32 variants (cosine, padded) fit 168 without
-# spilling; fp32 parameters (autocast) spill 48 bytes at 168, head_dim 64 72 bytes, and sm_80 96
-# bytes, which keeps two programs either way. The benchmarks time the compiler's choice beside it.
+# Registers per thread the fp16 and bf16 one-tile forward may use on sm_90 (ptxas's maxnreg) for a
+# map that needs no padding, BLOCK_D at most 32 and the parameters in the input's dtype, None for
+# the compiler's choice. With HALF_STAGES = 3 Swin-T stage 1's shifted forward takes 199 registers,
+# two programs of 4 warps per multiprocessor (65536 / (200 x 128)); capped at 168 it takes 167 with
+# no spill, and three programs fit (the cosine variant too). At 168 a padded map spills 32 bytes
+# per thread and fp32 parameters (autocast) 56; sm_80 spills at 168 (24 bytes for the unpadded map)
+# and keeps two programs either way, as does head_dim 64, whose three stages take 80 KiB of shared
+# memory. The benchmarks time the compiler's choice beside the cap.
 TILE_FORWARD_MAX_REGISTERS: Optional[int] = 168
 # The backward of head dims above 64 (BLOCK_D 128; ViT-H's 80 too) beyond 32 tokens: bytes of stack
 # per thread of the dq, dk/dv and table kernels 176 / 144 / 264, against 1592 / 1568 / 1568 for a
@@ -849,11 +887,12 @@ def pipeline_stages(fp32: bool) -> int:
     return FP32_STAGES if fp32 else HALF_STAGES
 
 
-def tile_forward_registers(block_d: int, fp32: bool, fp32_params: bool, capability: tuple[int, int]) -> Optional[int]:
+def tile_forward_registers(block_d: int, fp32: bool, fp32_params: bool, padded: bool,
+                           capability: tuple[int, int]) -> Optional[int]:
     """maxnreg of a one-tile forward launch on a device of compute ``capability``: the cap
-    :data:`TILE_FORWARD_MAX_REGISTERS` for fp16 and bf16 inputs and parameters with BLOCK_D at most
-    32 on sm_90 and later, else None (the compiler's choice)."""
-    if TILE_FORWARD_MAX_REGISTERS is None or fp32 or fp32_params or block_d > 32 or capability < (9, 0):
+    :data:`TILE_FORWARD_MAX_REGISTERS` for fp16 and bf16 inputs and parameters, a map that needs no
+    padding and BLOCK_D at most 32 on sm_90 and later, else None (the compiler's choice)."""
+    if TILE_FORWARD_MAX_REGISTERS is None or fp32 or fp32_params or padded or block_d > 32 or capability < (9, 0):
         return None
     return TILE_FORWARD_MAX_REGISTERS
 
@@ -913,7 +952,8 @@ def window_attention_fwd(qkv, num_heads, window, shift, bias_table=None, qkv_bia
                        num_warps=launch_warps("tile", config, launch.head_dim, launch.flags), num_stages=launch.stages)
         capability = torch.cuda.get_device_capability(qkv.device) if qkv.is_cuda else (0, 0)
         fp32_params = any(t is not None and t.dtype == torch.float32 for t in (bias_table, qkv_bias, logit_scale))
-        registers = tile_forward_registers(block_d, qkv.dtype == torch.float32, fp32_params, capability)
+        registers = tile_forward_registers(block_d, qkv.dtype == torch.float32, fp32_params,
+                                           launch.flags["PADDING"] != NO_PADDING.value, capability)
         if registers is not None:
             options["maxnreg"] = registers
         programs = window_programs(qkv.device, launch.grid_windows, num_heads,
@@ -1151,7 +1191,8 @@ def register_specialization(kernel: str, dtype: str, config: Config, head_dim: i
     constexprs = {k: v for k, v in values.items() if k in names}
     suffix = "" if param_dtype is None else f"_params_{param_dtype}"
     flag_names = ", ".join(f"{k}={v}" for k, v in sorted(flags.items()) if v != FLAGS.get(k) and k in names)
-    registers = (tile_forward_registers(_block_d(head_dim), dtype == "fp32", param_dtype == "fp32", capability)
+    registers = (tile_forward_registers(_block_d(head_dim), dtype == "fp32", param_dtype == "fp32",
+                                        values["PADDING"] != NO_PADDING.value, capability)
                  if kernel_name == "tile" else None)
     options = {} if registers is None else {"maxnreg": registers}
     name = (f"{kernel.fn.__name__}[{dtype}{suffix}, {config.block_m}x{config.block_n}, d={head_dim}"
