@@ -20,6 +20,12 @@ def multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def compute_capability(device: torch.device) -> tuple[int, int]:
+    """Compute capability (major, minor) of a CUDA device."""
+    return torch.cuda.get_device_capability(device)
+
+
 REGISTERS_PER_MULTIPROCESSOR = 65536  # sm_80 and sm_90
 RESERVED_SHARED_PER_BLOCK = 1024  # the driver's shared memory of each resident block (sm_80 and later)
 MAX_BLOCKS_PER_MULTIPROCESSOR = 32

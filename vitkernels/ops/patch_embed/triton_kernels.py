@@ -159,12 +159,13 @@ def input_affine(x: torch.Tensor, mean: Optional[torch.Tensor], std: Optional[to
     return scale.contiguous(), shift.contiguous()
 
 
-def kernel_affine(x: torch.Tensor, mean: Optional[torch.Tensor], std: Optional[torch.Tensor]):
-    """:func:`input_affine` as the kernel takes it: (None, None) for a float image without mean and
-    std, whose normalization the kernel then skips."""
+def kernel_affine(x: torch.Tensor, mean: Optional[torch.Tensor], std: Optional[torch.Tensor],
+                  affine: Optional[tuple] = None):
+    """:func:`input_affine` (or ``affine``, its result already at hand) as the kernel takes it: (None,
+    None) for a float image without mean and std, whose normalization the kernel then skips."""
     if x.is_floating_point() and mean is None and std is None:
         return None, None
-    return input_affine(x, mean, std)
+    return affine if affine is not None else input_affine(x, mean, std)
 
 
 def _grid(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int]:
@@ -305,7 +306,8 @@ def patch_embed_bwd(dout, x, weight, bias, prefix_tokens, pos_embed, pos_embed_g
     dz = dout[:, num_prefix:].reshape(-1, dim).contiguous()
     scale, shift = input_affine(x, mean, std)
     if patch_norm:
-        pre_norm = conv_fwd(x, weight, bias, *kernel_affine(x, mean, std), dz.new_empty(batch, grid[0] * grid[1], dim))
+        pre_norm = conv_fwd(x, weight, bias, *kernel_affine(x, mean, std, (scale, shift)),
+                            dz.new_empty(batch, grid[0] * grid[1], dim))
         affine = needs[5] or needs[6]
         dz, dnw, dnb = layernorm_bwd(dz, None, pre_norm.view(-1, dim), norm_weight, norm_eps, affine)
         grads[5] = dnw.to(norm_weight.dtype) if needs[5] else None

@@ -62,7 +62,7 @@ import triton
 import triton.language as tl
 
 from ... import aot
-from .._triton import multiprocessors, resident_programs
+from .._triton import compute_capability, multiprocessors, resident_programs
 
 LOG_SCALE_MAX = tl.constexpr(math.log(100.0))  # SwinV2 clamps its logit scale here before exp
 NORM_EPS = tl.constexpr(1e-12)  # F.normalize's eps in cosine attention
@@ -950,10 +950,10 @@ def window_attention_fwd(qkv, num_heads, window, shift, bias_table=None, qkv_bia
         args = (qkv, out, lse, *tensors, *_tile_sizes(launch))
         options = dict(**_flags(launch, "HAS_BIAS"), BLOCK=config.block_m, BLOCK_D=block_d,
                        num_warps=launch_warps("tile", config, launch.head_dim, launch.flags), num_stages=launch.stages)
-        capability = torch.cuda.get_device_capability(qkv.device) if qkv.is_cuda else (0, 0)
+        device_capability = compute_capability(qkv.device) if qkv.is_cuda else (0, 0)
         fp32_params = any(t is not None and t.dtype == torch.float32 for t in (bias_table, qkv_bias, logit_scale))
         registers = tile_forward_registers(block_d, qkv.dtype == torch.float32, fp32_params,
-                                           launch.flags["PADDING"] != NO_PADDING.value, capability)
+                                           launch.flags["PADDING"] != NO_PADDING.value, device_capability)
         if registers is not None:
             options["maxnreg"] = registers
         programs = window_programs(qkv.device, launch.grid_windows, num_heads,
