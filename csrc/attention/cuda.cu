@@ -157,8 +157,7 @@ std::tuple<at::Tensor, at::Tensor> attention_bwd_cuda(const at::Tensor& grad_out
       a.lse = lse.mutable_data_ptr<float>();
       a.delta = delta.mutable_data_ptr<float>();
       a.vectorized = tile::vectorizable(p.channels, p.head_dim, a.qkv, a.grad_out);
-      tile::launch_tiles<T, D>(tile::Kernel::kQuery, p.policy, a, p.batch, stream);
-      tile::launch_tiles<T, D>(tile::Kernel::kKey, p.policy, a, p.batch, stream);
+      tile::launch_backward<T, D>(p.policy, a, nullptr, p.batch, stream);
     });
   }
   if (!bias_grad) {

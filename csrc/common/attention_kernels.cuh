@@ -1,6 +1,6 @@
-// The forward and the two backward kernels of window and global attention, on the building
-// blocks of common/attention_tile.cuh (whose header comment describes the schedule), and their
-// host-side launch: dtype and head-dim dispatch, shared-memory sizing, grid.
+// The forward and backward kernels of window and global attention, on the building blocks of
+// common/attention_tile.cuh (whose header comment describes the schedule), and their host-side
+// launch: dtype and head-dim dispatch, shared-memory sizing, grid.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -13,106 +13,250 @@
 #include <type_traits>
 
 #include "common/attention_tile.cuh"
+#include "common/cuda_utils.cuh"
 
 namespace vitkernels {
 namespace attention_tile {
 
 // Forward: out rows and lse of query tile blockIdx.y of head blockIdx.z, for problems
-// blockIdx.x, blockIdx.x + gridDim.x, ...
+// blockIdx.x, blockIdx.x + gridDim.x, ... A warp keeps its 16 query rows, their scores, the
+// running softmax and the output in registers (attention_tile.cuh's fragment layouts): a lane holds
+// rows g and g + 8 of the warp (g = lane / 4), columns 2t, 2t + 1 of every 8 (t = lane % 4), so a
+// row's max and sum reduce over the 4 lanes of a quad.
 template <class Policy, typename T, int D>
 __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Policy policy, const TileArgs<T> a) {
   extern __shared__ __align__(128) unsigned char smem[];
   const Layout l = Layout::make<D, T>(Kernel::kForward, 0);
   const int h = blockIdx.z;
   const int tile0 = blockIdx.y * kTile;
-  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int row0 = threadIdx.x / 32 * kWarpRows;
+  const int g = lane / 4;
+  const int t = lane % 4;
   const float alpha = a.tau != nullptr ? a.tau[h] : a.scale;
   int64_t* q_pixel = region<int64_t>(smem, l.q_pixel);
   int32_t* q_tag = region<int32_t>(smem, l.q_tag);
-  const T* q_warp = region<T>(smem, l.q) + warp * kWarpRows * ld_tile<D>();
-  float* score = warp_region<float>(smem, l, l.score, warp);
-  T* prob = warp_region<T>(smem, l, l.prob, warp);
-  float* acc = warp_region<float>(smem, l, l.acc, warp);
-  const LaneRow lr;
-  const int row = warp * kWarpRows + lr.r;
-  const int i = tile0 + row;
+  int32_t* k_tag = region<int32_t>(smem, l.k_tag);
+  T* q_tile = region<T>(smem, l.q);
+  const T* k_tile = region<T>(smem, l.k);
+  const T* v_tile = region<T>(smem, l.v);
+  const int i[2] = {tile0 + row0 + g, tile0 + row0 + g + 8};  // the lane's two query rows
+  // One tile (N <= 64): the keys are the queries' tokens, loaded with them.
+  const bool one_tile = a.n <= kTile;
+  const int32_t* key_tag = one_tile ? q_tag : k_tag;
   for (int64_t group = blockIdx.x; group < a.groups; group += gridDim.x) {
-    load_part<Policy, T, D>(policy, a, group, h, tile0, 0, q_pixel, q_tag, region<T>(smem, l.q),
-                            region<float>(smem, l.q_norm));
-    zero_accumulator<D>(acc);
-    SoftmaxRow state;
-    for (int key0 = 0; key0 < a.n; key0 += kTile) {
-      int64_t* k_pixel = region<int64_t>(smem, l.k_pixel);
-      int32_t* k_tag = region<int32_t>(smem, l.k_tag);
-      load_part<Policy, T, D>(policy, a, group, h, key0, 1, k_pixel, k_tag, region<T>(smem, l.k),
-                              region<float>(smem, l.k_norm));
-      load_tile<T, D>(region<T>(smem, l.v), a.qkv, 3 * static_cast<int64_t>(a.channels),
-                      2 * static_cast<int64_t>(a.channels) + static_cast<int64_t>(h) * a.head_dim, a.head_dim,
-                      k_pixel, a.fill, a.vectorized);
-      __syncthreads();
-      warp_scores<T, D>(q_warp, region<T>(smem, l.k), score);
-      online_softmax<Policy, T, D>(policy, a, group, h, alpha, i, q_tag[row], key0, k_tag, score, prob, acc, state);
-      warp_accumulate<T, D>(prob, region<T>(smem, l.v), acc);
+    if (one_tile) {
+      load_problem<Policy, T, D>(policy, a, group, h, q_pixel, q_tag, q_tile, region<T>(smem, l.k),
+                                 region<T>(smem, l.v), nullptr, region<float>(smem, l.q_norm),
+                                 region<float>(smem, l.k_norm));
+    } else {
+      load_part<Policy, T, D>(policy, a, group, h, tile0, 0, q_pixel, q_tag, q_tile, region<float>(smem, l.q_norm));
     }
-    const int64_t pixel = q_pixel[row];
-    const float inv = 1.0f / state.sum;
-    for (int c = lr.first_column(D); c < lr.first_column(D) + D / 2 && pixel >= 0; ++c) {
-      if (c < a.head_dim) {
-        a.out[pixel * a.channels + static_cast<int64_t>(h) * a.head_dim + c] =
-            from_float<T>(acc[lr.r * ld_acc<D>() + c] * inv);
+    uint32_t q[D / 16][4];
+    load_row_fragments<T, D>(q_tile, row0, q);
+    const int32_t tag[2] = {q_tag[row0 + g], q_tag[row0 + g + 8]};
+    float o[D / 8][4] = {};
+    float row_max[2] = {-INFINITY, -INFINITY};
+    float row_sum[2] = {0.0f, 0.0f};  // the lane's share; the quad's shares add up at the end
+    for (int key0 = 0; key0 < a.n; key0 += kTile) {
+      if (!one_tile) {
+        int64_t* k_pixel = region<int64_t>(smem, l.k_pixel);
+        load_part<Policy, T, D>(policy, a, group, h, key0, 1, k_pixel, k_tag, region<T>(smem, l.k),
+                                region<float>(smem, l.k_norm));
+        load_tile<T, D>(region<T>(smem, l.v), a.qkv, 3 * static_cast<int64_t>(a.channels),
+                        2 * static_cast<int64_t>(a.channels) + static_cast<int64_t>(h) * a.head_dim, a.head_dim,
+                        k_pixel, a.fill, a.vectorized);
+        sync_tiles();
+      }
+      float s[kTile / 8][4];
+      fragment_scores<T, D>(q, k_tile, s);
+      float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int jb = 0; jb < kTile / 8; ++jb) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int c = jb * 8 + 2 * t + e % 2;
+          const int j = key0 + c;
+          const int r = e / 2;
+          const float x = j >= a.n ? -INFINITY
+                         : i[r] < a.n ? logit(policy, s[jb][e], alpha, group, h, i[r], j, tag[r], key_tag[c])
+                                      : alpha * s[jb][e];
+          s[jb][e] = x;
+          tile_max[r] = fmaxf(tile_max[r], x);
+        }
+      }
+      float shift[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+        const float new_max = fmaxf(row_max[r], tile_max[r]);
+        shift[r] = new_max == -INFINITY ? 0.0f : new_max;
+        const float rescale = __expf(row_max[r] - shift[r]);
+        row_max[r] = new_max;
+        row_sum[r] *= rescale;
+#pragma unroll
+        for (int d = 0; d < D / 8; ++d) {
+          o[d][2 * r] *= rescale;
+          o[d][2 * r + 1] *= rescale;
+        }
+      }
+#pragma unroll
+      for (int jb = 0; jb < kTile / 8; ++jb) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[jb][e] = __expf(s[jb][e] - shift[e / 2]);
+          row_sum[e / 2] += s[jb][e];
+        }
+      }
+      uint32_t prob[kTile / 16][4];
+      to_row_fragments<T>(s, prob);
+      fragment_accumulate<T, D>(prob, v_tile, o);
+    }
+    // The output in the input dtype, staged in the warp's own rows of the q tile (its Q has been in
+    // registers since the first key tile), then stored as 16-byte rows.
+    T* staged = q_tile + row0 * ld_tile<D>();
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
+      row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
+      const float inv = 1.0f / row_sum[r];
+#pragma unroll
+      for (int d = 0; d < D / 8; ++d) {
+        *reinterpret_cast<uint32_t*>(staged + (g + 8 * r) * ld_tile<D>() + d * 8 + 2 * t) =
+            pack_pair<T>(o[d][2 * r] * inv, o[d][2 * r + 1] * inv);
+      }
+      if (t == 0 && i[r] < a.n) {
+        a.lse[(group * a.heads + h) * a.n + i[r]] = row_max[r] + logf(row_sum[r]);
       }
     }
-    if (lr.half == 0 && i < a.n) {
-      a.lse[(group * a.heads + h) * a.n + i] = state.max + logf(state.sum);
+    __syncwarp();
+    constexpr int kChunks = D / 8;
+    for (int idx = lane; idx < kWarpRows * kChunks; idx += 32) {
+      const int r = idx / kChunks;
+      const int c0 = idx % kChunks * 8;
+      const int64_t pixel = q_pixel[row0 + r];
+      if (pixel < 0 || c0 >= a.head_dim) {
+        continue;
+      }
+      const T* from = staged + r * ld_tile<D>() + c0;
+      T* to = a.out + pixel * a.channels + static_cast<int64_t>(h) * a.head_dim + c0;
+      if (a.vectorized && c0 + 8 <= a.head_dim) {
+        *reinterpret_cast<uint4*>(to) = *reinterpret_cast<const uint4*>(from);
+      } else {
+        for (int c = 0; c < 8 && c0 + c < a.head_dim; ++c) {
+          to[c] = from[c];
+        }
+      }
     }
   }
 }
 
-// Pass 1 of the query kernel: delta = rowsum(P * dP) / rowsum(P) of the warp's rows in fp32, P
-// recomputed from lse and dP = dO V^T, written to a.delta and returned (both lanes of a row hold
-// it). That is rowsum(dO * O) without the rounding of O (or of P) to the input dtype, which the
-// logit-scale gradient, a sum of dS * q.k over every window scaled by up to 100, magnifies several
-// times over; dividing by rowsum(P) cancels the rounding of lse, which is as large as the logits.
-template <class Policy, typename T, int D>
-__device__ float recompute_delta(const Policy& policy, const TileArgs<T>& a, unsigned char* smem, const Layout& l,
-                                 int64_t group, int h, float alpha, int tile0) {
-  const int warp = threadIdx.x / 32;
-  float* score = warp_region<float>(smem, l, l.score, warp);
-  float* dp = warp_region<float>(smem, l, l.dp, warp);
-  T* prob = warp_region<T>(smem, l, l.prob, warp);
-  const int row0 = warp * kWarpRows;
-  const LaneRow lr;
-  float p_dp = 0.0f;
-  float p_sum = 0.0f;
-  for (int key0 = 0; key0 < a.n; key0 += kTile) {
-    int64_t* k_pixel = region<int64_t>(smem, l.k_pixel);
-    load_part<Policy, T, D>(policy, a, group, h, key0, 1, k_pixel, region<int32_t>(smem, l.k_tag),
-                            region<T>(smem, l.k), region<float>(smem, l.k_norm));
-    load_tile<T, D>(region<T>(smem, l.v), a.qkv, 3 * static_cast<int64_t>(a.channels),
-                    2 * static_cast<int64_t>(a.channels) + static_cast<int64_t>(h) * a.head_dim, a.head_dim, k_pixel,
-                    a.fill, a.vectorized);
-    __syncthreads();
-    warp_scores<T, D>(region<T>(smem, l.q) + row0 * ld_tile<D>(), region<T>(smem, l.k), score);
-    warp_scores<T, D>(region<T>(smem, l.dout) + row0 * ld_tile<D>(), region<T>(smem, l.v), dp);
-    probabilities(policy, a, group, h, alpha, tile0 + row0, key0, false, region<int32_t>(smem, l.q_tag) + row0,
-                  region<int32_t>(smem, l.k_tag), region<float>(smem, l.lse) + row0, score, prob);
-    p_dp += half_row_dot(score, dp);
-    for (int c = lr.first_column(kTile); c < lr.first_column(kTile) + kTile / 2; ++c) {
-      p_sum += score[lr.r * kLdScore + c];
+// P = exp(logit - lse) of a warp's [16, 64] block in C-fragment form from its raw scores s, zero
+// outside the problem. Rows are the lane's rows row[r] (tags row_tag[r]), columns col0 + c (tags
+// col_tag[c]). Query rows (row_lse: their lse), or with `transposed` key rows against query
+// columns (col_lse[c]: the columns' lse).
+template <class Policy, typename T>
+__device__ void fragment_probabilities(const Policy& policy, const TileArgs<T>& a, int64_t group, int h, float alpha,
+                                       const int (&row)[2], const int32_t (&row_tag)[2], int col0,
+                                       const int32_t* col_tag, bool transposed, const float (&row_lse)[2],
+                                       const float* col_lse, const float (&s)[kTile / 8][4], float (&p)[kTile / 8][4]) {
+  const int t = threadIdx.x % 4;
+#pragma unroll
+  for (int jb = 0; jb < kTile / 8; ++jb) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int c = jb * 8 + 2 * t + e % 2;
+      const int r = e / 2;
+      const int col = col0 + c;
+      const int i = transposed ? col : row[r];
+      const int j = transposed ? row[r] : col;
+      const int32_t tag_i = transposed ? col_tag[c] : row_tag[r];
+      const int32_t tag_j = transposed ? row_tag[r] : col_tag[c];
+      const float lse = transposed ? col_lse[c] : row_lse[r];
+      p[jb][e] = i < a.n && j < a.n ? __expf(logit(policy, s[jb][e], alpha, group, h, i, j, tag_i, tag_j) - lse)
+                                    : 0.0f;
     }
   }
-  p_dp = pair_sum(p_dp);
-  p_sum = pair_sum(p_sum);
-  const float delta = p_sum > 0.0f ? p_dp / p_sum : 0.0f;
-  const int i = tile0 + row0 + lr.r;
-  if (lr.half == 0 && i < a.n) {
-    a.delta[(group * a.heads + h) * a.n + i] = delta;
+}
+
+// Adds the lane's share of rowsum(P * dP) and rowsum(P) of its two rows to p_dp and p_sum.
+__device__ inline void add_row_sums(const float (&p)[kTile / 8][4], const float (&dp)[kTile / 8][4], float (&p_dp)[2],
+                                    float (&p_sum)[2]) {
+#pragma unroll
+  for (int jb = 0; jb < kTile / 8; ++jb) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      p_dp[e / 2] += p[jb][e] * dp[jb][e];
+      p_sum[e / 2] += p[jb][e];
+    }
   }
-  return delta;
+}
+
+// delta = rowsum(P * dP) / rowsum(P) of the lane's two rows from the lanes' shares (the quad's
+// four lanes hold a row). That is rowsum(dO * O) without the rounding of O (or of P) to the input
+// dtype, which the logit-scale gradient, a sum of dS * q.k over every window scaled by up to 100,
+// magnifies several times over; dividing by rowsum(P) cancels the rounding of lse, which is as
+// large as the logits.
+__device__ inline void row_deltas(float (&p_dp)[2], float (&p_sum)[2], float (&delta)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+#pragma unroll
+    for (int offset = 1; offset <= 2; offset *= 2) {
+      p_dp[r] += __shfl_xor_sync(0xffffffffu, p_dp[r], offset);
+      p_sum[r] += __shfl_xor_sync(0xffffffffu, p_sum[r], offset);
+    }
+    delta[r] = p_sum[r] > 0.0f ? p_dp[r] / p_sum[r] : 0.0f;
+  }
+}
+
+// One key tile of the query side for a warp's 16 query rows (from i0): dS = P * (dP - delta) in
+// place of dP, its bias gradient (through fp32 rows staged in ds_warp), the lane's share of
+// sum dS * q.k (cosine attention's logit-scale gradient) in logit_part, and dq += dS K.
+template <class Policy, typename T, int D>
+__device__ void query_step(const Policy& policy, int64_t group, int h, int n, int i0, int key0,
+                           const float (&p)[kTile / 8][4], const float (&s)[kTile / 8][4], const float (&delta)[2],
+                           const T* k_tile, float (&dp)[kTile / 8][4], float* ds_warp, float* partial,
+                           float& logit_part, float (&dq)[D / 8][4]) {
+#pragma unroll
+  for (int jb = 0; jb < kTile / 8; ++jb) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      dp[jb][e] = p[jb][e] * (dp[jb][e] - delta[e / 2]);
+      logit_part += dp[jb][e] * s[jb][e];
+    }
+  }
+  stage_fragments<kTile>(dp, ds_warp, kLdScore);
+  bias_gradient(policy, group, h, n, i0, key0, ds_warp, partial);
+  uint32_t ds[kTile / 16][4];
+  to_row_fragments<T>(dp, ds);
+  fragment_accumulate<T, D>(ds, k_tile, dq);
+}
+
+// Adds alpha * sum dS * q.k over the warp's lanes to the warp's logit-scale partial sum, at
+// `slot`. Cosine attention only.
+__device__ inline void add_logit_gradient(float logit_part, float alpha, float* slot) {
+  const float total = cuda::warp_sum(logit_part);
+  if (threadIdx.x % 32 == 0) {
+    *slot += alpha * total;
+  }
+}
+
+// Stores a warp's dQ (dK): alpha and, for cosine attention, the backward of F.normalize applied to
+// the fragments staged in acc, then written to dqkv at `column`, padding tokens' rows summed into
+// sums (or dropped when null).
+template <typename T, int D>
+__device__ void store_scaled_gradient(const TileArgs<T>& a, const float (&grad)[D / 8][4], float* acc, const T* x_hat,
+                                      const float* norm, float alpha, const int64_t* pixel, int64_t column,
+                                      float* sums) {
+  stage_fragments<D>(grad, acc, ld_acc<D>());
+  finish_gradient<T, D>(acc, x_hat, norm, alpha, a.tau != nullptr);
+  store_gradient<T, D>(a, acc, pixel, column, sums);
 }
 
 // Backward, query side: delta, dQ and the reduced gradients of query tile blockIdx.y of head
-// blockIdx.z; partial holds [table_rows] bias table, [head_dim] q part of qkv_bias, [1] logit scale.
+// blockIdx.z, in two passes over the key tiles (delta needs whole rows); partial holds
+// [table_rows] bias table, [head_dim] q part of qkv_bias, [1] logit scale.
 template <class Policy, typename T, int D>
 __global__ void __launch_bounds__(kThreads) attention_bwd_query_kernel(const Policy policy, const TileArgs<T> a) {
   extern __shared__ __align__(128) unsigned char smem[];
@@ -121,71 +265,87 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_query_kernel(const Pol
   const int tile0 = blockIdx.y * kTile;
   const int warp = threadIdx.x / 32;
   const int row0 = warp * kWarpRows;
+  const int g = threadIdx.x % 32 / 4;
   const float alpha = a.tau != nullptr ? a.tau[h] : a.scale;
-  float* score = warp_region<float>(smem, l, l.score, warp);
-  float* dp = warp_region<float>(smem, l, l.dp, warp);
-  T* prob = warp_region<T>(smem, l, l.prob, warp);
+  int64_t* q_pixel = region<int64_t>(smem, l.q_pixel);
+  int32_t* q_tag = region<int32_t>(smem, l.q_tag);
+  int64_t* k_pixel = region<int64_t>(smem, l.k_pixel);
+  int32_t* k_tag = region<int32_t>(smem, l.k_tag);
+  T* q_tile = region<T>(smem, l.q);
+  T* k_tile = region<T>(smem, l.k);
+  T* v_tile = region<T>(smem, l.v);
+  T* dout_tile = region<T>(smem, l.dout);
+  float* ds_warp = warp_region<float>(smem, l, l.score, warp);
   float* acc = warp_region<float>(smem, l, l.acc, warp);
   float* partial = warp_region<float>(smem, l, l.partial, warp);
-  float* delta_tile = region<float>(smem, l.delta);
-  const T* q_warp = region<T>(smem, l.q) + row0 * ld_tile<D>();
-  const T* dout_warp = region<T>(smem, l.dout) + row0 * ld_tile<D>();
-  zero_partials(a, smem, l);
+  const int64_t column = static_cast<int64_t>(h) * a.head_dim;
+  const int i[2] = {tile0 + row0 + g, tile0 + row0 + g + 8};  // the lane's two query rows
+  // The keys and values of tile key0, after a block barrier.
+  const auto load_keys = [&](int64_t group, int key0) {
+    load_part<Policy, T, D>(policy, a, group, h, key0, 1, k_pixel, k_tag, k_tile, region<float>(smem, l.k_norm));
+    load_tile<T, D>(v_tile, a.qkv, 3 * static_cast<int64_t>(a.channels), 2 * static_cast<int64_t>(a.channels) + column,
+                    a.head_dim, k_pixel, a.fill, a.vectorized);
+    sync_tiles();
+  };
+  zero_partials(a.partial_width, smem, l);
   for (int64_t group = blockIdx.x; group < a.groups; group += gridDim.x) {
     const int64_t problem = group * a.heads + h;
-    int64_t* q_pixel = region<int64_t>(smem, l.q_pixel);
-    load_part<Policy, T, D>(policy, a, group, h, tile0, 0, q_pixel, region<int32_t>(smem, l.q_tag),
-                            region<T>(smem, l.q), region<float>(smem, l.q_norm));
-    load_tile<T, D>(region<T>(smem, l.dout), a.grad_out, a.channels, static_cast<int64_t>(h) * a.head_dim,
-                    a.head_dim, q_pixel, nullptr, a.vectorized);
-    for (int t = threadIdx.x; t < kTile; t += kThreads) {
-      region<float>(smem, l.lse)[t] = tile0 + t < a.n ? a.lse[problem * a.n + tile0 + t] : 0.0f;
+    load_part<Policy, T, D>(policy, a, group, h, tile0, 0, q_pixel, q_tag, q_tile, region<float>(smem, l.q_norm));
+    load_tile<T, D>(dout_tile, a.grad_out, a.channels, column, a.head_dim, q_pixel, nullptr, a.vectorized);
+    sync_tiles();
+    uint32_t q[D / 16][4];
+    uint32_t dout[D / 16][4];
+    load_row_fragments<T, D>(q_tile, row0, q);
+    load_row_fragments<T, D>(dout_tile, row0, dout);
+    float lse[2];
+    int32_t tag[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      lse[r] = i[r] < a.n ? a.lse[problem * a.n + i[r]] : 0.0f;
+      tag[r] = q_tag[row0 + g + 8 * r];
     }
-    __syncthreads();
-    const float delta = recompute_delta<Policy, T, D>(policy, a, smem, l, group, h, alpha, tile0);
-    if (threadIdx.x % 2 == 0) {
-      delta_tile[row0 + threadIdx.x % 32 / 2] = delta;
-    }
-    zero_accumulator<D>(acc);
-    float logit_row = 0.0f;  // cosine attention: sum of dS * q.k over the lane's half of its row
+    float s[kTile / 8][4];
+    float dp[kTile / 8][4];
+    float p[kTile / 8][4];
+    float p_dp[2] = {0.0f, 0.0f};
+    float p_sum[2] = {0.0f, 0.0f};
     for (int key0 = 0; key0 < a.n; key0 += kTile) {
-      int64_t* k_pixel = region<int64_t>(smem, l.k_pixel);
-      load_part<Policy, T, D>(policy, a, group, h, key0, 1, k_pixel, region<int32_t>(smem, l.k_tag),
-                              region<T>(smem, l.k), region<float>(smem, l.k_norm));
-      load_tile<T, D>(region<T>(smem, l.v), a.qkv, 3 * static_cast<int64_t>(a.channels),
-                      2 * static_cast<int64_t>(a.channels) + static_cast<int64_t>(h) * a.head_dim, a.head_dim,
-                      k_pixel, a.fill, a.vectorized);
-      __syncthreads();
-      warp_scores<T, D>(q_warp, region<T>(smem, l.k), score);
-      warp_scores<T, D>(dout_warp, region<T>(smem, l.v), dp);
-      probabilities(policy, a, group, h, alpha, tile0 + row0, key0, false, region<int32_t>(smem, l.q_tag) + row0,
-                    region<int32_t>(smem, l.k_tag), region<float>(smem, l.lse) + row0, score, prob);
-      score_gradient(score, dp, prob, false, delta_tile + row0);
-      bias_gradient(policy, group, h, a.n, tile0 + row0, key0, dp, partial);
-      if (a.tau != nullptr) {
-        // q.k once more (score holds P by now): the logit-scale gradient sums dS * q.k in fp32, not
-        // q . dQ, whose dS went through the input dtype on its way into the tensor cores.
-        warp_scores<T, D>(q_warp, region<T>(smem, l.k), score);
-        logit_row += half_row_dot(dp, score);
-      }
-      warp_accumulate<T, D>(prob, region<T>(smem, l.k), acc);
+      load_keys(group, key0);
+      fragment_scores<T, D>(q, k_tile, s);
+      fragment_scores<T, D>(dout, v_tile, dp);
+      fragment_probabilities(policy, a, group, h, alpha, i, tag, key0, k_tag, false, lse, nullptr, s, p);
+      add_row_sums(p, dp, p_dp, p_sum);
     }
-    finish_gradient<T, D>(acc, q_warp, region<float>(smem, l.q_norm) + row0, alpha, a.tau != nullptr);
+    float delta[2];
+    row_deltas(p_dp, p_sum, delta);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (threadIdx.x % 4 == 0 && i[r] < a.n) {
+        a.delta[problem * a.n + i[r]] = delta[r];
+      }
+    }
+    float dq[D / 8][4] = {};
+    float logit_part = 0.0f;
+    for (int key0 = 0; key0 < a.n; key0 += kTile) {
+      load_keys(group, key0);
+      fragment_scores<T, D>(q, k_tile, s);
+      fragment_scores<T, D>(dout, v_tile, dp);
+      fragment_probabilities(policy, a, group, h, alpha, i, tag, key0, k_tag, false, lse, nullptr, s, p);
+      query_step<Policy, T, D>(policy, group, h, a.n, tile0 + row0, key0, p, s, delta, k_tile, dp, ds_warp, partial,
+                               logit_part, dq);
+    }
     if (a.tau != nullptr) {
-      const float logit_grad =
-          alpha * warp_rows_total(pair_sum(logit_row), warp_region<float>(smem, l, l.row_dot, warp));
-      if (threadIdx.x % 32 == 0) {
-        partial[a.table_rows + a.head_dim] += logit_grad;
-      }
+      add_logit_gradient(logit_part, alpha, partial + a.table_rows + a.head_dim);
     }
-    store_gradient<T, D>(a, acc, q_pixel + row0, static_cast<int64_t>(h) * a.head_dim,
-                         a.fill != nullptr ? partial + a.table_rows : nullptr);
+    store_scaled_gradient<T, D>(a, dq, acc, q_tile + row0 * ld_tile<D>(), region<float>(smem, l.q_norm) + row0, alpha,
+                                q_pixel + row0, column, a.fill != nullptr ? partial + a.table_rows : nullptr);
   }
   write_partials(a, smem, l);
 }
 
-// Backward, key side: dK and dV of key tile blockIdx.y of head blockIdx.z, from delta; partial
-// holds the k and v parts of the qkv_bias gradient ([head_dim] each).
+// Backward, key side: dK and dV of key tile blockIdx.y of head blockIdx.z, from delta; a warp's 16
+// key rows against each query tile (S^T = K Q^T, dP^T = V dO^T); partial holds the k and v parts
+// of the qkv_bias gradient ([head_dim] each).
 template <class Policy, typename T, int D>
 __global__ void __launch_bounds__(kThreads) attention_bwd_key_kernel(const Policy policy, const TileArgs<T> a) {
   extern __shared__ __align__(128) unsigned char smem[];
@@ -194,52 +354,171 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_key_kernel(const Polic
   const int key0 = blockIdx.y * kTile;
   const int warp = threadIdx.x / 32;
   const int row0 = warp * kWarpRows;
+  const int g = threadIdx.x % 32 / 4;
   const float alpha = a.tau != nullptr ? a.tau[h] : a.scale;
-  float* score = warp_region<float>(smem, l, l.score, warp);
-  float* dp = warp_region<float>(smem, l, l.dp, warp);
-  T* prob = warp_region<T>(smem, l, l.prob, warp);
-  float* dk = warp_region<float>(smem, l, l.acc, warp);
-  float* dv = warp_region<float>(smem, l, l.acc2, warp);
-  float* partial = warp_region<float>(smem, l, l.partial, warp);
-  const T* k_warp = region<T>(smem, l.k) + row0 * ld_tile<D>();
-  const T* v_warp = region<T>(smem, l.v) + row0 * ld_tile<D>();
-  int64_t* k_pixel = region<int64_t>(smem, l.k_pixel);
   int64_t* q_pixel = region<int64_t>(smem, l.q_pixel);
-  zero_partials(a, smem, l);
+  int32_t* q_tag = region<int32_t>(smem, l.q_tag);
+  int64_t* k_pixel = region<int64_t>(smem, l.k_pixel);
+  int32_t* k_tag = region<int32_t>(smem, l.k_tag);
+  T* q_tile = region<T>(smem, l.q);
+  T* k_tile = region<T>(smem, l.k);
+  T* v_tile = region<T>(smem, l.v);
+  T* dout_tile = region<T>(smem, l.dout);
+  float* lse_tile = region<float>(smem, l.lse);
+  float* delta_tile = region<float>(smem, l.delta);
+  float* acc = warp_region<float>(smem, l, l.acc, warp);
+  float* partial = warp_region<float>(smem, l, l.partial, warp);
+  const int64_t column = static_cast<int64_t>(h) * a.head_dim;
+  const int j[2] = {key0 + row0 + g, key0 + row0 + g + 8};  // the lane's two key rows
+  const float no_lse[2] = {0.0f, 0.0f};
+  zero_partials(a.partial_width, smem, l);
   for (int64_t group = blockIdx.x; group < a.groups; group += gridDim.x) {
     const int64_t problem = group * a.heads + h;
-    load_part<Policy, T, D>(policy, a, group, h, key0, 1, k_pixel, region<int32_t>(smem, l.k_tag),
-                            region<T>(smem, l.k), region<float>(smem, l.k_norm));
-    load_tile<T, D>(region<T>(smem, l.v), a.qkv, 3 * static_cast<int64_t>(a.channels),
-                    2 * static_cast<int64_t>(a.channels) + static_cast<int64_t>(h) * a.head_dim, a.head_dim, k_pixel,
-                    a.fill, a.vectorized);
-    zero_accumulator<D>(dk);
-    zero_accumulator<D>(dv);
+    load_part<Policy, T, D>(policy, a, group, h, key0, 1, k_pixel, k_tag, k_tile, region<float>(smem, l.k_norm));
+    load_tile<T, D>(v_tile, a.qkv, 3 * static_cast<int64_t>(a.channels), 2 * static_cast<int64_t>(a.channels) + column,
+                    a.head_dim, k_pixel, a.fill, a.vectorized);
+    sync_tiles();
+    uint32_t k[D / 16][4];
+    uint32_t v[D / 16][4];
+    load_row_fragments<T, D>(k_tile, row0, k);
+    load_row_fragments<T, D>(v_tile, row0, v);
+    const int32_t tag[2] = {k_tag[row0 + g], k_tag[row0 + g + 8]};
+    float dk[D / 8][4] = {};
+    float dv[D / 8][4] = {};
     for (int q0 = 0; q0 < a.n; q0 += kTile) {
-      load_part<Policy, T, D>(policy, a, group, h, q0, 0, q_pixel, region<int32_t>(smem, l.q_tag),
-                              region<T>(smem, l.q), region<float>(smem, l.q_norm));
-      load_tile<T, D>(region<T>(smem, l.dout), a.grad_out, a.channels, static_cast<int64_t>(h) * a.head_dim,
-                      a.head_dim, q_pixel, nullptr, a.vectorized);
-      load_row_stats(a.lse, a.delta, problem, q0, a.n, region<float>(smem, l.lse), region<float>(smem, l.delta));
-      __syncthreads();
-      warp_scores<T, D>(k_warp, region<T>(smem, l.q), score);
-      probabilities(policy, a, group, h, alpha, key0 + row0, q0, true, region<int32_t>(smem, l.k_tag) + row0,
-                    region<int32_t>(smem, l.q_tag), region<float>(smem, l.lse), score, prob);
-      warp_accumulate<T, D>(prob, region<T>(smem, l.dout), dv);
-      warp_scores<T, D>(v_warp, region<T>(smem, l.dout), dp);
-      score_gradient(score, dp, prob, true, region<float>(smem, l.delta));
-      warp_accumulate<T, D>(prob, region<T>(smem, l.q), dk);
+      load_part<Policy, T, D>(policy, a, group, h, q0, 0, q_pixel, q_tag, q_tile, region<float>(smem, l.q_norm));
+      load_tile<T, D>(dout_tile, a.grad_out, a.channels, column, a.head_dim, q_pixel, nullptr, a.vectorized);
+      load_row_stats(a.lse, a.delta, problem, q0, a.n, lse_tile, delta_tile);
+      sync_tiles();
+      float st[kTile / 8][4];  // S^T, then P^T
+      float dpt[kTile / 8][4];  // dP^T, then dS^T
+      fragment_scores<T, D>(k, q_tile, st);
+      fragment_scores<T, D>(v, dout_tile, dpt);
+      fragment_probabilities(policy, a, group, h, alpha, j, tag, q0, q_tag, true, no_lse, lse_tile, st, st);
+#pragma unroll
+      for (int jb = 0; jb < kTile / 8; ++jb) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          dpt[jb][e] = st[jb][e] * (dpt[jb][e] - delta_tile[jb * 8 + 2 * (threadIdx.x % 4) + e % 2]);
+        }
+      }
+      uint32_t frag[kTile / 16][4];
+      to_row_fragments<T>(st, frag);
+      fragment_accumulate<T, D>(frag, dout_tile, dv);
+      to_row_fragments<T>(dpt, frag);
+      fragment_accumulate<T, D>(frag, q_tile, dk);
     }
-    finish_gradient<T, D>(dk, k_warp, region<float>(smem, l.k_norm) + row0, alpha, a.tau != nullptr);
-    const int64_t column = static_cast<int64_t>(h) * a.head_dim;
     const bool sums = a.fill != nullptr && a.partial != nullptr;
-    store_gradient<T, D>(a, dk, k_pixel + row0, a.channels + column, sums ? partial : nullptr);
-    store_gradient<T, D>(a, dv, k_pixel + row0, 2 * static_cast<int64_t>(a.channels) + column,
+    store_scaled_gradient<T, D>(a, dk, acc, k_tile + row0 * ld_tile<D>(), region<float>(smem, l.k_norm) + row0, alpha,
+                                k_pixel + row0, a.channels + column, sums ? partial : nullptr);
+    stage_fragments<D>(dv, acc, ld_acc<D>());
+    store_gradient<T, D>(a, acc, k_pixel + row0, 2 * static_cast<int64_t>(a.channels) + column,
                          sums ? partial + a.head_dim : nullptr);
   }
   write_partials(a, smem, l);
 }
 
+// Backward of problems that fit one tile (N <= 64: Swin's 7x7 and 8x8 windows) in one kernel: P and
+// dP are computed once, where the two-kernel path computes them three times. A warp first takes 16
+// query rows: S = Q K^T and dP = dO V^T, P from lse, delta (whole rows are in the tile), then the
+// query side's step (dS, bias gradient, dQ); P and dS of its rows go to shared memory in the input
+// dtype. After a block barrier the warp takes 16 keys: dV = P^T dO and dK = dS^T Q, their A
+// fragments read transposed by ldmatrix. Partial sums as in the two-kernel path:
+// [table rows | q bias | logit scale] to a.partial, [k bias | v bias] to a.key_partial.
+template <class Policy, typename T, int D>
+__global__ void __launch_bounds__(kThreads) attention_bwd_tile_kernel(const Policy policy, const TileArgs<T> a) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  const Layout l = Layout::make<D, T>(Kernel::kTile, warp_partial_width(Kernel::kTile, a));
+  const int h = blockIdx.z;
+  const int warp = threadIdx.x / 32;
+  const int row0 = warp * kWarpRows;
+  const int g = threadIdx.x % 32 / 4;
+  const int t = threadIdx.x % 4;
+  const float alpha = a.tau != nullptr ? a.tau[h] : a.scale;
+  int64_t* pixel = region<int64_t>(smem, l.q_pixel);  // the tokens, queries' and keys' alike
+  int32_t* tag_of = region<int32_t>(smem, l.q_tag);
+  T* q_tile = region<T>(smem, l.q);
+  T* k_tile = region<T>(smem, l.k);
+  T* v_tile = region<T>(smem, l.v);
+  T* dout_tile = region<T>(smem, l.dout);
+  T* p_all = region<T>(smem, l.p_all);
+  T* ds_all = region<T>(smem, l.ds_all);
+  float* ds_warp = warp_region<float>(smem, l, l.score, warp);
+  float* acc = warp_region<float>(smem, l, l.acc, warp);
+  float* partial = warp_region<float>(smem, l, l.partial, warp);
+  const bool bias_sums = a.fill != nullptr;
+  const int64_t column = static_cast<int64_t>(h) * a.head_dim;
+  const int i[2] = {row0 + g, row0 + g + 8};  // the lane's two query rows
+  zero_partials(warp_partial_width(Kernel::kTile, a), smem, l);
+  for (int64_t group = blockIdx.x; group < a.groups; group += gridDim.x) {
+    const int64_t problem = group * a.heads + h;
+    load_problem<Policy, T, D>(policy, a, group, h, pixel, tag_of, q_tile, k_tile, v_tile, dout_tile,
+                               region<float>(smem, l.q_norm), region<float>(smem, l.k_norm));
+
+    // Query side: the warp's 16 query rows against every key.
+    float s[kTile / 8][4];
+    float dp[kTile / 8][4];
+    {
+      uint32_t rows[D / 16][4];
+      load_row_fragments<T, D>(q_tile, row0, rows);
+      fragment_scores<T, D>(rows, k_tile, s);
+      load_row_fragments<T, D>(dout_tile, row0, rows);
+      fragment_scores<T, D>(rows, v_tile, dp);
+    }
+    float lse[2];
+    int32_t tag[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      lse[r] = i[r] < a.n ? a.lse[problem * a.n + i[r]] : 0.0f;
+      tag[r] = tag_of[i[r]];
+    }
+    float p[kTile / 8][4];
+    fragment_probabilities(policy, a, group, h, alpha, i, tag, 0, tag_of, false, lse, nullptr, s, p);
+    float p_dp[2] = {0.0f, 0.0f};
+    float p_sum[2] = {0.0f, 0.0f};
+    add_row_sums(p, dp, p_dp, p_sum);
+    float delta[2];
+    row_deltas(p_dp, p_sum, delta);
+    float dq[D / 8][4] = {};
+    float logit_part = 0.0f;
+    query_step<Policy, T, D>(policy, group, h, a.n, row0, 0, p, s, delta, k_tile, dp, ds_warp, partial, logit_part,
+                             dq);
+    if (a.tau != nullptr) {
+      add_logit_gradient(logit_part, alpha, partial + a.table_rows + a.head_dim);
+    }
+#pragma unroll
+    for (int jb = 0; jb < kTile / 8; ++jb) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int at = (row0 + g + 8 * r) * kLdProb + jb * 8 + 2 * t;
+        *reinterpret_cast<uint32_t*>(p_all + at) = pack_pair<T>(p[jb][2 * r], p[jb][2 * r + 1]);
+        *reinterpret_cast<uint32_t*>(ds_all + at) = pack_pair<T>(dp[jb][2 * r], dp[jb][2 * r + 1]);
+      }
+    }
+    store_scaled_gradient<T, D>(a, dq, acc, q_tile + row0 * ld_tile<D>(), region<float>(smem, l.q_norm) + row0, alpha,
+                                pixel + row0, column, bias_sums ? partial + a.table_rows : nullptr);
+    __syncthreads();
+
+    // Key side: the warp's 16 keys against every query.
+    float dk[D / 8][4] = {};
+    float dv[D / 8][4] = {};
+    {
+      uint32_t cols[kTile / 16][4];
+      load_column_fragments<T>(p_all, kLdProb, row0, cols);
+      fragment_accumulate<T, D>(cols, dout_tile, dv);
+      load_column_fragments<T>(ds_all, kLdProb, row0, cols);
+      fragment_accumulate<T, D>(cols, q_tile, dk);
+    }
+    float* key_sums = bias_sums ? partial + a.partial_width : nullptr;
+    store_scaled_gradient<T, D>(a, dk, acc, k_tile + row0 * ld_tile<D>(), region<float>(smem, l.k_norm) + row0, alpha,
+                                pixel + row0, a.channels + column, key_sums);
+    stage_fragments<D>(dv, acc, ld_acc<D>());
+    store_gradient<T, D>(a, acc, pixel + row0, 2 * static_cast<int64_t>(a.channels) + column,
+                         key_sums != nullptr ? key_sums + a.head_dim : nullptr);
+  }
+  write_partial_range(a.partial, a.partial_width, 0, smem, l);
+  write_partial_range(a.key_partial, 2 * a.head_dim, a.partial_width, smem, l);
+}
 
 // --- Host side -----------------------------------------------------------------------------------
 
@@ -311,6 +590,8 @@ auto kernel_entry(Kernel kernel) -> void (*)(const Policy, const TileArgs<T>) {
       return attention_fwd_kernel<Policy, T, D>;
     case Kernel::kQuery:
       return attention_bwd_query_kernel<Policy, T, D>;
+    case Kernel::kTile:
+      return attention_bwd_tile_kernel<Policy, T, D>;
     default:
       return attention_bwd_key_kernel<Policy, T, D>;
   }
@@ -323,7 +604,7 @@ void launch_tiles(Kernel kernel, const Policy& policy, const TileArgs<T>& a, int
   check_grid_size(a.n, a.heads);
   TORCH_CHECK(chunks <= int64_t{INT32_MAX}, "attention problem too large for the cuda kernels' grid: ", chunks,
               " problems per head");
-  const Layout layout = Layout::make<D, T>(kernel, a.partial_width);
+  const Layout layout = Layout::make<D, T>(kernel, warp_partial_width(kernel, a));
   int limit = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, c10::cuda::current_device()));
   TORCH_CHECK(layout.total <= static_cast<size_t>(limit), "the cuda attention kernel needs ", layout.total,
@@ -335,6 +616,21 @@ void launch_tiles(Kernel kernel, const Policy& policy, const TileArgs<T>& a, int
   const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(tiles_of(a.n)), static_cast<unsigned>(a.heads));
   entry<<<grid, kThreads, layout.total, stream>>>(policy, a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The backward: the one-tile kernel where N fits a tile, else the query kernel and then the key
+// kernel, whose k and v sums go to key_partial. a.partial and a.partial_width are the query side's.
+template <typename T, int D, class Policy>
+void launch_backward(const Policy& policy, TileArgs<T> a, float* key_partial, int64_t chunks, cudaStream_t stream) {
+  if (a.n <= kTile) {
+    a.key_partial = key_partial;
+    launch_tiles<T, D>(Kernel::kTile, policy, a, chunks, stream);
+    return;
+  }
+  launch_tiles<T, D>(Kernel::kQuery, policy, a, chunks, stream);
+  a.partial = key_partial;
+  a.partial_width = 2 * a.head_dim;
+  launch_tiles<T, D>(Kernel::kKey, policy, a, chunks, stream);
 }
 
 }  // namespace attention_tile

@@ -1,36 +1,41 @@
 // Flash-style attention tiles for the CUDA kernels of window attention (Swin, SwinV2) and global
-// attention (ViT): the device building blocks (shared-memory layout, WMMA products, tile loads,
-// softmax and gradient steps) of the kernels in common/attention_kernels.cuh, which are written
-// once and specialized by a token policy that says where token t of a problem lives in memory and
-// what is added to its logits.
+// attention (ViT): the device building blocks (shared-memory layout, tile loads, tensor-core
+// products, softmax and gradient steps) of the kernels in common/attention_kernels.cuh, which are
+// written once and specialized by a token policy that says where token t of a problem lives in
+// memory and what is added to its logits.
 //
 // Schedule. A CTA of 4 warps owns a 64-row tile of one attention problem (one image or window,
 // one head) and loops over the 64-column tiles of the other side; each warp owns 16 rows, so a
 // 49-token Swin window costs one 64x64 tile (77% useful), not two 64-row blocks. Q, K, V, dO tiles
-// are staged in shared memory in the input dtype; a head_dim below the kernel's D is zero-padded
-// there, which changes no dot product. Logits are never written to global memory.
+// are staged in shared memory in the input dtype, copied from global memory asynchronously
+// (cp.async) so that a problem's tiles are in flight together; a head_dim below the kernel's D is
+// zero-padded there, which changes no dot product. Logits are never written to global memory.
 //
-// Tensor cores through WMMA (16x16x16, fp16/bf16 in, fp32 accumulate). The scores and the output
-// accumulators are staged through shared memory after every product: the softmax, bias, mask and
-// rescaling work on plain row-major fp32 arrays instead of on the opaque fragment layouts, which is
-// simpler to get right than register-level mma.sync layouts, at some shared-memory traffic.
+// Every product runs on tensor cores through mma.sync.m16n8k16 (fp16/bf16 in, fp32 accumulate) on
+// fragments that ldmatrix reads from the tiles; scores, probabilities and accumulators stay in
+// registers, and the softmax, bias, mask and gradient steps work on the accumulator fragments in
+// place (layouts below, before the fragment helpers).
 //
-// Backward without atomics: the query kernel recomputes P from the saved lse to get
-// delta = rowsum(P * dP) / rowsum(P) (rowsum(dO * O) without O's rounding), then dQ = dS K and the
-// bias gradient; the key kernel (key tile per CTA,
-// looping over query tiles) computes dK = dS^T Q and dV = P^T dO. Reduced gradients (the bias table,
-// qkv_bias, logit_scale) go to per-CTA, per-warp partial sums in a fixed order; a CTA walks a fixed
-// set of problems, so the partials, and their fixed-order sum by a second small kernel, are deterministic.
+// Backward without atomics. One tile: one kernel computes P and dP once and gets every gradient
+// from them (attention_bwd_tile_kernel). Larger problems: the query kernel recomputes P from the
+// saved lse to get delta = rowsum(P * dP) / rowsum(P) (rowsum(dO * O) without O's rounding), then
+// dQ = dS K and the bias gradient; the key kernel (key tile per CTA, looping over query tiles)
+// computes dK = dS^T Q and dV = P^T dO. Reduced gradients (the bias table, qkv_bias, logit_scale)
+// go to per-CTA, per-warp partial sums in a fixed order; a CTA walks a fixed set of problems, so
+// the partials, and their fixed-order sum by a second small kernel, are deterministic.
 #pragma once
 
 #include <c10/macros/Macros.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <mma.h>
 
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "the cuda attention kernels need sm_80 or later (cp.async, mma.sync.m16n8k16); set VITKERNELS_CUDA_ARCHS"
+#endif
 
 namespace vitkernels {
 namespace attention_tile {
@@ -38,9 +43,9 @@ namespace attention_tile {
 constexpr int kTile = 64;  // rows of a query tile and of a key tile
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
-constexpr int kWarpRows = kTile / kWarps;  // 16: one WMMA row block per warp
+constexpr int kWarpRows = kTile / kWarps;  // 16: one mma row block per warp
 constexpr int kLdScore = kTile + 4;        // fp32 [16, 64] score rows, padded against bank conflicts
-constexpr int kLdProb = kTile + 8;         // 16-bit [16, 64] probability rows
+constexpr int kLdProb = kTile + 8;         // 16-bit [64, 64] P and dS rows (one-tile backward)
 constexpr float kNormalizeEps = 1e-12f;    // F.normalize's eps, as the CPU kernels use
 
 // Token pixels: a row of the qkv map, or one of these.
@@ -79,23 +84,31 @@ struct TileArgs {
   float* lse;         // [groups * heads, N]
   float* delta;       // [groups * heads, N] rowsum(P * dP) / rowsum(P), written by the query kernel
   float* partial;     // [heads, gridDim.y * gridDim.x, partial_width] per-CTA sums, or null
+  float* key_partial;  // one-tile kernel: [heads, gridDim.x, 2 * head_dim] its k and v sums, or null
   const float* fill;  // [3C] q, k, v of padding tokens, or null (zeros)
   const float* tau;   // [heads] cosine attention temperature, or null (then scale)
   float scale;
   int64_t groups;  // images (global) or images * windows
   int n, heads, head_dim, channels;
   int table_rows;     // rows of the bias-table gradient in each partial (0 without)
-  int partial_width;  // query kernel: table_rows + head_dim + 1; key kernel: 2 * head_dim
+  int partial_width;  // query and one-tile kernels: table_rows + head_dim + 1; key kernel: 2 * head_dim
   bool vectorized;    // 16-byte loads are aligned: pointers, strides and head offsets
 };
 
 // Byte offsets of one kernel's shared memory; the host sizes the launch with the same code.
-enum class Kernel { kForward, kQuery, kKey };
+// kTile is the backward of a problem that fits one tile (N <= 64), query and key side in one.
+enum class Kernel { kForward, kQuery, kKey, kTile };
+
+// Floats of a warp's partial sums: the one-tile kernel keeps the key side's beside the query side's.
+template <typename T>
+C10_HOST_DEVICE int warp_partial_width(Kernel kernel, const TileArgs<T>& a) {
+  return kernel == Kernel::kTile ? a.partial_width + 2 * a.head_dim : a.partial_width;
+}
 
 struct Layout {
   size_t q_pixel = 0, q_tag = 0, k_pixel = 0, k_tag = 0, q_norm = 0, k_norm = 0, lse = 0, delta = 0;
-  size_t q = 0, k = 0, v = 0, dout = 0;
-  size_t score = 0, dp = 0, prob = 0, acc = 0, acc2 = 0, partial = 0, row_dot = 0;
+  size_t q = 0, k = 0, v = 0, dout = 0, p_all = 0, ds_all = 0;
+  size_t score = 0, acc = 0, partial = 0;
   size_t warp_bytes = 0, total = 0;
 
   C10_HOST_DEVICE static size_t carve(size_t& at, size_t bytes) {
@@ -121,24 +134,22 @@ struct Layout {
     l.k = carve(at, tile);
     l.v = carve(at, tile);
     l.dout = carve(at, kernel == Kernel::kForward ? 0 : tile);
-    // One warp's working set; warp w's copy starts at offset + w * warp_bytes.
+    // The one-tile kernel's P and dS of the whole tile, [64 queries, 64 keys] in the input dtype.
+    const bool one_tile = kernel == Kernel::kTile;
+    l.p_all = carve(at, one_tile ? sizeof(T) * kTile * kLdProb : 0);
+    l.ds_all = carve(at, one_tile ? sizeof(T) * kTile * kLdProb : 0);
+    // One warp's working set; warp w's copy starts at offset + w * warp_bytes. Products stay in
+    // registers; the backward stages fp32 dS rows (score: the query side's bias-table gradient)
+    // and gradient rows (acc: alpha, F.normalize's backward, the padding tokens' sums) in them.
     size_t w = 0;
-    const size_t acc = sizeof(float) * kWarpRows * ld_acc<D>();
-    l.score = carve(w, sizeof(float) * kWarpRows * kLdScore);
-    l.dp = carve(w, kernel == Kernel::kForward ? 0 : sizeof(float) * kWarpRows * kLdScore);
-    l.prob = carve(w, sizeof(T) * kWarpRows * kLdProb);
-    l.acc = carve(w, acc);
-    l.acc2 = carve(w, kernel == Kernel::kKey ? acc : 0);
-    l.row_dot = carve(w, sizeof(float) * kWarpRows);
-    l.partial = carve(w, kernel == Kernel::kForward ? 0 : sizeof(float) * partial_width);
+    const bool backward = kernel != Kernel::kForward;
+    l.score = carve(w, backward && kernel != Kernel::kKey ? sizeof(float) * kWarpRows * kLdScore : 0);
+    l.acc = carve(w, backward ? sizeof(float) * kWarpRows * ld_acc<D>() : 0);
+    l.partial = carve(w, backward ? sizeof(float) * partial_width : 0);
     l.warp_bytes = w;
     const size_t warps = carve(at, w * kWarps);
     l.score += warps;
-    l.dp += warps;
-    l.prob += warps;
     l.acc += warps;
-    l.acc2 += warps;
-    l.row_dot += warps;
     l.partial += warps;
     l.total = at;
     return l;
@@ -155,44 +166,164 @@ __device__ inline P* warp_region(unsigned char* smem, const Layout& l, size_t of
   return reinterpret_cast<P*>(smem + offset + static_cast<size_t>(warp) * l.warp_bytes);
 }
 
-namespace wmma = nvcuda::wmma;
+// --- Register fragments of mma.sync.m16n8k16 (the forward) ---------------------------------------
+// With g = lane / 4 and t = lane % 4, a lane holds (PTX ISA, "Matrix Fragments for mma.m16n8k16"):
+//   A, 16x16 row-major, four 16-bit pairs: (g, 2t..2t+1), (g + 8, 2t..), (g, 2t + 8..), (g + 8, 2t + 8..)
+//   B, 16x8 (k x n), two 16-bit pairs:    (k 2t..2t+1, n g), (k 2t + 8.., n g)
+//   C, 16x8 fp32:                         (g, 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1)
+// So the C fragments of two adjacent 8-column blocks, rounded to 16 bits, are the A fragment of
+// the 16 columns they cover: P goes from the softmax into P V without leaving registers. ldmatrix
+// fills these fragments from row-major tiles in shared memory: lane l names row l % 8 of 8x8
+// matrix l / 8, and lane l receives matrix j's (row g, columns 2t..2t+1) in register j (with
+// .trans, the transposed matrix's).
 
-// s[16, 64] = a[16, D] b[64, D]^T: a warp's scores against a 64-row tile, both row-major.
-template <typename T, int D>
-__device__ void warp_scores(const T* a, const T* b, float* s) {
-#pragma unroll
-  for (int n = 0; n < kTile / 16; ++n) {
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-    wmma::fill_fragment(acc, 0.0f);
-#pragma unroll
-    for (int k = 0; k < D / 16; ++k) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
-      wmma::load_matrix_sync(fa, a + k * 16, ld_tile<D>());
-      wmma::load_matrix_sync(fb, b + n * 16 * ld_tile<D>() + k * 16, ld_tile<D>());
-      wmma::mma_sync(acc, fa, fb, acc);
-    }
-    wmma::store_matrix_sync(s + n * 16, acc, kLdScore, wmma::mem_row_major);
-  }
-  __syncwarp();
+__device__ inline uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// c[16, D] += p[16, 64] b[64, D]: a warp's probabilities (or dS) times a 64-row tile.
+__device__ inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address(row))
+               : "memory");
+}
+
+__device__ inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address(row))
+               : "memory");
+}
+
+// c += a b for one 16x8 block.
+template <typename T>
+__device__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+
+template <>
+__device__ inline void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ inline void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats rounded to T in one 32-bit register, lo in the low half (the lower column).
+template <typename T>
+__device__ uint32_t pack_pair(float lo, float hi);
+
+template <>
+__device__ inline uint32_t pack_pair<__half>(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+template <>
+__device__ inline uint32_t pack_pair<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// The A fragments of a warp's 16 rows (from row0) of a [64, D] tile, one per 16 columns.
 template <typename T, int D>
-__device__ void warp_accumulate(const T* p, const T* b, float* c) {
+__device__ void load_row_fragments(const T* tile, int row0, uint32_t (&a)[D / 16][4]) {
+  const int lane = threadIdx.x % 32;
+  const T* row = tile + (row0 + lane % 8 + lane / 8 % 2 * 8) * ld_tile<D>() + lane / 16 * 8;
 #pragma unroll
-  for (int n = 0; n < D / 16; ++n) {
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-    wmma::load_matrix_sync(acc, c + n * 16, ld_acc<D>(), wmma::mem_row_major);
+  for (int k = 0; k < D / 16; ++k) {
+    ldmatrix_x4(a[k], row + k * 16);
+  }
+}
+
+// s[16, 64] = a b^T for a warp's A fragments (16 rows, D columns) and a row-major [64, D] tile b:
+// s[j] is the C fragment of columns 8j .. 8j + 7.
+template <typename T, int D>
+__device__ void fragment_scores(const uint32_t (&a)[D / 16][4], const T* b, float (&s)[kTile / 8][4]) {
+  const int lane = threadIdx.x % 32;
+  const T* row = b + (lane % 8 + lane / 16 * 8) * ld_tile<D>() + lane / 8 % 2 * 8;
 #pragma unroll
-    for (int k = 0; k < kTile / 16; ++k) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-      wmma::load_matrix_sync(fa, p + k * 16, kLdProb);
-      wmma::load_matrix_sync(fb, b + k * 16 * ld_tile<D>() + n * 16, ld_tile<D>());
-      wmma::mma_sync(acc, fa, fb, acc);
+  for (int j = 0; j < kTile / 8; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      s[j][e] = 0.0f;
     }
-    wmma::store_matrix_sync(c + n * 16, acc, ld_acc<D>(), wmma::mem_row_major);
+  }
+#pragma unroll
+  for (int j = 0; j < kTile / 8; j += 2) {
+#pragma unroll
+    for (int k = 0; k < D / 16; ++k) {
+      uint32_t frag[4];  // B fragments of columns 8j .. 8j + 7 and 8j + 8 .. 8j + 15
+      ldmatrix_x4(frag, row + j * 8 * ld_tile<D>() + k * 16);
+      mma_16816<T>(s[j], a[k], frag[0], frag[1]);
+      mma_16816<T>(s[j + 1], a[k], frag[2], frag[3]);
+    }
+  }
+}
+
+// The A fragments (one per 16 columns) of a warp's [16, 64] block held in C-fragment form
+// (p[j]: columns 8j .. 8j + 7, as fragment_scores leaves it), rounded to T.
+template <typename T>
+__device__ void to_row_fragments(const float (&p)[kTile / 8][4], uint32_t (&a)[kTile / 16][4]) {
+#pragma unroll
+  for (int k = 0; k < kTile / 16; ++k) {
+    a[k][0] = pack_pair<T>(p[2 * k][0], p[2 * k][1]);
+    a[k][1] = pack_pair<T>(p[2 * k][2], p[2 * k][3]);
+    a[k][2] = pack_pair<T>(p[2 * k + 1][0], p[2 * k + 1][1]);
+    a[k][3] = pack_pair<T>(p[2 * k + 1][2], p[2 * k + 1][3]);
+  }
+}
+
+// The A fragments of the transpose of columns col0 .. col0 + 15 of a row-major [64, ld] tile: the
+// fragments' 16 rows are those columns, and the tile's 64 rows are the contraction.
+template <typename T>
+__device__ void load_column_fragments(const T* tile, int ld, int col0, uint32_t (&a)[kTile / 16][4]) {
+  const int lane = threadIdx.x % 32;
+  const T* row = tile + (lane % 8 + lane / 16 * 8) * ld + col0 + lane / 8 % 2 * 8;
+#pragma unroll
+  for (int k = 0; k < kTile / 16; ++k) {
+    ldmatrix_x4_trans(a[k], row + k * 16 * ld);
+  }
+}
+
+// o[16, D] += a[16, 64] b[64, D] for A fragments over 64 contraction rows and a row-major [64, D]
+// tile b: o[d] is the C fragment of columns 8d .. 8d + 7.
+template <typename T, int D>
+__device__ void fragment_accumulate(const uint32_t (&a)[kTile / 16][4], const T* b, float (&o)[D / 8][4]) {
+  const int lane = threadIdx.x % 32;
+  const T* row = b + (lane % 8 + lane / 8 % 2 * 8) * ld_tile<D>() + lane / 16 * 8;
+#pragma unroll
+  for (int k = 0; k < kTile / 16; ++k) {
+#pragma unroll
+    for (int d = 0; d < D / 8; d += 2) {
+      uint32_t frag[4];  // B fragments of columns 8d .. 8d + 7 and 8d + 8 .. 8d + 15
+      ldmatrix_x4_trans(frag, row + k * 16 * ld_tile<D>() + d * 8);
+      mma_16816<T>(o[d], a[k], frag[0], frag[1]);
+      mma_16816<T>(o[d + 1], a[k], frag[2], frag[3]);
+    }
+  }
+}
+
+// Writes a warp's C fragments o (16 rows, D columns) to a row-major fp32 [16, ld] array.
+template <int D>
+__device__ void stage_fragments(const float (&o)[D / 8][4], float* to, int ld) {
+  const int lane = threadIdx.x % 32;
+  const int g = lane / 4;
+  const int t = lane % 4;
+#pragma unroll
+  for (int d = 0; d < D / 8; ++d) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      to[(g + e / 2 * 8) * ld + d * 8 + 2 * t + e % 2] = o[d][e];
+    }
   }
   __syncwarp();
 }
@@ -224,8 +355,23 @@ __device__ inline void load_row_stats(const float* lse, const float* delta, int6
   }
 }
 
+// 16 bytes from global to shared memory without passing through registers (sm_80 and later);
+// the copy lands by the issuing thread's next sync_tiles.
+__device__ inline void copy_async_16(void* to_shared, const void* from_global) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address(to_shared)), "l"(from_global)
+               : "memory");
+}
+
+// A block barrier after which every tile load_tile started is in shared memory.
+__device__ inline void sync_tiles() {
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+  __syncthreads();
+}
+
 // dst[t, e] = src[pixel[t] * row_stride + column + e] for e < width, zeros for e >= width (up to
-// D) and outside tokens, fill[column + e] (or zeros) for padding tokens. Block-wide.
+// D) and outside tokens, fill[column + e] (or zeros) for padding tokens. Block-wide; the aligned
+// 16-byte chunks of token rows are copied asynchronously, so several tiles' loads are in flight at
+// once, and dst may be read after the next sync_tiles.
 template <typename T, int D>
 __device__ void load_tile(T* dst, const T* src, int64_t row_stride, int64_t column, int width, const int64_t* pixel,
                           const float* fill, bool vectorized) {
@@ -236,7 +382,7 @@ __device__ void load_tile(T* dst, const T* src, int64_t row_stride, int64_t colu
     T* to = dst + row * ld_tile<D>() + e0;
     const int64_t p = pixel[row];
     if (p >= 0 && vectorized && e0 + 8 <= width) {
-      *reinterpret_cast<uint4*>(to) = *reinterpret_cast<const uint4*>(src + p * row_stride + column + e0);
+      copy_async_16(to, src + p * row_stride + column + e0);
       continue;
     }
 #pragma unroll
@@ -284,9 +430,36 @@ __device__ void load_part(const Policy& policy, const TileArgs<T>& a, int64_t gr
   load_tile<T, D>(tile, a.qkv, 3 * static_cast<int64_t>(a.channels),
                   static_cast<int64_t>(part) * a.channels + static_cast<int64_t>(h) * a.head_dim, a.head_dim, pixel,
                   a.fill, a.vectorized);
-  __syncthreads();
+  sync_tiles();
   if (a.tau != nullptr && part != 2) {
     normalize_tile<T, D>(tile, norm);
+    __syncthreads();
+  }
+}
+
+// Loads a problem that fits one tile (N <= 64, so its query and key tokens are the same): the
+// tokens once, then the q, k and v tiles (and dout's, when not null) with all their copies in
+// flight at once; normalizes q and k for cosine attention. Starts and ends with a block barrier.
+template <class Policy, typename T, int D>
+__device__ void load_problem(const Policy& policy, const TileArgs<T>& a, int64_t group, int h, int64_t* pixel,
+                             int32_t* tag, T* q, T* k, T* v, T* dout, float* q_norm, float* k_norm) {
+  __syncthreads();
+  load_tokens(policy, group, 0, a.n, pixel, tag);
+  __syncthreads();
+  const int64_t head = static_cast<int64_t>(h) * a.head_dim;
+  T* const parts[3] = {q, k, v};
+#pragma unroll
+  for (int part = 0; part < 3; ++part) {
+    load_tile<T, D>(parts[part], a.qkv, 3 * static_cast<int64_t>(a.channels),
+                    static_cast<int64_t>(part) * a.channels + head, a.head_dim, pixel, a.fill, a.vectorized);
+  }
+  if (dout != nullptr) {
+    load_tile<T, D>(dout, a.grad_out, a.channels, head, a.head_dim, pixel, nullptr, a.vectorized);
+  }
+  sync_tiles();
+  if (a.tau != nullptr) {
+    normalize_tile<T, D>(q, q_norm);
+    normalize_tile<T, D>(k, k_norm);
     __syncthreads();
   }
 }
@@ -305,92 +478,7 @@ struct LaneRow {
   __device__ int first_column(int columns) const { return half * columns / 2; }
 };
 
-__device__ inline float pair_max(float x) { return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1)); }
 __device__ inline float pair_sum(float x) { return x + __shfl_xor_sync(0xffffffffu, x, 1); }
-
-// Zeroes a warp's [16, D] accumulator once every lane is done reading it.
-template <int D>
-__device__ void zero_accumulator(float* acc) {
-  __syncwarp();
-  for (int idx = threadIdx.x % 32; idx < kWarpRows * ld_acc<D>(); idx += 32) {
-    acc[idx] = 0.0f;
-  }
-  __syncwarp();
-}
-
-// Running state of a lane's row across key tiles: max and sum of exp.
-struct SoftmaxRow {
-  float max = -INFINITY;
-  float sum = 0.0f;
-};
-
-// One key tile of the forward's online softmax for a warp: logits from the scores, probabilities
-// into prob, the output accumulator rescaled to the new running max.
-template <class Policy, typename T, int D>
-__device__ void online_softmax(const Policy& policy, const TileArgs<T>& a, int64_t group, int h, float alpha, int i,
-                               int32_t tag_i, int key0, const int32_t* k_tag, float* score, T* prob, float* acc,
-                               SoftmaxRow& state) {
-  const LaneRow lr;
-  float* s = score + lr.r * kLdScore;
-  float tile_max = -INFINITY;
-  for (int c = lr.first_column(kTile); c < lr.first_column(kTile) + kTile / 2; ++c) {
-    const int j = key0 + c;
-    const float x = j >= a.n ? -INFINITY
-                   : i < a.n ? logit(policy, s[c], alpha, group, h, i, j, tag_i, k_tag[c])
-                             : alpha * s[c];
-    s[c] = x;
-    tile_max = fmaxf(tile_max, x);
-  }
-  const float new_max = fmaxf(state.max, pair_max(tile_max));
-  const float shift = new_max == -INFINITY ? 0.0f : new_max;
-  const float rescale = __expf(state.max - shift);
-  float tile_sum = 0.0f;
-  for (int c = lr.first_column(kTile); c < lr.first_column(kTile) + kTile / 2; ++c) {
-    const float p = __expf(s[c] - shift);
-    tile_sum += p;
-    prob[lr.r * kLdProb + c] = from_float<T>(p);
-  }
-  state.sum = state.sum * rescale + pair_sum(tile_sum);
-  state.max = new_max;
-  for (int c = lr.first_column(D); c < lr.first_column(D) + D / 2; ++c) {
-    acc[lr.r * ld_acc<D>() + c] *= rescale;
-  }
-  __syncwarp();
-}
-
-// P = exp(logit - lse) of a warp's [16, 64] block in place in s, and in the input dtype in prob;
-// zero outside the problem. `transposed`: rows are keys and columns queries (the key kernel).
-template <class Policy, typename T>
-__device__ void probabilities(const Policy& policy, const TileArgs<T>& a, int64_t group, int h, float alpha,
-                              int row0, int col0, bool transposed, const int32_t* row_tag, const int32_t* col_tag,
-                              const float* lse_tile, float* s, T* prob) {
-  const LaneRow lr;
-  const int row = row0 + lr.r;
-  for (int c = lr.first_column(kTile); c < lr.first_column(kTile) + kTile / 2; ++c) {
-    const int col = col0 + c;
-    const int i = transposed ? col : row;
-    const int j = transposed ? row : col;
-    const int32_t tag_i = transposed ? col_tag[c] : row_tag[lr.r];
-    const int32_t tag_j = transposed ? row_tag[lr.r] : col_tag[c];
-    const float lse = transposed ? lse_tile[c] : lse_tile[lr.r];
-    float& x = s[lr.r * kLdScore + c];
-    x = i < a.n && j < a.n ? __expf(logit(policy, x, alpha, group, h, i, j, tag_i, tag_j) - lse) : 0.0f;
-    prob[lr.r * kLdProb + c] = from_float<T>(x);
-  }
-  __syncwarp();
-}
-
-// dS = P * (dP - delta) in place in dp, and in the input dtype in prob.
-template <typename T>
-__device__ void score_gradient(const float* p, float* dp, T* prob, bool transposed, const float* delta_tile) {
-  const LaneRow lr;
-  for (int c = lr.first_column(kTile); c < lr.first_column(kTile) + kTile / 2; ++c) {
-    const int at = lr.r * kLdScore + c;
-    dp[at] = p[at] * (dp[at] - (transposed ? delta_tile[c] : delta_tile[lr.r]));
-    prob[lr.r * kLdProb + c] = from_float<T>(dp[at]);
-  }
-  __syncwarp();
-}
 
 // Row r of a warp's [16, D] accumulator dotted with row r of a tile, over the lane pair.
 template <typename T, int D>
@@ -424,33 +512,6 @@ __device__ void finish_gradient(float* acc, const T* x_hat, const float* norm, f
     g = (g - to_float(x[c]) * radial) * inv;
   }
   __syncwarp();
-}
-
-// sum_c a[r, c] b[r, c] over the lane's half of its row r of two fp32 [16, 64] warp blocks; the
-// lane pair's halves add up to the row's.
-__device__ inline float half_row_dot(const float* a, const float* b) {
-  const LaneRow lr;
-  float sum = 0.0f;
-  for (int c = lr.first_column(kTile); c < lr.first_column(kTile) + kTile / 2; ++c) {
-    sum += a[lr.r * kLdScore + c] * b[lr.r * kLdScore + c];
-  }
-  return sum;
-}
-
-// The sum over a warp's 16 rows, in row order, of a value both lanes of each row hold; every lane
-// gets it.
-__device__ inline float warp_rows_total(float row_value, float* row_values) {
-  const LaneRow lr;
-  if (lr.half == 0) {
-    row_values[lr.r] = row_value;
-  }
-  __syncwarp();
-  float total = 0.0f;
-  for (int r = 0; r < kWarpRows; ++r) {
-    total += row_values[r];
-  }
-  __syncwarp();
-  return total;
 }
 
 // Writes a warp's gradient rows to dqkv at `column`; rows of padding tokens are summed, in row
@@ -487,29 +548,34 @@ __device__ void bias_gradient(const Policy& policy, int64_t group, int h, int n,
   }
 }
 
-// Sums the warps' partials in warp order into this CTA's slot of a.partial. Block-wide.
-template <typename T>
-__device__ void write_partials(const TileArgs<T>& a, unsigned char* smem, const Layout& l) {
+// Sums floats offset .. offset + width - 1 of the warps' partials, in warp order, into this CTA's
+// slot of dst ([gridDim.z, slots, width]). Block-wide.
+__device__ inline void write_partial_range(float* dst, int width, int offset, unsigned char* smem, const Layout& l) {
   __syncthreads();
-  if (a.partial == nullptr) {
+  if (dst == nullptr) {
     return;
   }
   const int64_t slot = static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
   const int64_t slots = static_cast<int64_t>(gridDim.y) * gridDim.x;
-  float* dst = a.partial + (blockIdx.z * slots + slot) * a.partial_width;
-  for (int e = threadIdx.x; e < a.partial_width; e += kThreads) {
+  float* to = dst + (blockIdx.z * slots + slot) * width;
+  for (int e = threadIdx.x; e < width; e += kThreads) {
     float sum = 0.0f;
     for (int w = 0; w < kWarps; ++w) {
-      sum += warp_region<float>(smem, l, l.partial, w)[e];
+      sum += warp_region<float>(smem, l, l.partial, w)[offset + e];
     }
-    dst[e] = sum;
+    to[e] = sum;
   }
 }
 
 template <typename T>
-__device__ void zero_partials(const TileArgs<T>& a, unsigned char* smem, const Layout& l) {
-  for (int e = threadIdx.x; e < kWarps * a.partial_width; e += kThreads) {
-    warp_region<float>(smem, l, l.partial, e / a.partial_width)[e % a.partial_width] = 0.0f;
+__device__ void write_partials(const TileArgs<T>& a, unsigned char* smem, const Layout& l) {
+  write_partial_range(a.partial, a.partial_width, 0, smem, l);
+}
+
+// Zeroes the warps' partials of `width` floats each. Block-wide.
+__device__ inline void zero_partials(int width, unsigned char* smem, const Layout& l) {
+  for (int e = threadIdx.x; e < kWarps * width; e += kThreads) {
+    warp_region<float>(smem, l, l.partial, e / width)[e % width] = 0.0f;
   }
   __syncthreads();
 }

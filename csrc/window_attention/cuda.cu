@@ -342,10 +342,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention_bwd_
       a.vectorized = tile::vectorizable(p.channels, p.head_dim, a.qkv, a.grad_out);
       a.partial = query_partial.mutable_data_ptr<float>();
       a.partial_width = static_cast<int>(query_width);
-      tile::launch_tiles<T, D>(tile::Kernel::kQuery, p.policy, a, chunks, stream);
-      a.partial = key_partial.mutable_data_ptr<float>();
-      a.partial_width = static_cast<int>(2 * p.head_dim);
-      tile::launch_tiles<T, D>(tile::Kernel::kKey, p.policy, a, chunks, stream);
+      tile::launch_backward<T, D>(p.policy, a, key_partial.mutable_data_ptr<float>(), chunks, stream);
     });
   } else {
     query_partial.zero_();

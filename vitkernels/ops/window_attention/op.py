@@ -298,9 +298,9 @@ def cuda_kernel_reasons(query: backends.Query) -> list[str]:
 
 
 # The CUDA kernels of csrc/window_attention/cuda.cu (the same compiled op as "cpu", dispatched on
-# the device): tensor cores (WMMA) in fp16/bf16 with fp32 softmax, head dims up to 64 zero-padded
-# to 32 or 64 in shared memory; windows up to 32 keep the bias-table gradient's per-warp partial
-# sums within the shared memory of sm_80 and sm_90.
+# the device): tensor cores (mma.sync) in fp16/bf16 with fp32 softmax, head dims up to 64
+# zero-padded to 32 or 64 in shared memory; windows up to 32 keep the bias-table gradient's
+# per-warp partial sums within the shared memory of sm_80 and sm_90.
 BACKENDS["cuda"] = backends.Capability(
     devices=frozenset({"cuda"}),
     dtypes=frozenset({torch.float16, torch.bfloat16}),
