@@ -34,42 +34,29 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Policy po
   const int g = lane / 4;
   const int t = lane % 4;
   const float alpha = a.tau != nullptr ? a.tau[h] : a.scale;
-  int64_t* q_pixel = region<int64_t>(smem, l.q_pixel);
-  int32_t* q_tag = region<int32_t>(smem, l.q_tag);
-  int32_t* k_tag = region<int32_t>(smem, l.k_tag);
-  T* q_tile = region<T>(smem, l.q);
-  const T* k_tile = region<T>(smem, l.k);
-  const T* v_tile = region<T>(smem, l.v);
+  const Shared<T> m(smem, l);
   const int i[2] = {tile0 + row0 + g, tile0 + row0 + g + 8};  // the lane's two query rows
   // One tile (N <= 64): the keys are the queries' tokens, loaded with them.
   const bool one_tile = a.n <= kTile;
-  const int32_t* key_tag = one_tile ? q_tag : k_tag;
+  const int32_t* key_tag = one_tile ? m.q_tag : m.k_tag;
   for (int64_t group = blockIdx.x; group < a.groups; group += gridDim.x) {
     if (one_tile) {
-      load_problem<Policy, T, D>(policy, a, group, h, q_pixel, q_tag, q_tile, region<T>(smem, l.k),
-                                 region<T>(smem, l.v), nullptr, region<float>(smem, l.q_norm),
-                                 region<float>(smem, l.k_norm));
+      load_rows<Policy, T, D>(policy, a, group, h, 0, m.q_pixel, m.q_tag, m.q, m.k, m.v, nullptr, m.q_norm, m.k_norm);
     } else {
-      load_part<Policy, T, D>(policy, a, group, h, tile0, 0, q_pixel, q_tag, q_tile, region<float>(smem, l.q_norm));
+      load_queries<Policy, T, D>(policy, a, m, group, h, tile0, false);
     }
     uint32_t q[D / 16][4];
-    load_row_fragments<T, D>(q_tile, row0, q);
-    const int32_t tag[2] = {q_tag[row0 + g], q_tag[row0 + g + 8]};
+    load_row_fragments<T, D>(m.q, row0, q);
+    const int32_t tag[2] = {m.q_tag[row0 + g], m.q_tag[row0 + g + 8]};
     float o[D / 8][4] = {};
     float row_max[2] = {-INFINITY, -INFINITY};
     float row_sum[2] = {0.0f, 0.0f};  // the lane's share; the quad's shares add up at the end
     for (int key0 = 0; key0 < a.n; key0 += kTile) {
       if (!one_tile) {
-        int64_t* k_pixel = region<int64_t>(smem, l.k_pixel);
-        load_part<Policy, T, D>(policy, a, group, h, key0, 1, k_pixel, k_tag, region<T>(smem, l.k),
-                                region<float>(smem, l.k_norm));
-        load_tile<T, D>(region<T>(smem, l.v), a.qkv, 3 * static_cast<int64_t>(a.channels),
-                        2 * static_cast<int64_t>(a.channels) + static_cast<int64_t>(h) * a.head_dim, a.head_dim,
-                        k_pixel, a.fill, a.vectorized);
-        sync_tiles();
+        load_keys<Policy, T, D>(policy, a, m, group, h, key0);
       }
       float s[kTile / 8][4];
-      fragment_scores<T, D>(q, k_tile, s);
+      fragment_scores<T, D>(q, m.k, s);
       float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
       for (int jb = 0; jb < kTile / 8; ++jb) {
@@ -111,11 +98,11 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Policy po
       }
       uint32_t prob[kTile / 16][4];
       to_row_fragments<T>(s, prob);
-      fragment_accumulate<T, D>(prob, v_tile, o);
+      fragment_accumulate<T, D>(prob, m.v, o);
     }
     // The output in the input dtype, staged in the warp's own rows of the q tile (its Q has been in
     // registers since the first key tile), then stored as 16-byte rows.
-    T* staged = q_tile + row0 * ld_tile<D>();
+    T* staged = m.q + row0 * ld_tile<D>();
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
@@ -135,7 +122,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Policy po
     for (int idx = lane; idx < kWarpRows * kChunks; idx += 32) {
       const int r = idx / kChunks;
       const int c0 = idx % kChunks * 8;
-      const int64_t pixel = q_pixel[row0 + r];
+      const int64_t pixel = m.q_pixel[row0 + r];
       if (pixel < 0 || c0 >= a.head_dim) {
         continue;
       }
@@ -267,42 +254,23 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_query_kernel(const Pol
   const int row0 = warp * kWarpRows;
   const int g = threadIdx.x % 32 / 4;
   const float alpha = a.tau != nullptr ? a.tau[h] : a.scale;
-  int64_t* q_pixel = region<int64_t>(smem, l.q_pixel);
-  int32_t* q_tag = region<int32_t>(smem, l.q_tag);
-  int64_t* k_pixel = region<int64_t>(smem, l.k_pixel);
-  int32_t* k_tag = region<int32_t>(smem, l.k_tag);
-  T* q_tile = region<T>(smem, l.q);
-  T* k_tile = region<T>(smem, l.k);
-  T* v_tile = region<T>(smem, l.v);
-  T* dout_tile = region<T>(smem, l.dout);
-  float* ds_warp = warp_region<float>(smem, l, l.score, warp);
-  float* acc = warp_region<float>(smem, l, l.acc, warp);
-  float* partial = warp_region<float>(smem, l, l.partial, warp);
+  const Shared<T> m(smem, l);
   const int64_t column = static_cast<int64_t>(h) * a.head_dim;
   const int i[2] = {tile0 + row0 + g, tile0 + row0 + g + 8};  // the lane's two query rows
-  // The keys and values of tile key0, after a block barrier.
-  const auto load_keys = [&](int64_t group, int key0) {
-    load_part<Policy, T, D>(policy, a, group, h, key0, 1, k_pixel, k_tag, k_tile, region<float>(smem, l.k_norm));
-    load_tile<T, D>(v_tile, a.qkv, 3 * static_cast<int64_t>(a.channels), 2 * static_cast<int64_t>(a.channels) + column,
-                    a.head_dim, k_pixel, a.fill, a.vectorized);
-    sync_tiles();
-  };
   zero_partials(a.partial_width, smem, l);
   for (int64_t group = blockIdx.x; group < a.groups; group += gridDim.x) {
     const int64_t problem = group * a.heads + h;
-    load_part<Policy, T, D>(policy, a, group, h, tile0, 0, q_pixel, q_tag, q_tile, region<float>(smem, l.q_norm));
-    load_tile<T, D>(dout_tile, a.grad_out, a.channels, column, a.head_dim, q_pixel, nullptr, a.vectorized);
-    sync_tiles();
+    load_queries<Policy, T, D>(policy, a, m, group, h, tile0, true);
     uint32_t q[D / 16][4];
     uint32_t dout[D / 16][4];
-    load_row_fragments<T, D>(q_tile, row0, q);
-    load_row_fragments<T, D>(dout_tile, row0, dout);
+    load_row_fragments<T, D>(m.q, row0, q);
+    load_row_fragments<T, D>(m.dout, row0, dout);
     float lse[2];
     int32_t tag[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       lse[r] = i[r] < a.n ? a.lse[problem * a.n + i[r]] : 0.0f;
-      tag[r] = q_tag[row0 + g + 8 * r];
+      tag[r] = m.q_tag[row0 + g + 8 * r];
     }
     float s[kTile / 8][4];
     float dp[kTile / 8][4];
@@ -310,10 +278,10 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_query_kernel(const Pol
     float p_dp[2] = {0.0f, 0.0f};
     float p_sum[2] = {0.0f, 0.0f};
     for (int key0 = 0; key0 < a.n; key0 += kTile) {
-      load_keys(group, key0);
-      fragment_scores<T, D>(q, k_tile, s);
-      fragment_scores<T, D>(dout, v_tile, dp);
-      fragment_probabilities(policy, a, group, h, alpha, i, tag, key0, k_tag, false, lse, nullptr, s, p);
+      load_keys<Policy, T, D>(policy, a, m, group, h, key0);
+      fragment_scores<T, D>(q, m.k, s);
+      fragment_scores<T, D>(dout, m.v, dp);
+      fragment_probabilities(policy, a, group, h, alpha, i, tag, key0, m.k_tag, false, lse, nullptr, s, p);
       add_row_sums(p, dp, p_dp, p_sum);
     }
     float delta[2];
@@ -327,18 +295,18 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_query_kernel(const Pol
     float dq[D / 8][4] = {};
     float logit_part = 0.0f;
     for (int key0 = 0; key0 < a.n; key0 += kTile) {
-      load_keys(group, key0);
-      fragment_scores<T, D>(q, k_tile, s);
-      fragment_scores<T, D>(dout, v_tile, dp);
-      fragment_probabilities(policy, a, group, h, alpha, i, tag, key0, k_tag, false, lse, nullptr, s, p);
-      query_step<Policy, T, D>(policy, group, h, a.n, tile0 + row0, key0, p, s, delta, k_tile, dp, ds_warp, partial,
+      load_keys<Policy, T, D>(policy, a, m, group, h, key0);
+      fragment_scores<T, D>(q, m.k, s);
+      fragment_scores<T, D>(dout, m.v, dp);
+      fragment_probabilities(policy, a, group, h, alpha, i, tag, key0, m.k_tag, false, lse, nullptr, s, p);
+      query_step<Policy, T, D>(policy, group, h, a.n, tile0 + row0, key0, p, s, delta, m.k, dp, m.score, m.partial,
                                logit_part, dq);
     }
     if (a.tau != nullptr) {
-      add_logit_gradient(logit_part, alpha, partial + a.table_rows + a.head_dim);
+      add_logit_gradient(logit_part, alpha, m.partial + a.table_rows + a.head_dim);
     }
-    store_scaled_gradient<T, D>(a, dq, acc, q_tile + row0 * ld_tile<D>(), region<float>(smem, l.q_norm) + row0, alpha,
-                                q_pixel + row0, column, a.fill != nullptr ? partial + a.table_rows : nullptr);
+    store_scaled_gradient<T, D>(a, dq, m.acc, m.q + row0 * ld_tile<D>(), m.q_norm + row0, alpha,
+                                m.q_pixel + row0, column, a.fill != nullptr ? m.partial + a.table_rows : nullptr);
   }
   write_partials(a, smem, l);
 }
@@ -356,64 +324,49 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_key_kernel(const Polic
   const int row0 = warp * kWarpRows;
   const int g = threadIdx.x % 32 / 4;
   const float alpha = a.tau != nullptr ? a.tau[h] : a.scale;
-  int64_t* q_pixel = region<int64_t>(smem, l.q_pixel);
-  int32_t* q_tag = region<int32_t>(smem, l.q_tag);
-  int64_t* k_pixel = region<int64_t>(smem, l.k_pixel);
-  int32_t* k_tag = region<int32_t>(smem, l.k_tag);
-  T* q_tile = region<T>(smem, l.q);
-  T* k_tile = region<T>(smem, l.k);
-  T* v_tile = region<T>(smem, l.v);
-  T* dout_tile = region<T>(smem, l.dout);
-  float* lse_tile = region<float>(smem, l.lse);
-  float* delta_tile = region<float>(smem, l.delta);
-  float* acc = warp_region<float>(smem, l, l.acc, warp);
-  float* partial = warp_region<float>(smem, l, l.partial, warp);
+  const Shared<T> m(smem, l);
   const int64_t column = static_cast<int64_t>(h) * a.head_dim;
   const int j[2] = {key0 + row0 + g, key0 + row0 + g + 8};  // the lane's two key rows
   const float no_lse[2] = {0.0f, 0.0f};
   zero_partials(a.partial_width, smem, l);
   for (int64_t group = blockIdx.x; group < a.groups; group += gridDim.x) {
     const int64_t problem = group * a.heads + h;
-    load_part<Policy, T, D>(policy, a, group, h, key0, 1, k_pixel, k_tag, k_tile, region<float>(smem, l.k_norm));
-    load_tile<T, D>(v_tile, a.qkv, 3 * static_cast<int64_t>(a.channels), 2 * static_cast<int64_t>(a.channels) + column,
-                    a.head_dim, k_pixel, a.fill, a.vectorized);
-    sync_tiles();
+    load_keys<Policy, T, D>(policy, a, m, group, h, key0);
     uint32_t k[D / 16][4];
     uint32_t v[D / 16][4];
-    load_row_fragments<T, D>(k_tile, row0, k);
-    load_row_fragments<T, D>(v_tile, row0, v);
-    const int32_t tag[2] = {k_tag[row0 + g], k_tag[row0 + g + 8]};
+    load_row_fragments<T, D>(m.k, row0, k);
+    load_row_fragments<T, D>(m.v, row0, v);
+    const int32_t tag[2] = {m.k_tag[row0 + g], m.k_tag[row0 + g + 8]};
     float dk[D / 8][4] = {};
     float dv[D / 8][4] = {};
     for (int q0 = 0; q0 < a.n; q0 += kTile) {
-      load_part<Policy, T, D>(policy, a, group, h, q0, 0, q_pixel, q_tag, q_tile, region<float>(smem, l.q_norm));
-      load_tile<T, D>(dout_tile, a.grad_out, a.channels, column, a.head_dim, q_pixel, nullptr, a.vectorized);
-      load_row_stats(a.lse, a.delta, problem, q0, a.n, lse_tile, delta_tile);
-      sync_tiles();
+      load_queries<Policy, T, D>(policy, a, m, group, h, q0, true);
+      load_row_stats(a.lse, a.delta, problem, q0, a.n, m.lse, m.delta);
+      __syncthreads();
       float st[kTile / 8][4];  // S^T, then P^T
       float dpt[kTile / 8][4];  // dP^T, then dS^T
-      fragment_scores<T, D>(k, q_tile, st);
-      fragment_scores<T, D>(v, dout_tile, dpt);
-      fragment_probabilities(policy, a, group, h, alpha, j, tag, q0, q_tag, true, no_lse, lse_tile, st, st);
+      fragment_scores<T, D>(k, m.q, st);
+      fragment_scores<T, D>(v, m.dout, dpt);
+      fragment_probabilities(policy, a, group, h, alpha, j, tag, q0, m.q_tag, true, no_lse, m.lse, st, st);
 #pragma unroll
       for (int jb = 0; jb < kTile / 8; ++jb) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          dpt[jb][e] = st[jb][e] * (dpt[jb][e] - delta_tile[jb * 8 + 2 * (threadIdx.x % 4) + e % 2]);
+          dpt[jb][e] = st[jb][e] * (dpt[jb][e] - m.delta[jb * 8 + 2 * (threadIdx.x % 4) + e % 2]);
         }
       }
       uint32_t frag[kTile / 16][4];
       to_row_fragments<T>(st, frag);
-      fragment_accumulate<T, D>(frag, dout_tile, dv);
+      fragment_accumulate<T, D>(frag, m.dout, dv);
       to_row_fragments<T>(dpt, frag);
-      fragment_accumulate<T, D>(frag, q_tile, dk);
+      fragment_accumulate<T, D>(frag, m.q, dk);
     }
     const bool sums = a.fill != nullptr && a.partial != nullptr;
-    store_scaled_gradient<T, D>(a, dk, acc, k_tile + row0 * ld_tile<D>(), region<float>(smem, l.k_norm) + row0, alpha,
-                                k_pixel + row0, a.channels + column, sums ? partial : nullptr);
-    stage_fragments<D>(dv, acc, ld_acc<D>());
-    store_gradient<T, D>(a, acc, k_pixel + row0, 2 * static_cast<int64_t>(a.channels) + column,
-                         sums ? partial + a.head_dim : nullptr);
+    store_scaled_gradient<T, D>(a, dk, m.acc, m.k + row0 * ld_tile<D>(), m.k_norm + row0, alpha,
+                                m.k_pixel + row0, a.channels + column, sums ? m.partial : nullptr);
+    stage_fragments<D>(dv, m.acc, ld_acc<D>());
+    store_gradient<T, D>(a, m.acc, m.k_pixel + row0, 2 * static_cast<int64_t>(a.channels) + column,
+                         sums ? m.partial + a.head_dim : nullptr);
   }
   write_partials(a, smem, l);
 }
@@ -435,45 +388,34 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_tile_kernel(const Poli
   const int g = threadIdx.x % 32 / 4;
   const int t = threadIdx.x % 4;
   const float alpha = a.tau != nullptr ? a.tau[h] : a.scale;
-  int64_t* pixel = region<int64_t>(smem, l.q_pixel);  // the tokens, queries' and keys' alike
-  int32_t* tag_of = region<int32_t>(smem, l.q_tag);
-  T* q_tile = region<T>(smem, l.q);
-  T* k_tile = region<T>(smem, l.k);
-  T* v_tile = region<T>(smem, l.v);
-  T* dout_tile = region<T>(smem, l.dout);
-  T* p_all = region<T>(smem, l.p_all);
-  T* ds_all = region<T>(smem, l.ds_all);
-  float* ds_warp = warp_region<float>(smem, l, l.score, warp);
-  float* acc = warp_region<float>(smem, l, l.acc, warp);
-  float* partial = warp_region<float>(smem, l, l.partial, warp);
+  const Shared<T> m(smem, l);
   const bool bias_sums = a.fill != nullptr;
   const int64_t column = static_cast<int64_t>(h) * a.head_dim;
   const int i[2] = {row0 + g, row0 + g + 8};  // the lane's two query rows
   zero_partials(warp_partial_width(Kernel::kTile, a), smem, l);
   for (int64_t group = blockIdx.x; group < a.groups; group += gridDim.x) {
     const int64_t problem = group * a.heads + h;
-    load_problem<Policy, T, D>(policy, a, group, h, pixel, tag_of, q_tile, k_tile, v_tile, dout_tile,
-                               region<float>(smem, l.q_norm), region<float>(smem, l.k_norm));
+    load_rows<Policy, T, D>(policy, a, group, h, 0, m.q_pixel, m.q_tag, m.q, m.k, m.v, m.dout, m.q_norm, m.k_norm);
 
     // Query side: the warp's 16 query rows against every key.
     float s[kTile / 8][4];
     float dp[kTile / 8][4];
     {
       uint32_t rows[D / 16][4];
-      load_row_fragments<T, D>(q_tile, row0, rows);
-      fragment_scores<T, D>(rows, k_tile, s);
-      load_row_fragments<T, D>(dout_tile, row0, rows);
-      fragment_scores<T, D>(rows, v_tile, dp);
+      load_row_fragments<T, D>(m.q, row0, rows);
+      fragment_scores<T, D>(rows, m.k, s);
+      load_row_fragments<T, D>(m.dout, row0, rows);
+      fragment_scores<T, D>(rows, m.v, dp);
     }
     float lse[2];
     int32_t tag[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       lse[r] = i[r] < a.n ? a.lse[problem * a.n + i[r]] : 0.0f;
-      tag[r] = tag_of[i[r]];
+      tag[r] = m.q_tag[i[r]];
     }
     float p[kTile / 8][4];
-    fragment_probabilities(policy, a, group, h, alpha, i, tag, 0, tag_of, false, lse, nullptr, s, p);
+    fragment_probabilities(policy, a, group, h, alpha, i, tag, 0, m.q_tag, false, lse, nullptr, s, p);
     float p_dp[2] = {0.0f, 0.0f};
     float p_sum[2] = {0.0f, 0.0f};
     add_row_sums(p, dp, p_dp, p_sum);
@@ -481,22 +423,22 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_tile_kernel(const Poli
     row_deltas(p_dp, p_sum, delta);
     float dq[D / 8][4] = {};
     float logit_part = 0.0f;
-    query_step<Policy, T, D>(policy, group, h, a.n, row0, 0, p, s, delta, k_tile, dp, ds_warp, partial, logit_part,
+    query_step<Policy, T, D>(policy, group, h, a.n, row0, 0, p, s, delta, m.k, dp, m.score, m.partial, logit_part,
                              dq);
     if (a.tau != nullptr) {
-      add_logit_gradient(logit_part, alpha, partial + a.table_rows + a.head_dim);
+      add_logit_gradient(logit_part, alpha, m.partial + a.table_rows + a.head_dim);
     }
 #pragma unroll
     for (int jb = 0; jb < kTile / 8; ++jb) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int at = (row0 + g + 8 * r) * kLdProb + jb * 8 + 2 * t;
-        *reinterpret_cast<uint32_t*>(p_all + at) = pack_pair<T>(p[jb][2 * r], p[jb][2 * r + 1]);
-        *reinterpret_cast<uint32_t*>(ds_all + at) = pack_pair<T>(dp[jb][2 * r], dp[jb][2 * r + 1]);
+        *reinterpret_cast<uint32_t*>(m.p_all + at) = pack_pair<T>(p[jb][2 * r], p[jb][2 * r + 1]);
+        *reinterpret_cast<uint32_t*>(m.ds_all + at) = pack_pair<T>(dp[jb][2 * r], dp[jb][2 * r + 1]);
       }
     }
-    store_scaled_gradient<T, D>(a, dq, acc, q_tile + row0 * ld_tile<D>(), region<float>(smem, l.q_norm) + row0, alpha,
-                                pixel + row0, column, bias_sums ? partial + a.table_rows : nullptr);
+    store_scaled_gradient<T, D>(a, dq, m.acc, m.q + row0 * ld_tile<D>(), m.q_norm + row0, alpha,
+                                m.q_pixel + row0, column, bias_sums ? m.partial + a.table_rows : nullptr);
     __syncthreads();
 
     // Key side: the warp's 16 keys against every query.
@@ -504,16 +446,16 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_tile_kernel(const Poli
     float dv[D / 8][4] = {};
     {
       uint32_t cols[kTile / 16][4];
-      load_column_fragments<T>(p_all, kLdProb, row0, cols);
-      fragment_accumulate<T, D>(cols, dout_tile, dv);
-      load_column_fragments<T>(ds_all, kLdProb, row0, cols);
-      fragment_accumulate<T, D>(cols, q_tile, dk);
+      load_column_fragments<T>(m.p_all, kLdProb, row0, cols);
+      fragment_accumulate<T, D>(cols, m.dout, dv);
+      load_column_fragments<T>(m.ds_all, kLdProb, row0, cols);
+      fragment_accumulate<T, D>(cols, m.q, dk);
     }
-    float* key_sums = bias_sums ? partial + a.partial_width : nullptr;
-    store_scaled_gradient<T, D>(a, dk, acc, k_tile + row0 * ld_tile<D>(), region<float>(smem, l.k_norm) + row0, alpha,
-                                pixel + row0, a.channels + column, key_sums);
-    stage_fragments<D>(dv, acc, ld_acc<D>());
-    store_gradient<T, D>(a, acc, pixel + row0, 2 * static_cast<int64_t>(a.channels) + column,
+    float* key_sums = bias_sums ? m.partial + a.partial_width : nullptr;
+    store_scaled_gradient<T, D>(a, dk, m.acc, m.k + row0 * ld_tile<D>(), m.k_norm + row0, alpha,
+                                m.q_pixel + row0, a.channels + column, key_sums);
+    stage_fragments<D>(dv, m.acc, ld_acc<D>());
+    store_gradient<T, D>(a, m.acc, m.q_pixel + row0, 2 * static_cast<int64_t>(a.channels) + column,
                          key_sums != nullptr ? key_sums + a.head_dim : nullptr);
   }
   write_partial_range(a.partial, a.partial_width, 0, smem, l);

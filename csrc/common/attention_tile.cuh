@@ -32,6 +32,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
 #error "the cuda attention kernels need sm_80 or later (cp.async, mma.sync.m16n8k16); set VITKERNELS_CUDA_ARCHS"
@@ -166,7 +167,36 @@ __device__ inline P* warp_region(unsigned char* smem, const Layout& l, size_t of
   return reinterpret_cast<P*>(smem + offset + static_cast<size_t>(warp) * l.warp_bytes);
 }
 
-// --- Register fragments of mma.sync.m16n8k16 (the forward) ---------------------------------------
+// A kernel's shared memory as typed pointers; per-warp regions point at the calling warp's copy.
+template <typename T>
+struct Shared {
+  int64_t *q_pixel, *k_pixel;
+  int32_t *q_tag, *k_tag;
+  float *q_norm, *k_norm, *lse, *delta;
+  T *q, *k, *v, *dout, *p_all, *ds_all;
+  float *score, *acc, *partial;
+
+  __device__ Shared(unsigned char* smem, const Layout& l)
+      : q_pixel(region<int64_t>(smem, l.q_pixel)),
+        k_pixel(region<int64_t>(smem, l.k_pixel)),
+        q_tag(region<int32_t>(smem, l.q_tag)),
+        k_tag(region<int32_t>(smem, l.k_tag)),
+        q_norm(region<float>(smem, l.q_norm)),
+        k_norm(region<float>(smem, l.k_norm)),
+        lse(region<float>(smem, l.lse)),
+        delta(region<float>(smem, l.delta)),
+        q(region<T>(smem, l.q)),
+        k(region<T>(smem, l.k)),
+        v(region<T>(smem, l.v)),
+        dout(region<T>(smem, l.dout)),
+        p_all(region<T>(smem, l.p_all)),
+        ds_all(region<T>(smem, l.ds_all)),
+        score(warp_region<float>(smem, l, l.score, threadIdx.x / 32)),
+        acc(warp_region<float>(smem, l, l.acc, threadIdx.x / 32)),
+        partial(warp_region<float>(smem, l, l.partial, threadIdx.x / 32)) {}
+};
+
+// --- Register fragments of mma.sync.m16n8k16 ---------------------------------------------------
 // With g = lane / 4 and t = lane % 4, a lane holds (PTX ISA, "Matrix Fragments for mma.m16n8k16"):
 //   A, 16x16 row-major, four 16-bit pairs: (g, 2t..2t+1), (g + 8, 2t..), (g, 2t + 8..), (g + 8, 2t + 8..)
 //   B, 16x8 (k x n), two 16-bit pairs:    (k 2t..2t+1, n g), (k 2t + 8.., n g)
@@ -196,26 +226,20 @@ __device__ inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
 }
 
 // c += a b for one 16x8 block.
+#define VITKERNELS_MMA_16816(TYPE)                                                                          \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE                                       \
+               ".f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"                     \
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                             \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
 template <typename T>
-__device__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-
-template <>
-__device__ inline void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+__device__ inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __half>) {
+    VITKERNELS_MMA_16816("f16");
+  } else {
+    VITKERNELS_MMA_16816("bf16");
+  }
 }
-
-template <>
-__device__ inline void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
+#undef VITKERNELS_MMA_16816
 
 // Two floats rounded to T in one 32-bit register, lo in the low half (the lower column).
 template <typename T>
@@ -419,49 +443,53 @@ __device__ void normalize_tile(T* tile, float* norm) {
   }
 }
 
-// Loads the tile of `first`'s tokens of one of q, k, v (part 0, 1, 2) and normalizes it for
-// cosine attention. Starts and ends with a block barrier.
+// Loads tokens first .. first + 63 of problem `group` (pixel and tag) and, for each tile that is
+// not null, their q, k or v rows (qkv parts 0, 1, 2) or dO rows, with every copy in flight at once;
+// normalizes q and k for cosine attention. Starts and ends with a block barrier.
 template <class Policy, typename T, int D>
-__device__ void load_part(const Policy& policy, const TileArgs<T>& a, int64_t group, int h, int first, int part,
-                          int64_t* pixel, int32_t* tag, T* tile, float* norm) {
+__device__ void load_rows(const Policy& policy, const TileArgs<T>& a, int64_t group, int h, int first, int64_t* pixel,
+                          int32_t* tag, T* q, T* k, T* v, T* dout, float* q_norm, float* k_norm) {
   __syncthreads();
   load_tokens(policy, group, first, a.n, pixel, tag);
-  __syncthreads();
-  load_tile<T, D>(tile, a.qkv, 3 * static_cast<int64_t>(a.channels),
-                  static_cast<int64_t>(part) * a.channels + static_cast<int64_t>(h) * a.head_dim, a.head_dim, pixel,
-                  a.fill, a.vectorized);
-  sync_tiles();
-  if (a.tau != nullptr && part != 2) {
-    normalize_tile<T, D>(tile, norm);
-    __syncthreads();
-  }
-}
-
-// Loads a problem that fits one tile (N <= 64, so its query and key tokens are the same): the
-// tokens once, then the q, k and v tiles (and dout's, when not null) with all their copies in
-// flight at once; normalizes q and k for cosine attention. Starts and ends with a block barrier.
-template <class Policy, typename T, int D>
-__device__ void load_problem(const Policy& policy, const TileArgs<T>& a, int64_t group, int h, int64_t* pixel,
-                             int32_t* tag, T* q, T* k, T* v, T* dout, float* q_norm, float* k_norm) {
-  __syncthreads();
-  load_tokens(policy, group, 0, a.n, pixel, tag);
   __syncthreads();
   const int64_t head = static_cast<int64_t>(h) * a.head_dim;
   T* const parts[3] = {q, k, v};
 #pragma unroll
   for (int part = 0; part < 3; ++part) {
-    load_tile<T, D>(parts[part], a.qkv, 3 * static_cast<int64_t>(a.channels),
-                    static_cast<int64_t>(part) * a.channels + head, a.head_dim, pixel, a.fill, a.vectorized);
+    if (parts[part] != nullptr) {
+      load_tile<T, D>(parts[part], a.qkv, 3 * static_cast<int64_t>(a.channels),
+                      static_cast<int64_t>(part) * a.channels + head, a.head_dim, pixel, a.fill, a.vectorized);
+    }
   }
   if (dout != nullptr) {
     load_tile<T, D>(dout, a.grad_out, a.channels, head, a.head_dim, pixel, nullptr, a.vectorized);
   }
   sync_tiles();
-  if (a.tau != nullptr) {
-    normalize_tile<T, D>(q, q_norm);
-    normalize_tile<T, D>(k, k_norm);
+  if (a.tau != nullptr && (q != nullptr || k != nullptr)) {
+    if (q != nullptr) {
+      normalize_tile<T, D>(q, q_norm);
+    }
+    if (k != nullptr) {
+      normalize_tile<T, D>(k, k_norm);
+    }
     __syncthreads();
   }
+}
+
+// Keys key0 .. key0 + 63 of problem `group`: their tokens, k and v rows to the key side of m.
+template <class Policy, typename T, int D>
+__device__ void load_keys(const Policy& policy, const TileArgs<T>& a, const Shared<T>& m, int64_t group, int h,
+                          int key0) {
+  load_rows<Policy, T, D>(policy, a, group, h, key0, m.k_pixel, m.k_tag, nullptr, m.k, m.v, nullptr, nullptr, m.k_norm);
+}
+
+// Queries q0 .. q0 + 63 of problem `group`: their tokens, q rows and (with_dout) dO rows to the
+// query side of m.
+template <class Policy, typename T, int D>
+__device__ void load_queries(const Policy& policy, const TileArgs<T>& a, const Shared<T>& m, int64_t group, int h,
+                             int q0, bool with_dout) {
+  load_rows<Policy, T, D>(policy, a, group, h, q0, m.q_pixel, m.q_tag, m.q, nullptr, nullptr,
+                          with_dout ? m.dout : nullptr, m.q_norm, nullptr);
 }
 
 // The logit of query i and key j (both inside the problem) from the raw score q.k.
