@@ -86,7 +86,7 @@ struct WindowToken {
 // Token t of window `group` (image * nW + window): the cyclic shift, padding and window partition
 // of the zoos as index arithmetic; the bias-table gather and the shift mask as logit terms.
 struct WindowPolicy {
-  int64_t height, width, padded_h, padded_w, windows_w, windows;
+  int height, width, padded_h, padded_w, windows_w, windows;  // make_problem bounds them below 2^30
   int window_h, window_w, shift_h, shift_w;
   float inv_window_w;  // 1 / window_w, for window_row
   bool pad_first;
@@ -105,16 +105,21 @@ struct WindowPolicy {
   // and the product's relative error is under 2^-23.
   __device__ int window_row(int t) const { return static_cast<int>((static_cast<float>(t) + 0.5f) * inv_window_w); }
 
+  // 32-bit arithmetic up to the pixel's offset (two integer divisions, two remainders): group is
+  // below the 2^31 make_problem allows, coordinates below 2^30.
   __device__ WindowToken token(int64_t group, int t) const {
-    const int64_t image = group / windows;
-    const int64_t window = group % windows;
-    const int64_t y = window / windows_w * window_h + t / window_w;
-    const int64_t x = window % windows_w * window_w + t % window_w;
-    const int64_t row = source_coordinate(y, height, padded_h, shift_h, pad_first);
-    const int64_t col = source_coordinate(x, width, padded_w, shift_w, pad_first);
+    const int image = static_cast<int>(group) / windows;
+    const int window = static_cast<int>(group) - image * windows;
+    const int frame_row = window / windows_w;
+    const int t_row = window_row(t);
+    const int y = frame_row * window_h + t_row;
+    const int x = (window - frame_row * windows_w) * window_w + t - t_row * window_w;
+    const int row = source_coordinate<int>(y, height, padded_h, shift_h, pad_first);
+    const int col = source_coordinate<int>(x, width, padded_w, shift_w, pad_first);
     WindowToken token;
-    token.pixel = row < 0 || col < 0 ? tile::kPadding : (image * height + row) * width + col;
-    token.tag = shift_region(y, padded_h, window_h, shift_h) * 3 + shift_region(x, padded_w, window_w, shift_w);
+    token.pixel =
+        row < 0 || col < 0 ? tile::kPadding : (static_cast<int64_t>(image) * height + row) * width + col;
+    token.tag = shift_region<int>(y, padded_h, window_h, shift_h) * 3 + shift_region<int>(x, padded_w, window_w, shift_w);
     return token;
   }
 
@@ -140,7 +145,7 @@ struct WindowOptions {
 struct WindowProblem {
   WindowPolicy policy;
   int64_t batch, channels, head_dim, n, table_rows;
-  int64_t groups() const { return batch * policy.windows; }
+  int64_t groups() const { return batch * static_cast<int64_t>(policy.windows); }
 };
 
 void check_optional(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& qkv, int64_t numel) {
@@ -171,17 +176,25 @@ WindowProblem make_problem(const at::Tensor& qkv, int64_t num_heads, at::IntArra
   p.head_dim = p.channels / num_heads;
   tile::check_tile_support(qkv, p.head_dim);
   tile::check_grid_size(window_size[0] * window_size[1], num_heads);
+  const int64_t windows_h = (qkv.size(1) + window_size[0] - 1) / window_size[0];
+  const int64_t windows_w = (qkv.size(2) + window_size[1] - 1) / window_size[1];
+  constexpr int64_t kMaxSide = int64_t{1} << 30;
+  TORCH_CHECK(windows_h * window_size[0] < kMaxSide && windows_w * window_size[1] < kMaxSide,
+              "the cuda window attention takes maps whose padded sides are below 2^30, got a map of ", qkv.size(1),
+              " x ", qkv.size(2), " with window ", window_size);
+  TORCH_CHECK(p.batch * windows_h * windows_w <= INT32_MAX, "the cuda window attention takes fewer than 2^31 windows, got ",
+              p.batch, " images of ", windows_h * windows_w, " windows");
   WindowPolicy& w = p.policy;
-  w.height = qkv.size(1);
-  w.width = qkv.size(2);
+  w.height = static_cast<int>(qkv.size(1));
+  w.width = static_cast<int>(qkv.size(2));
   w.window_h = static_cast<int>(window_size[0]);
   w.window_w = static_cast<int>(window_size[1]);
   w.inv_window_w = 1.0f / static_cast<float>(w.window_w);
   w.shift_h = static_cast<int>(shift_size[0]);
   w.shift_w = static_cast<int>(shift_size[1]);
-  w.windows_w = (w.width + w.window_w - 1) / w.window_w;
-  w.windows = (w.height + w.window_h - 1) / w.window_h * w.windows_w;
-  w.padded_h = w.windows / w.windows_w * w.window_h;
+  w.windows_w = static_cast<int>(windows_w);
+  w.windows = static_cast<int>(windows_h * windows_w);
+  w.padded_h = static_cast<int>(windows_h) * w.window_h;
   w.padded_w = w.windows_w * w.window_w;
   w.pad_first = pad_first;
   w.heads = static_cast<int>(num_heads);

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include "common/checks.h"
 
@@ -27,18 +28,23 @@ C10_HOST_DEVICE inline I relative_position_row(I ri, I ci, I rj, I cj, I window_
 
 // Coordinate in the un-shifted, un-padded map of frame coordinate y (a row or a column) of the
 // shifted, padded map, or -1 where the frame holds padding. pad_first=false: shift then pad (timm);
-// true: pad then shift (original Swin, Hugging Face, torchvision).
-C10_HOST_DEVICE inline int64_t source_coordinate(int64_t y, int64_t size, int64_t padded, int64_t shift,
-                                                 bool pad_first) {
+// true: pad then shift (original Swin, Hugging Face, torchvision). I: int64_t, or int where the
+// caller has bounded the padded map below 2^30.
+template <typename I = int64_t>
+C10_HOST_DEVICE inline I source_coordinate(std::type_identity_t<I> y, std::type_identity_t<I> size,
+                                           std::type_identity_t<I> padded, std::type_identity_t<I> shift,
+                                           bool pad_first) {
   if (pad_first) {
-    const int64_t p = (y + shift) % padded;
+    const I p = (y + shift) % padded;
     return p < size ? p : -1;
   }
   return y < size ? (y + shift) % size : -1;
 }
 
 // Shift-mask region (0, 1 or 2) of frame coordinate y, as the zoos' masks slice the padded map.
-C10_HOST_DEVICE inline int32_t shift_region(int64_t y, int64_t padded, int64_t window, int64_t shift) {
+template <typename I = int64_t>
+C10_HOST_DEVICE inline int32_t shift_region(std::type_identity_t<I> y, std::type_identity_t<I> padded,
+                                            std::type_identity_t<I> window, std::type_identity_t<I> shift) {
   if (shift == 0) {
     return 0;
   }

@@ -601,3 +601,12 @@ def test_cuda_refuses_with_reasons(dtype, head_dim, match):
     qkv = torch.randn(1, 7, 7, 3 * head_dim, dtype=dtype, device="cuda")
     with pytest.raises(vitkernels.NotSupportedError, match=match):
         ops.window_attention(qkv, 1, 7, backend="cuda")
+
+
+@pytest.mark.cuda
+def test_cuda_op_refuses_more_windows_than_its_32_bit_token_arithmetic():
+    # 2^25 images of 64 windows, as a stride-0 view of one image: 2^31 windows, one past the limit
+    one = torch.randn(1, 56, 56, 3 * 32, dtype=torch.float16, device="cuda")
+    qkv = one.expand(1 << 25, -1, -1, -1)
+    with pytest.raises(RuntimeError, match=r"fewer than 2\^31 windows, got 33554432 images of 64 windows"):
+        torch.ops.vitkernels.window_attention_fwd(qkv, 1, [7, 7], [0, 0], None, None, None, None, False, -100.0)
