@@ -542,20 +542,39 @@ __device__ void finish_gradient(float* acc, const T* x_hat, const float* norm, f
   __syncwarp();
 }
 
-// Writes a warp's gradient rows to dqkv at `column`; rows of padding tokens are summed, in row
-// order, into sums[e] when sums is not null and dropped otherwise.
+// Writes a warp's gradient rows to dqkv at `column`, 8 columns a lane (one 16-byte store where
+// a.vectorized); rows of padding tokens are summed, in row order, into sums[e] when sums is not
+// null and dropped otherwise.
 template <typename T, int D>
 __device__ void store_gradient(const TileArgs<T>& a, const float* acc, const int64_t* pixel, int64_t column,
                                float* sums) {
   const int lane = threadIdx.x % 32;
-  for (int r = 0; r < kWarpRows; ++r) {
+  constexpr int kChunks = D / 8;
+  for (int idx = lane; idx < kWarpRows * kChunks; idx += 32) {
+    const int r = idx / kChunks;
+    const int c0 = idx % kChunks * 8;
     const int64_t p = pixel[r];
-    for (int c = lane; c < a.head_dim; c += 32) {
-      const float g = acc[r * ld_acc<D>() + c];
-      if (p >= 0) {
-        a.out[p * 3 * a.channels + column + c] = from_float<T>(g);
-      } else if (p == kPadding && sums != nullptr) {
-        sums[c] += g;
+    if (p < 0 || c0 >= a.head_dim) {
+      continue;
+    }
+    const float* from = acc + r * ld_acc<D>() + c0;
+    T* to = a.out + p * 3 * a.channels + column + c0;
+    if (a.vectorized && c0 + 8 <= a.head_dim) {
+      const uint4 pack = {pack_pair<T>(from[0], from[1]), pack_pair<T>(from[2], from[3]),
+                          pack_pair<T>(from[4], from[5]), pack_pair<T>(from[6], from[7])};
+      *reinterpret_cast<uint4*>(to) = pack;
+    } else {
+      for (int c = 0; c < 8 && c0 + c < a.head_dim; ++c) {
+        to[c] = from_float<T>(from[c]);
+      }
+    }
+  }
+  if (sums != nullptr) {
+    for (int r = 0; r < kWarpRows; ++r) {
+      if (pixel[r] == kPadding) {
+        for (int c = lane; c < a.head_dim; c += 32) {
+          sums[c] += acc[r * ld_acc<D>() + c];
+        }
       }
     }
   }

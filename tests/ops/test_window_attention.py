@@ -4,10 +4,13 @@ import types
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from op_helpers import DEVICE, backend_params, compare_with_reference, random
 import vitkernels
 from vitkernels import ops
+from vitkernels.ops.window_attention import triton_kernels as window_triton
 from vitkernels.ops.window_attention.reference import window_attention_reference
 from vitkernels.testing import assert_close
 
@@ -610,3 +613,23 @@ def test_cuda_op_refuses_more_windows_than_its_32_bit_token_arithmetic():
     qkv = one.expand(1 << 25, -1, -1, -1)
     with pytest.raises(RuntimeError, match=r"fewer than 2\^31 windows, got 33554432 images of 64 windows"):
         torch.ops.vitkernels.window_attention_fwd(qkv, 1, [7, 7], [0, 0], None, None, None, None, False, -100.0)
+
+
+@triton.jit
+def _frame_rows_kernel(rows_ptr, cols_ptr, Ww, BLOCK: tl.constexpr):
+    t = tl.arange(0, BLOCK)
+    i, j, _, _, _, _ = window_triton._frame(0, t, 64, 64, 32, Ww, 0, 0, window_triton.NO_PADDING)
+    tl.store(rows_ptr + t, i)
+    tl.store(cols_ptr + t, j)
+
+
+@pytest.mark.parametrize("window_w", list(range(1, 33)))
+def test_triton_frame_rows_without_integer_division(window_w):
+    # every token of a 32 x window_w window and the key block past it, as the key-block kernels see them
+    block = 2048
+    rows = torch.empty(block, dtype=torch.int32, device=DEVICE)
+    cols = torch.empty(block, dtype=torch.int32, device=DEVICE)
+    _frame_rows_kernel[(1,)](rows, cols, window_w, BLOCK=block)
+    t = torch.arange(block, dtype=torch.int32, device=DEVICE)
+    wrong = (rows != t // window_w) | (cols != t % window_w)
+    assert not wrong.any(), f"window_w={window_w}: first wrong token {t[wrong][:1].tolist()}"
