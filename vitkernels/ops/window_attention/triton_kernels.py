@@ -277,9 +277,12 @@ def _head_scale(logit_scale_ptr, h, scale, COSINE: tl.constexpr):
 @triton.jit
 def _relative_bias(table_ptr, heads, qi, qj, ki, kj, Wh, Ww, pair):
     """[queries, keys] fp32 relative position bias of one head (``table_ptr`` at its column), gathered
-    from the table with the index of each pair's row and column offsets; 0 outside ``pair``."""
-    index = (qi[:, None] - ki[None, :] + Wh - 1) * (2 * Ww - 1) + (qj[:, None] - kj[None, :] + Ww - 1)
-    return tl.load(table_ptr + index * heads, mask=pair, other=0.0).to(tl.float32)
+    from the table with the index of each pair's row and column offsets; 0 outside ``pair``. The
+    index (qi - ki + Wh - 1) (2 Ww - 1) + qj - kj + Ww - 1 is a query term minus a key term, so a
+    pair costs one subtraction."""
+    q_offset = ((qi + Wh - 1) * (2 * Ww - 1) + qj + Ww - 1) * heads
+    k_offset = (ki * (2 * Ww - 1) + kj) * heads
+    return tl.load(table_ptr + (q_offset[:, None] - k_offset[None, :]), mask=pair, other=0.0).to(tl.float32)
 
 
 @triton.jit
