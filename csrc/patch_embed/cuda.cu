@@ -51,23 +51,42 @@ constexpr int64_t kMaxBlocks = int64_t{1} << 16;
 constexpr int64_t kTargetBlocks = 512;
 constexpr int64_t kMinSplitPatches = 1024;
 
+// The GEMMs' row and depth indices, and the image's sides, in 32 bits: their per-element
+// divisions then cost a fraction of 64-bit ones (offsets into the tensors stay 64-bit). Checked
+// by both entry points.
+void check_32_bit_indices(const PatchGeometry& g) {
+  TORCH_CHECK(g.rows() <= INT32_MAX && g.depth() <= INT32_MAX && g.dim <= INT32_MAX &&
+                  g.grid_h * g.patch_h <= INT32_MAX && g.grid_w * g.patch_w <= INT32_MAX,
+              "the cuda patch embedding takes fewer than 2^31 patches, patch elements and padded rows and columns, got ",
+              g.rows(), " patches of ", g.depth(), " elements");
+}
+
 // Where element k = (c, i, j) of patch m lies in the image [B, Cin, H, W].
 struct PatchLayout {
-  int64_t channels, height, width, patch_h, patch_w, grid_w, patches;
+  int channels, height, width, patch_h, patch_w, grid_w, patches;
 
   // The pixel's offset in the image, or -1 where a padded patch runs past it; sets its channel.
-  __device__ int64_t offset(int64_t m, int64_t k, int64_t& channel) const {
-    const int64_t b = m / patches, p = m % patches;
-    const int64_t area = patch_h * patch_w;
-    channel = k / area;
-    const int64_t y = (p / grid_w) * patch_h + (k % area) / patch_w;
-    const int64_t x = (p % grid_w) * patch_w + k % patch_w;
-    return y < height && x < width ? ((b * channels + channel) * height + y) * width + x : -1;
+  __device__ int64_t offset(int64_t m, int64_t k, int& channel) const {
+    const int row = static_cast<int>(m);
+    const int depth = static_cast<int>(k);
+    const int b = row / patches, p = row - b * patches;
+    const int area = patch_h * patch_w;
+    channel = depth / area;
+    const int in_patch = depth - channel * area;
+    const int i = in_patch / patch_w;
+    const int patch_row = p / grid_w;
+    const int y = patch_row * patch_h + i;
+    const int x = (p - patch_row * grid_w) * patch_w + in_patch - i * patch_w;
+    return y < height && x < width
+               ? ((static_cast<int64_t>(b) * channels + channel) * height + y) * static_cast<int64_t>(width) + x
+               : -1;
   }
 };
 
 PatchLayout patch_layout(const PatchGeometry& g) {
-  return {g.channels, g.height, g.width, g.patch_h, g.patch_w, g.grid_w, g.patches()};
+  return {static_cast<int>(g.channels), static_cast<int>(g.height), static_cast<int>(g.width),
+          static_cast<int>(g.patch_h),  static_cast<int>(g.patch_w), static_cast<int>(g.grid_w),
+          static_cast<int>(g.patches())};
 }
 
 // GEMM operand A [M, K]: the normalized pixels of each patch, zeros past the image.
@@ -80,7 +99,7 @@ struct PatchPixels {
   PatchLayout layout;
 
   __device__ float operator()(int64_t m, int64_t k) const {
-    int64_t c;
+    int c;
     const int64_t at = layout.offset(m, k, c);
     return at < 0 ? 0.0f : static_cast<float>(image[at]) * scale[c] + shift[c];
   }
@@ -100,7 +119,8 @@ struct PatchRows {
   int64_t patches, tokens, first, dim;
 
   __device__ float operator()(int64_t m, int64_t e) const {
-    return data[((m / patches) * tokens + first + m % patches) * dim + e];
+    const int b = static_cast<int>(m) / static_cast<int>(patches);
+    return data[(b * tokens + first + m - static_cast<int64_t>(b) * patches) * dim + e];
   }
 };
 
@@ -123,7 +143,7 @@ struct TokenStore {
       pre[m * dim + e] = v;
       return;
     }
-    const int64_t b = m / patches, n = m % patches;
+    const int64_t b = static_cast<int>(m) / static_cast<int>(patches), n = m - b * patches;
     if (pos != nullptr) {
       v += pos[(pos_offset + n) * dim + e];
     }
@@ -137,7 +157,7 @@ struct ImageScatter {
   PatchLayout layout;
 
   __device__ void operator()(int64_t m, int64_t k, float v, int) const {
-    int64_t c;
+    int c;
     const int64_t at = layout.offset(m, k, c);
     if (at >= 0) {
       image[at] = v;
@@ -382,6 +402,7 @@ at::Tensor patch_embed_fwd_cuda(const at::Tensor& x, const at::Tensor& weight, c
   const PatchInputs in = patch_embed::checked_inputs(c10::DeviceType::CUDA, x, weight, bias, prefix_tokens, pos,
                                                      norm_weight, norm_bias, mean, std_dev);
   const PatchGeometry& g = in.g;
+  check_32_bit_indices(g);
   at::Tensor out = at::empty({g.batch, in.num_prefix + g.patches(), g.dim}, weight.options());
   if (out.numel() == 0) {
     return out;
@@ -410,6 +431,7 @@ std::vector<at::Tensor> patch_embed_bwd_cuda(const at::Tensor& grad_out, const a
   const PatchInputs in = patch_embed::checked_inputs(c10::DeviceType::CUDA, x, weight, bias, prefix_tokens, pos,
                                                      norm_weight, norm_bias, mean, std_dev);
   const PatchGeometry& g = in.g;
+  check_32_bit_indices(g);
   const int64_t tokens = in.num_prefix + g.patches();
   const at::Tensor dout = patch_embed::float_grad_out(grad_out, g, tokens);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
