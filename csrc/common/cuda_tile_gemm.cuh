@@ -14,11 +14,15 @@
 // partial C to store(..., split): for a C too small to fill the GPU over a long depth. The caller
 // adds the partials in a fixed order, which keeps the result deterministic.
 //
-// Operand functors provide `__device__ float operator()(int64_t row, int64_t k) const`, called for
-// row < rows (or cols) and k < depth only, and `static constexpr bool kRowsContiguous`: whether
-// consecutive rows rather than consecutive k are adjacent in memory, which decides how the threads
-// of a block spread over a slice as they load it, so that neighbouring threads read neighbouring
-// addresses.
+// Operands are separable: an element's address is a part that depends on its row and a part that
+// depends on k, so the index arithmetic (divisions, for a gather) runs once per row and once per k
+// of a slice rather than per element. An operand provides types Row and Depth, `__device__ Row
+// row(int64_t row) const` and `__device__ Depth depth(int64_t k) const`, called for row < rows (or
+// cols) and k < depth only, `__device__ float at(const Row&, const Depth&) const`, and `static
+// constexpr bool kRowsContiguous`: whether consecutive rows rather than consecutive k are adjacent
+// in memory, which decides how the threads of a block spread over a slice as they load it, so that
+// neighbouring threads read neighbouring addresses. A thread loads the same rows (or, with rows
+// contiguous, the same row) of every slice, so it computes their Row parts once.
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -170,17 +174,54 @@ struct CudaCoreAccumulator {
 template <typename T>
 using Accumulator = std::conditional_t<std::is_same<T, float>::value, CudaCoreAccumulator, TensorCoreAccumulator<T>>;
 
-// dst [64][ld] <- operand rows [first, first + 64) by k [k0, k0 + 32), zeros past count or depth.
-template <typename T, typename Operand>
-__device__ void load_slice(const Operand& operand, T* dst, int ld, int64_t first, int64_t count, int64_t k0,
-                           int64_t depth) {
-  for (int idx = threadIdx.x; idx < kTile * kStep; idx += kThreads) {
-    const int r = Operand::kRowsContiguous ? idx % kTile : idx / kStep;
-    const int k = Operand::kRowsContiguous ? idx / kTile : idx % kStep;
-    const int64_t row = first + r, kk = k0 + k;
-    dst[r * ld + k] = from_float<T>(row < count && kk < depth ? operand(row, kk) : 0.0f);
+// Elements of a slice each thread loads.
+constexpr int kLoads = kTile * kStep / kThreads;
+
+// What one thread loads of every slice of an operand: with rows contiguous, row threadIdx.x % 64
+// at depths threadIdx.x / 64 + 4 i; else rows threadIdx.x / 32 + 8 i at depth threadIdx.x % 32
+// (i < kLoads), so consecutive threads read consecutive rows, or consecutive k.
+template <typename Operand>
+struct SliceLoader {
+  static constexpr bool kByRow = Operand::kRowsContiguous;
+  static constexpr int kRows = kByRow ? 1 : kLoads;
+  static constexpr int kDepths = kByRow ? kLoads : 1;
+  typename Operand::Row rows[kRows];
+  bool row_inside[kRows];
+
+  __device__ static int row_of(int i) { return kByRow ? threadIdx.x % kTile : threadIdx.x / kStep + kThreads / kStep * i; }
+  __device__ static int depth_of(int i) { return kByRow ? threadIdx.x / kTile + kThreads / kTile * i : threadIdx.x % kStep; }
+
+  // The Row parts of this thread's rows of [first, first + 64), rows past count marked outside.
+  __device__ SliceLoader(const Operand& operand, int64_t first, int64_t count) {
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) {
+      const int64_t row = first + row_of(i);
+      row_inside[i] = row < count;
+      rows[i] = operand.row(row_inside[i] ? row : first);
+    }
   }
-}
+
+  // dst [64][ld] <- this thread's elements of the slice at depths [k0, k0 + 32), zeros past count
+  // or depth.
+  template <typename T>
+  __device__ void load(const Operand& operand, T* dst, int ld, int64_t k0, int64_t depth) const {
+    typename Operand::Depth depths[kDepths];
+    bool depth_inside[kDepths];
+#pragma unroll
+    for (int j = 0; j < kDepths; ++j) {
+      const int64_t k = k0 + depth_of(j);
+      depth_inside[j] = k < depth;
+      depths[j] = operand.depth(depth_inside[j] ? k : k0);
+    }
+#pragma unroll
+    for (int i = 0; i < kLoads; ++i) {
+      const int r = kByRow ? 0 : i;
+      const int d = kByRow ? i : 0;
+      const bool inside = row_inside[r] && depth_inside[d];
+      dst[row_of(r) * ld + depth_of(d)] = from_float<T>(inside ? operand.at(rows[r], depths[d]) : 0.0f);
+    }
+  }
+};
 
 // grid (row tiles, column tiles, splits), kThreads threads; split z covers depth
 // [z * split_depth, (z + 1) * split_depth).
@@ -193,11 +234,13 @@ __global__ void __launch_bounds__(kThreads) tile_gemm_kernel(OperandA a, Operand
   const int64_t col0 = static_cast<int64_t>(blockIdx.y) * kTile;
   const int64_t k_begin = static_cast<int64_t>(blockIdx.z) * split_depth;
   const int64_t k_end = k_begin + split_depth < depth ? k_begin + split_depth : depth;
+  const SliceLoader<OperandA> a_loader(a, row0, rows);
+  const SliceLoader<OperandB> b_loader(b, col0, cols);
   Accumulator<T> acc;
   acc.zero();
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kStep) {
-    load_slice(a, s.a, Tiles::kLd, row0, rows, k0, k_end);
-    load_slice(b, s.b, Tiles::kLd, col0, cols, k0, k_end);
+    a_loader.load(a, s.a, Tiles::kLd, k0, k_end);
+    b_loader.load(b, s.b, Tiles::kLd, k0, k_end);
     __syncthreads();
     acc.multiply(s);
     __syncthreads();
@@ -244,17 +287,26 @@ struct MatrixStore {
 // Operand (or column_sums value) of a row-major matrix: data[row * ld + k].
 struct Matrix {
   static constexpr bool kRowsContiguous = false;
+  using Row = int64_t;
+  using Depth = int64_t;
   const float* data;
   int64_t ld;
   __device__ float operator()(int64_t row, int64_t k) const { return data[row * ld + k]; }
+  __device__ Row row(int64_t r) const { return r * ld; }
+  __device__ Depth depth(int64_t k) const { return k; }
+  __device__ float at(Row r, Depth k) const { return data[r + k]; }
 };
 
-// operand(k, row): the transpose of another operand.
+// The transpose of another operand: element (row, k) is the operand's (k, row).
 template <typename Operand>
 struct Transposed {
   static constexpr bool kRowsContiguous = !Operand::kRowsContiguous;
+  using Row = typename Operand::Depth;
+  using Depth = typename Operand::Row;
   Operand operand;
-  __device__ float operator()(int64_t row, int64_t k) const { return operand(k, row); }
+  __device__ Row row(int64_t r) const { return operand.depth(r); }
+  __device__ Depth depth(int64_t k) const { return operand.row(k); }
+  __device__ float at(const Row& r, const Depth& k) const { return operand.at(k, r); }
 };
 
 }  // namespace tile_gemm

@@ -89,19 +89,48 @@ PatchLayout patch_layout(const PatchGeometry& g) {
           static_cast<int>(g.patches())};
 }
 
-// GEMM operand A [M, K]: the normalized pixels of each patch, zeros past the image.
+// GEMM operand A [M, K]: the normalized pixels of each patch, zeros past the image. Pixel (c, i, j)
+// of patch m lies at the patch's corner (a Row: its offset in channel 0, frame row and column)
+// plus the element's offset within the patch (a Depth, with its channel's scale and shift).
 template <typename image_t>
 struct PatchPixels {
   static constexpr bool kRowsContiguous = false;
+  struct Row {
+    int64_t corner;
+    int y, x;
+  };
+  struct Depth {
+    int64_t offset;
+    int i, j;
+    float scale, shift;
+  };
   const image_t* image;  // [B, Cin, H, W]
   const float* scale;    // [Cin]
   const float* shift;    // [Cin]
   PatchLayout layout;
 
-  __device__ float operator()(int64_t m, int64_t k) const {
-    int c;
-    const int64_t at = layout.offset(m, k, c);
-    return at < 0 ? 0.0f : static_cast<float>(image[at]) * scale[c] + shift[c];
+  __device__ Row row(int64_t m) const {
+    const int b = static_cast<int>(m) / layout.patches;
+    const int p = static_cast<int>(m) - b * layout.patches;
+    const int patch_row = p / layout.grid_w;
+    const int y = patch_row * layout.patch_h;
+    const int x = (p - patch_row * layout.grid_w) * layout.patch_w;
+    return {(static_cast<int64_t>(b) * layout.channels * layout.height + y) * layout.width + x, y, x};
+  }
+
+  __device__ Depth depth(int64_t k) const {
+    const int area = layout.patch_h * layout.patch_w;
+    const int c = static_cast<int>(k) / area;
+    const int in_patch = static_cast<int>(k) - c * area;
+    const int i = in_patch / layout.patch_w;
+    const int j = in_patch - i * layout.patch_w;
+    return {(static_cast<int64_t>(c) * layout.height + i) * layout.width + j, i, j, scale[c], shift[c]};
+  }
+
+  __device__ float at(const Row& r, const Depth& d) const {
+    return r.y + d.i < layout.height && r.x + d.j < layout.width
+               ? static_cast<float>(image[r.corner + d.offset]) * d.scale + d.shift
+               : 0.0f;
   }
 };
 
@@ -115,13 +144,18 @@ PatchPixels<image_t> patch_pixels(const PatchInputs& in) {
 // With tokens = patches and first = 0, a contiguous [M, E] matrix.
 struct PatchRows {
   static constexpr bool kRowsContiguous = false;
+  using Row = int64_t;
+  using Depth = int64_t;
   const float* data;
   int64_t patches, tokens, first, dim;
 
-  __device__ float operator()(int64_t m, int64_t e) const {
+  __device__ Row row(int64_t m) const {
     const int b = static_cast<int>(m) / static_cast<int>(patches);
-    return data[(b * tokens + first + m - static_cast<int64_t>(b) * patches) * dim + e];
+    return (b * tokens + first + m - static_cast<int64_t>(b) * patches) * dim;
   }
+  __device__ Depth depth(int64_t e) const { return e; }
+  __device__ float at(Row r, Depth e) const { return data[r + e]; }
+  __device__ float operator()(int64_t m, int64_t e) const { return at(row(m), e); }
 };
 
 // Epilogue of the forward GEMM: Z + bias into pre [M, E] when a patch norm follows, else
