@@ -61,25 +61,41 @@ void check_32_bit_indices(const PatchGeometry& g) {
               g.rows(), " patches of ", g.depth(), " elements");
 }
 
-// Where element k = (c, i, j) of patch m lies in the image [B, Cin, H, W].
+// Where element k = (c, i, j) of patch m lies in the image [B, Cin, H, W]: the patch's corner plus
+// the element's place in the patch, so that a GEMM computes each once per row or depth.
 struct PatchLayout {
   int channels, height, width, patch_h, patch_w, grid_w, patches;
 
-  // The pixel's offset in the image, or -1 where a padded patch runs past it; sets its channel.
-  __device__ int64_t offset(int64_t m, int64_t k, int& channel) const {
-    const int row = static_cast<int>(m);
-    const int depth = static_cast<int>(k);
-    const int b = row / patches, p = row - b * patches;
-    const int area = patch_h * patch_w;
-    channel = depth / area;
-    const int in_patch = depth - channel * area;
-    const int i = in_patch / patch_w;
+  struct Corner {
+    int64_t offset;  // of the patch's top-left pixel in channel 0 of its image
+    int y, x;        // its row and column
+  };
+  struct Place {
+    int64_t offset;  // from the corner
+    int channel, i, j;
+  };
+
+  __device__ Corner corner(int64_t m) const {
+    const int b = static_cast<int>(m) / patches;
+    const int p = static_cast<int>(m) - b * patches;
     const int patch_row = p / grid_w;
-    const int y = patch_row * patch_h + i;
-    const int x = (p - patch_row * grid_w) * patch_w + in_patch - i * patch_w;
-    return y < height && x < width
-               ? ((static_cast<int64_t>(b) * channels + channel) * height + y) * static_cast<int64_t>(width) + x
-               : -1;
+    const int y = patch_row * patch_h;
+    const int x = (p - patch_row * grid_w) * patch_w;
+    return {(static_cast<int64_t>(b) * channels * height + y) * width + x, y, x};
+  }
+
+  __device__ Place place(int64_t k) const {
+    const int area = patch_h * patch_w;
+    const int c = static_cast<int>(k) / area;
+    const int in_patch = static_cast<int>(k) - c * area;
+    const int i = in_patch / patch_w;
+    const int j = in_patch - i * patch_w;
+    return {(static_cast<int64_t>(c) * height + i) * width + j, c, i, j};
+  }
+
+  // Whether the pixel lies in the image (a padded patch runs past it).
+  __device__ bool inside(const Corner& corner, const Place& place) const {
+    return corner.y + place.i < height && corner.x + place.j < width;
   }
 };
 
@@ -89,19 +105,14 @@ PatchLayout patch_layout(const PatchGeometry& g) {
           static_cast<int>(g.patches())};
 }
 
-// GEMM operand A [M, K]: the normalized pixels of each patch, zeros past the image. Pixel (c, i, j)
-// of patch m lies at the patch's corner (a Row: its offset in channel 0, frame row and column)
-// plus the element's offset within the patch (a Depth, with its channel's scale and shift).
+// GEMM operand A [M, K]: the normalized pixels of each patch, zeros past the image; a row is a
+// patch's corner, a depth a place in the patch with its channel's scale and shift.
 template <typename image_t>
 struct PatchPixels {
   static constexpr bool kRowsContiguous = false;
-  struct Row {
-    int64_t corner;
-    int y, x;
-  };
+  using Row = PatchLayout::Corner;
   struct Depth {
-    int64_t offset;
-    int i, j;
+    PatchLayout::Place place;
     float scale, shift;
   };
   const image_t* image;  // [B, Cin, H, W]
@@ -109,28 +120,16 @@ struct PatchPixels {
   const float* shift;    // [Cin]
   PatchLayout layout;
 
-  __device__ Row row(int64_t m) const {
-    const int b = static_cast<int>(m) / layout.patches;
-    const int p = static_cast<int>(m) - b * layout.patches;
-    const int patch_row = p / layout.grid_w;
-    const int y = patch_row * layout.patch_h;
-    const int x = (p - patch_row * layout.grid_w) * layout.patch_w;
-    return {(static_cast<int64_t>(b) * layout.channels * layout.height + y) * layout.width + x, y, x};
-  }
+  __device__ Row row(int64_t m) const { return layout.corner(m); }
 
   __device__ Depth depth(int64_t k) const {
-    const int area = layout.patch_h * layout.patch_w;
-    const int c = static_cast<int>(k) / area;
-    const int in_patch = static_cast<int>(k) - c * area;
-    const int i = in_patch / layout.patch_w;
-    const int j = in_patch - i * layout.patch_w;
-    return {(static_cast<int64_t>(c) * layout.height + i) * layout.width + j, i, j, scale[c], shift[c]};
+    const PatchLayout::Place place = layout.place(k);
+    return {place, scale[place.channel], shift[place.channel]};
   }
 
   __device__ float at(const Row& r, const Depth& d) const {
-    return r.y + d.i < layout.height && r.x + d.j < layout.width
-               ? static_cast<float>(image[r.corner + d.offset]) * d.scale + d.shift
-               : 0.0f;
+    return layout.inside(r, d.place) ? static_cast<float>(image[r.offset + d.place.offset]) * d.scale + d.shift
+                                     : 0.0f;
   }
 };
 
@@ -191,10 +190,10 @@ struct ImageScatter {
   PatchLayout layout;
 
   __device__ void operator()(int64_t m, int64_t k, float v, int) const {
-    int c;
-    const int64_t at = layout.offset(m, k, c);
-    if (at >= 0) {
-      image[at] = v;
+    const PatchLayout::Corner corner = layout.corner(m);
+    const PatchLayout::Place place = layout.place(k);
+    if (layout.inside(corner, place)) {
+      image[corner.offset + place.offset] = v;
     }
   }
 };
