@@ -51,9 +51,9 @@ constexpr int64_t kMaxBlocks = int64_t{1} << 16;
 constexpr int64_t kTargetBlocks = 512;
 constexpr int64_t kMinSplitPatches = 1024;
 
-// The GEMMs' row and depth indices, and the image's sides, in 32 bits: their per-element
-// divisions then cost a fraction of 64-bit ones (offsets into the tensors stay 64-bit). Checked
-// by both entry points.
+// The kernels divide the GEMMs' row and depth indices, and locate pixels, in 32 bits, a fraction
+// of the instructions of 64-bit divisions (offsets into the tensors stay 64-bit). Both entry
+// points check that these fit.
 void check_32_bit_indices(const PatchGeometry& g) {
   TORCH_CHECK(g.rows() <= INT32_MAX && g.depth() <= INT32_MAX && g.dim <= INT32_MAX &&
                   g.grid_h * g.patch_h <= INT32_MAX && g.grid_w * g.patch_w <= INT32_MAX,
