@@ -86,7 +86,7 @@ struct WindowToken {
 // Token t of window `group` (image * nW + window): the cyclic shift, padding and window partition
 // of the zoos as index arithmetic; the bias-table gather and the shift mask as logit terms.
 struct WindowPolicy {
-  int height, width, padded_h, padded_w, windows_w, windows;  // make_problem bounds them below 2^30
+  int height, width, padded_h, padded_w, windows_w, windows;  // bounded by make_problem
   int window_h, window_w, shift_h, shift_w;
   float inv_window_w;  // 1 / window_w, for window_row
   bool pad_first;
@@ -182,8 +182,9 @@ WindowProblem make_problem(const at::Tensor& qkv, int64_t num_heads, at::IntArra
   TORCH_CHECK(windows_h * window_size[0] < kMaxSide && windows_w * window_size[1] < kMaxSide,
               "the cuda window attention takes maps whose padded sides are below 2^30, got a map of ", qkv.size(1),
               " x ", qkv.size(2), " with window ", window_size);
-  TORCH_CHECK(p.batch * windows_h * windows_w <= INT32_MAX, "the cuda window attention takes fewer than 2^31 windows, got ",
-              p.batch, " images of ", windows_h * windows_w, " windows");
+  TORCH_CHECK(std::max<int64_t>(p.batch, 1) * windows_h * windows_w <= INT32_MAX,
+              "the cuda window attention takes fewer than 2^31 windows, got ", p.batch, " images of ",
+              windows_h * windows_w, " windows");
   WindowPolicy& w = p.policy;
   w.height = static_cast<int>(qkv.size(1));
   w.width = static_cast<int>(qkv.size(2));
