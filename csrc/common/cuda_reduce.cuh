@@ -64,8 +64,8 @@ inline unsigned column_blocks(int64_t cols) {
 }
 
 // fp32 [cols]: out[col] = sum of partial[chunk, col] over the chunks of fp32 [chunks, cols], in
-// chunk order.
-inline at::Tensor sum_chunks(const at::Tensor& partial, cudaStream_t stream) {
+// chunk order, one thread per column: for the few chunks column_sums leaves.
+inline at::Tensor chunk_sums(const at::Tensor& partial, cudaStream_t stream) {
   const int64_t cols = partial.size(1);
   at::Tensor out = at::empty({cols}, partial.options());
   chunk_sums_kernel<float><<<column_blocks(cols), kThreads, 0, stream>>>(
@@ -74,10 +74,19 @@ inline at::Tensor sum_chunks(const at::Tensor& partial, cudaStream_t stream) {
   return out;
 }
 
+// Element (row, col) of a row-major fp32 matrix.
+struct Rows {
+  const float* data;
+  int64_t cols;
+  __device__ float operator()(int64_t row, int64_t col) const { return data[row * cols + col]; }
+};
+
 }  // namespace column_sum
 
 // fp32 [cols] on the device of `like`: out[col] = sum over row < rows of value(row, col), where
-// value is a functor `__device__ float operator()(int64_t row, int64_t col) const`.
+// value is a functor `__device__ float operator()(int64_t row, int64_t col) const`. The rows are
+// summed in at most kMaxChunks chunks at once, then the chunks in order: the order depends on
+// the shape alone.
 template <typename Value>
 at::Tensor column_sums(const Value& value, int64_t rows, int64_t cols, const at::Tensor& like, cudaStream_t stream) {
   const auto options = like.options().dtype(at::kFloat);
@@ -93,7 +102,24 @@ at::Tensor column_sums(const Value& value, int64_t rows, int64_t cols, const at:
                                     column_sum::kThreads, 0, stream>>>(value, partial.mutable_data_ptr<float>(),
                                                                        rows, cols, rows_per_chunk);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return column_sum::sum_chunks(partial, stream);
+  return column_sum::chunk_sums(partial, stream);
 }
+
+namespace column_sum {
+
+// fp32 [cols]: out[col] = sum of partial[chunk, col] over fp32 [chunks, cols]. Up to kMaxChunks
+// chunks one thread per column adds them in order; more (a grid of thousands of row groups'
+// partials) go through column_sums, whose threads each add a run of at most a few dozen before
+// one thread per column adds the runs: a serial sum over thousands of chunks would take one
+// thread a memory latency per chunk.
+inline at::Tensor sum_chunks(const at::Tensor& partial, cudaStream_t stream) {
+  if (partial.size(0) <= kMaxChunks) {
+    return chunk_sums(partial, stream);
+  }
+  return column_sums(Rows{partial.const_data_ptr<float>(), partial.size(1)}, partial.size(0), partial.size(1), partial,
+                     stream);
+}
+
+}  // namespace column_sum
 
 }  // namespace vitkernels

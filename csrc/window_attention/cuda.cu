@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "common/attention_kernels.cuh"
+#include "common/cuda_reduce.cuh"
 #include "window_attention/window_attention.h"
 
 namespace vitkernels {
@@ -247,36 +248,22 @@ tile::TileArgs<T> tile_args(const WindowProblem& p, const WindowOptions& o, cons
   return a;
 }
 
-constexpr int kSumThreads = 256;
-
-// out[h, e] = sum over slots s, in order, of partial[h, s, e]: the deterministic second stage of
-// the reduced gradients.
-__global__ void sum_slots_kernel(const float* __restrict__ partial,  // [heads, slots, width]
-                                 int64_t slots, int64_t width, int64_t total, float* __restrict__ out) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= total) {
-    return;
+// Element (slot, h * width + e) of the per-CTA partial sums [heads, slots, width].
+struct SlotSums {
+  const float* partial;
+  int64_t slots, width;
+  __device__ float operator()(int64_t slot, int64_t col) const {
+    const int64_t h = col / width;
+    return partial[(h * slots + slot) * width + col - h * width];
   }
-  const int64_t h = idx / width;
-  const int64_t e = idx % width;
-  const float* from = partial + h * slots * width + e;
-  float sum = 0.0f;
-  for (int64_t s = 0; s < slots; ++s) {
-    sum += from[s * width];
-  }
-  out[idx] = sum;
-}
+};
 
+// [heads, width]: the sum over slots, in an order fixed by the shape, of partial [heads, slots,
+// width]: the deterministic second stage of the reduced gradients.
 at::Tensor sum_slots(const at::Tensor& partial, cudaStream_t stream) {
-  at::Tensor out = at::empty({partial.size(0), partial.size(2)}, partial.options());
-  const int64_t total = out.numel();
-  if (total > 0) {
-    const int64_t blocks = (total + kSumThreads - 1) / kSumThreads;
-    sum_slots_kernel<<<static_cast<unsigned>(blocks), kSumThreads, 0, stream>>>(
-        partial.const_data_ptr<float>(), partial.size(1), partial.size(2), total, out.mutable_data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  return out;
+  const int64_t heads = partial.size(0), slots = partial.size(1), width = partial.size(2);
+  return column_sums(SlotSums{partial.const_data_ptr<float>(), slots, width}, slots, heads * width, partial, stream)
+      .view({heads, width});
 }
 
 // The gradient of an optional input from its fp32 values in the input's row-major order; an
