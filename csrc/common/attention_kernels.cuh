@@ -118,24 +118,8 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Policy po
       }
     }
     __syncwarp();
-    constexpr int kChunks = D / 8;
-    for (int idx = lane; idx < kWarpRows * kChunks; idx += 32) {
-      const int r = idx / kChunks;
-      const int c0 = idx % kChunks * 8;
-      const int64_t pixel = m.q_pixel[row0 + r];
-      if (pixel < 0 || c0 >= a.head_dim) {
-        continue;
-      }
-      const T* from = staged + r * ld_tile<D>() + c0;
-      T* to = a.out + pixel * a.channels + static_cast<int64_t>(h) * a.head_dim + c0;
-      if (a.vectorized && c0 + 8 <= a.head_dim) {
-        *reinterpret_cast<uint4*>(to) = *reinterpret_cast<const uint4*>(from);
-      } else {
-        for (int c = 0; c < 8 && c0 + c < a.head_dim; ++c) {
-          to[c] = from[c];
-        }
-      }
-    }
+    store_rows<T, D>(a.out, a.channels, static_cast<int64_t>(h) * a.head_dim, staged, ld_tile<D>(), m.q_pixel + row0,
+                     a.head_dim, a.vectorized);
   }
 }
 

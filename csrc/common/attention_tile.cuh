@@ -542,37 +542,52 @@ __device__ void finish_gradient(float* acc, const T* x_hat, const float* norm, f
   __syncwarp();
 }
 
-// Writes a warp's gradient rows to dqkv at `column`, 8 columns a lane (one 16-byte store where
-// a.vectorized); rows of padding tokens are summed, in row order, into sums[e] when sums is not
-// null and dropped otherwise.
-template <typename T, int D>
-__device__ void store_gradient(const TileArgs<T>& a, const float* acc, const int64_t* pixel, int64_t column,
-                               float* sums) {
-  const int lane = threadIdx.x % 32;
+// Writes rows r < 16 of a warp's staged [16, ld] block (in T, or fp32 rounded to T), columns below
+// width, to rows pixel[r] of out (row_stride apart, from `column`), 8 columns a lane with one
+// 16-byte store where `vectorized`; rows of padding and outside tokens are skipped.
+template <typename T, int D, typename S>
+__device__ void store_rows(T* out, int64_t row_stride, int64_t column, const S* staged, int ld, const int64_t* pixel,
+                           int width, bool vectorized) {
   constexpr int kChunks = D / 8;
-  for (int idx = lane; idx < kWarpRows * kChunks; idx += 32) {
+  for (int idx = threadIdx.x % 32; idx < kWarpRows * kChunks; idx += 32) {
     const int r = idx / kChunks;
     const int c0 = idx % kChunks * 8;
     const int64_t p = pixel[r];
-    if (p < 0 || c0 >= a.head_dim) {
+    if (p < 0 || c0 >= width) {
       continue;
     }
-    const float* from = acc + r * ld_acc<D>() + c0;
-    T* to = a.out + p * 3 * a.channels + column + c0;
-    if (a.vectorized && c0 + 8 <= a.head_dim) {
-      const uint4 pack = {pack_pair<T>(from[0], from[1]), pack_pair<T>(from[2], from[3]),
-                          pack_pair<T>(from[4], from[5]), pack_pair<T>(from[6], from[7])};
-      *reinterpret_cast<uint4*>(to) = pack;
+    const S* from = staged + r * ld + c0;
+    T* to = out + p * row_stride + column + c0;
+    if constexpr (std::is_same_v<S, float>) {
+      if (vectorized && c0 + 8 <= width) {
+        *reinterpret_cast<uint4*>(to) = {pack_pair<T>(from[0], from[1]), pack_pair<T>(from[2], from[3]),
+                                         pack_pair<T>(from[4], from[5]), pack_pair<T>(from[6], from[7])};
+      } else {
+        for (int c = 0; c < 8 && c0 + c < width; ++c) {
+          to[c] = from_float<T>(from[c]);
+        }
+      }
+    } else if (vectorized && c0 + 8 <= width) {
+      *reinterpret_cast<uint4*>(to) = *reinterpret_cast<const uint4*>(from);
     } else {
-      for (int c = 0; c < 8 && c0 + c < a.head_dim; ++c) {
-        to[c] = from_float<T>(from[c]);
+      for (int c = 0; c < 8 && c0 + c < width; ++c) {
+        to[c] = from[c];
       }
     }
   }
+}
+
+// Writes a warp's gradient rows to dqkv at `column`; rows of padding tokens are summed, in row
+// order, into sums[e] when sums is not null and dropped otherwise.
+template <typename T, int D>
+__device__ void store_gradient(const TileArgs<T>& a, const float* acc, const int64_t* pixel, int64_t column,
+                               float* sums) {
+  store_rows<T, D>(a.out, 3 * static_cast<int64_t>(a.channels), column, acc, ld_acc<D>(), pixel, a.head_dim,
+                   a.vectorized);
   if (sums != nullptr) {
     for (int r = 0; r < kWarpRows; ++r) {
       if (pixel[r] == kPadding) {
-        for (int c = lane; c < a.head_dim; c += 32) {
+        for (int c = threadIdx.x % 32; c < a.head_dim; c += 32) {
           sums[c] += acc[r * ld_acc<D>() + c];
         }
       }
