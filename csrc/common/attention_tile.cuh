@@ -34,6 +34,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "common/ptx.cuh"
+
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
 #error "the cuda attention kernels need sm_80 or later (cp.async, mma.sync.m16n8k16); set VITKERNELS_CUDA_ARCHS"
 #endif
@@ -207,39 +209,6 @@ struct Shared {
 // matrix l / 8, and lane l receives matrix j's (row g, columns 2t..2t+1) in register j (with
 // .trans, the transposed matrix's).
 
-__device__ inline uint32_t shared_address(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(shared_address(row))
-               : "memory");
-}
-
-__device__ inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(shared_address(row))
-               : "memory");
-}
-
-// c += a b for one 16x8 block.
-#define VITKERNELS_MMA_16816(TYPE)                                                                          \
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE                                       \
-               ".f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"                     \
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                             \
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
-template <typename T>
-__device__ inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<T, __half>) {
-    VITKERNELS_MMA_16816("f16");
-  } else {
-    VITKERNELS_MMA_16816("bf16");
-  }
-}
-#undef VITKERNELS_MMA_16816
 
 // Two floats rounded to T in one 32-bit register, lo in the low half (the lower column).
 template <typename T>
@@ -264,7 +233,7 @@ __device__ void load_row_fragments(const T* tile, int row0, uint32_t (&a)[D / 16
   const T* row = tile + (row0 + lane % 8 + lane / 8 % 2 * 8) * ld_tile<D>() + lane / 16 * 8;
 #pragma unroll
   for (int k = 0; k < D / 16; ++k) {
-    ldmatrix_x4(a[k], row + k * 16);
+    ptx::ldmatrix_x4(a[k], row + k * 16);
   }
 }
 
@@ -286,9 +255,9 @@ __device__ void fragment_scores(const uint32_t (&a)[D / 16][4], const T* b, floa
 #pragma unroll
     for (int k = 0; k < D / 16; ++k) {
       uint32_t frag[4];  // B fragments of columns 8j .. 8j + 7 and 8j + 8 .. 8j + 15
-      ldmatrix_x4(frag, row + j * 8 * ld_tile<D>() + k * 16);
-      mma_16816<T>(s[j], a[k], frag[0], frag[1]);
-      mma_16816<T>(s[j + 1], a[k], frag[2], frag[3]);
+      ptx::ldmatrix_x4(frag, row + j * 8 * ld_tile<D>() + k * 16);
+      ptx::mma_16816<T>(s[j], a[k], frag[0], frag[1]);
+      ptx::mma_16816<T>(s[j + 1], a[k], frag[2], frag[3]);
     }
   }
 }
@@ -314,7 +283,7 @@ __device__ void load_column_fragments(const T* tile, int ld, int col0, uint32_t 
   const T* row = tile + (lane % 8 + lane / 16 * 8) * ld + col0 + lane / 8 % 2 * 8;
 #pragma unroll
   for (int k = 0; k < kTile / 16; ++k) {
-    ldmatrix_x4_trans(a[k], row + k * 16 * ld);
+    ptx::ldmatrix_x4_trans(a[k], row + k * 16 * ld);
   }
 }
 
@@ -329,9 +298,9 @@ __device__ void fragment_accumulate(const uint32_t (&a)[kTile / 16][4], const T*
 #pragma unroll
     for (int d = 0; d < D / 8; d += 2) {
       uint32_t frag[4];  // B fragments of columns 8d .. 8d + 7 and 8d + 8 .. 8d + 15
-      ldmatrix_x4_trans(frag, row + k * 16 * ld_tile<D>() + d * 8);
-      mma_16816<T>(o[d], a[k], frag[0], frag[1]);
-      mma_16816<T>(o[d + 1], a[k], frag[2], frag[3]);
+      ptx::ldmatrix_x4_trans(frag, row + k * 16 * ld_tile<D>() + d * 8);
+      ptx::mma_16816<T>(o[d], a[k], frag[0], frag[1]);
+      ptx::mma_16816<T>(o[d + 1], a[k], frag[2], frag[3]);
     }
   }
 }
@@ -379,16 +348,9 @@ __device__ inline void load_row_stats(const float* lse, const float* delta, int6
   }
 }
 
-// 16 bytes from global to shared memory without passing through registers (sm_80 and later);
-// the copy lands by the issuing thread's next sync_tiles.
-__device__ inline void copy_async_16(void* to_shared, const void* from_global) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address(to_shared)), "l"(from_global)
-               : "memory");
-}
-
 // A block barrier after which every tile load_tile started is in shared memory.
 __device__ inline void sync_tiles() {
-  asm volatile("cp.async.wait_all;\n" ::: "memory");
+  ptx::wait_async_copies();
   __syncthreads();
 }
 
@@ -406,7 +368,7 @@ __device__ void load_tile(T* dst, const T* src, int64_t row_stride, int64_t colu
     T* to = dst + row * ld_tile<D>() + e0;
     const int64_t p = pixel[row];
     if (p >= 0 && vectorized && e0 + 8 <= width) {
-      copy_async_16(to, src + p * row_stride + column + e0);
+      ptx::copy_async_16(to, src + p * row_stride + column + e0);
       continue;
     }
 #pragma unroll

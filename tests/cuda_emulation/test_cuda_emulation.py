@@ -1,0 +1,276 @@
+"""The CUDA kernels, run on the CPU by the emulated build (build_emulation.py, include/vk_emulation.h),
+against the references: their index arithmetic, fragment layouts, barriers and shared-memory
+bounds are tested without a GPU. For the tests of this module the emulated CUDA entry points take
+the place of the ops' CPU kernels, so that the public ops with backend="cpu" run the CUDA kernels
+through the ops' own argument handling and autograd. Timing, and whatever depends on the real
+hardware (the compiled code's numerics, races the emulator's two thread orders do not expose), is
+left to the `cuda` tests.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from build_emulation import load
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ops"))  # the op tests' shared harness
+from op_helpers import compare_with_reference, random  # noqa: E402
+from test_patch_embed import CASES as PATCH_CASES, CIN, DIM  # noqa: E402
+
+from vitkernels import ops  # noqa: E402
+from vitkernels.ops.attention.reference import attention_reference  # noqa: E402
+from vitkernels.ops.layernorm_mlp.reference import (  # noqa: E402
+    add_layernorm_reference, layernorm_mlp_reference, layernorm_reference)
+from vitkernels.ops.patch_embed.reference import patch_embed_reference  # noqa: E402
+from vitkernels.ops.window_attention.reference import relative_position_bias, window_attention_reference  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+HALF = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
+ALL = [pytest.param(torch.float32, id="fp32"), *HALF]
+OPS = ("gather_relative_position_bias", "window_attention_fwd", "window_attention_bwd", "attention_fwd",
+       "attention_bwd", "layernorm_fwd", "add_layernorm_fwd", "layernorm_bwd", "layernorm_mlp_fwd",
+       "layernorm_mlp_bwd", "patch_embed_fwd", "patch_embed_bwd")
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    """The emulated module, its entry points registered as the ops' CPU kernels until the module's
+    tests end (then the C++ CPU kernels are back)."""
+    module = load()
+    library = torch.library.Library("vitkernels", "IMPL")
+    for name in OPS:
+        library.impl(name, getattr(module, name), "CPU")
+    yield module
+    library._destroy()
+
+
+@pytest.fixture(params=[False, True], ids=["thread-order", "reverse-order"])
+def order(request, emulated):
+    emulated.set_reverse_order(request.param)
+    yield request.param
+    emulated.set_reverse_order(False)
+
+
+# --- window attention --------------------------------------------------------------------------
+
+def _window_run(heads, window, shift, *, pad_first=False, scale=None, mask_value=-100.0):
+    options = dict(pad_first=pad_first, scale=scale, mask_value=mask_value)
+
+    def run(qkv, table=None, qkv_bias=None, logit_scale=None):
+        return ops.window_attention(qkv, heads, window, shift, table, qkv_bias=qkv_bias, logit_scale=logit_scale,
+                                    backend="cpu", **options)
+
+    def reference(qkv, table=None, qkv_bias=None, logit_scale=None):
+        return window_attention_reference(qkv, heads, window, shift, table, qkv_bias=qkv_bias,
+                                          logit_scale=logit_scale, **options)
+
+    return run, reference
+
+
+def _window_inputs(batch, height, width, heads, head_dim, window):
+    channels = heads * head_dim
+    rows = (2 * window[0] - 1) * (2 * window[1] - 1)
+    return [random(batch, height, width, 3 * channels), random(rows, heads), random(3 * channels)]
+
+
+# (batch, H, W, heads, head_dim, window, shift): the cuda tests' shapes on smaller maps: one
+# 64-token tile (7x7 with padding and shift, 8x8), three tiles a side (12x12), head_dim 64 and 48
+# (padded to 64), a non-square window.
+WINDOW_CASES = [
+    pytest.param(1, 14, 14, 2, 32, (7, 7), (3, 3), id="swin-7x7"),
+    pytest.param(1, 17, 20, 2, 32, (7, 7), (3, 3), id="padded"),
+    pytest.param(1, 16, 16, 2, 32, (8, 8), (4, 4), id="window8"),
+    pytest.param(1, 12, 24, 1, 32, (12, 12), (6, 6), id="window12-multi-tile"),
+    pytest.param(1, 8, 16, 1, 64, (8, 8), (0, 4), id="head64"),
+    pytest.param(1, 13, 13, 1, 48, (7, 7), (3, 3), id="head48-padded"),
+    pytest.param(2, 5, 9, 2, 16, (3, 5), (1, 2), id="non-square-window"),
+]
+
+
+@pytest.mark.parametrize("pad_first", [False, True], ids=["timm-order", "hf-tv-order"])
+@pytest.mark.parametrize("batch,height,width,heads,head_dim,window,shift", WINDOW_CASES)
+@pytest.mark.parametrize("dtype", HALF)
+def test_window_attention(emulated, order, batch, height, width, heads, head_dim, window, shift, pad_first, dtype):
+    run, reference = _window_run(heads, window, shift, pad_first=pad_first)
+    compare_with_reference(run, reference, _window_inputs(batch, height, width, heads, head_dim, window), dtype)
+
+
+@pytest.mark.parametrize("window,shift", [((8, 8), (4, 4)), ((12, 12), (6, 6))], ids=["window8", "window12"])
+@pytest.mark.parametrize("dtype", HALF)
+def test_window_attention_cosine(emulated, window, shift, dtype):
+    heads = 4
+    qkv, table, qkv_bias = _window_inputs(1, window[0] + 3, window[1], heads, 16, window)
+    # two heads above the log(100) clamp, two below; the HF Swinv2 doubled mask
+    logit_scale = torch.tensor([5.0, 2.3, 3.9, 4.7], dtype=torch.float64).reshape(heads, 1, 1)
+    run, reference = _window_run(heads, window, shift, pad_first=True, mask_value=-200.0)
+    compare_with_reference(run, reference, [qkv, 16 * torch.sigmoid(table), qkv_bias, logit_scale], dtype)
+
+
+def test_window_attention_without_bias_and_with_a_scale(emulated):
+    qkv = _window_inputs(2, 15, 15, 3, 32, (7, 7))[0]
+    run, reference = _window_run(3, (7, 7), (3, 3), scale=0.3)
+    compare_with_reference(run, reference, [qkv], torch.float16)
+
+
+def test_window_attention_backward_is_the_same_in_either_thread_order(emulated):
+    """The reduced gradients (bias table, qkv_bias, logit_scale) are summed in an order fixed by the
+    shape, not by which thread gets there first."""
+    heads, window = 3, (7, 7)
+    qkv, table, qkv_bias = (t.half().requires_grad_() for t in _window_inputs(4, 23, 21, heads, 32, window))
+    logit_scale = torch.rand(heads, requires_grad=True)
+    out = ops.window_attention(qkv, heads, window, 3, table, qkv_bias=qkv_bias, logit_scale=logit_scale,
+                               backend="cpu")
+    grad = torch.randn_like(out)
+    inputs = (qkv, table, qkv_bias, logit_scale)
+    first = torch.autograd.grad(out, inputs, grad, retain_graph=True)
+    emulated.set_reverse_order(True)
+    try:
+        second = torch.autograd.grad(out, inputs, grad, retain_graph=True)
+    finally:
+        emulated.set_reverse_order(False)
+    for name, a, b in zip(("qkv", "bias_table", "qkv_bias", "logit_scale"), first, second):
+        assert torch.equal(a, b), f"{name}: max difference {(a.float() - b.float()).abs().max().item():.3e}"
+
+
+def test_gather_relative_position_bias(emulated):
+    table = torch.randn(13 * 9, 3)
+    torch.testing.assert_close(torch.ops.vitkernels.gather_relative_position_bias(table, 7, 5),
+                               relative_position_bias(table, 7, 5), atol=0, rtol=0)
+
+
+# --- global attention --------------------------------------------------------------------------
+
+# (batch, tokens, heads, head_dim): one ragged tile, several (ViT-B/16 at 224: 197 tokens), head_dim
+# 32 and 40 (padded to 64).
+@pytest.mark.parametrize("batch,tokens,heads,head_dim", [(2, 17, 2, 64), (1, 197, 2, 64), (2, 65, 1, 40),
+                                                        (1, 130, 2, 32)])
+@pytest.mark.parametrize("bias_shape", [None, "tokens", "full"])
+@pytest.mark.parametrize("dtype", HALF)
+def test_attention(emulated, order, batch, tokens, heads, head_dim, bias_shape, dtype):
+    shapes = {None: None, "tokens": (tokens, tokens), "full": (batch, heads, tokens, tokens)}
+    bias = None if shapes[bias_shape] is None else random(*shapes[bias_shape])
+
+    def run(qkv, bias):
+        return ops.attention(qkv, heads, bias=bias, backend="cpu")
+
+    def reference(qkv, bias):
+        return attention_reference(qkv, heads, bias=bias)
+
+    compare_with_reference(run, reference, [random(batch, tokens, 3 * heads * head_dim), bias], dtype)
+
+
+# --- patch embedding ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", list(PATCH_CASES))
+@pytest.mark.parametrize("dtype", ALL)
+def test_patch_embed(emulated, order, case, dtype):
+    height, width, patch = PATCH_CASES[case][:3]
+    kwargs = PATCH_CASES[case][3]()
+    keys = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+    fixed = {k: v for k, v in kwargs.items() if k not in keys}
+    inputs = [random(2, CIN, height, width), random(DIM, CIN, patch, patch, scale=0.2), random(DIM)]
+
+    def bind(fn, **extra):
+        def call(x, weight, bias, *tensors):
+            return fn(x, weight, bias, **dict(zip(keys, tensors)), **fixed, **extra)
+        return call
+
+    compare_with_reference(bind(ops.patch_embed, backend="cpu"), bind(patch_embed_reference),
+                           inputs + [kwargs[k] for k in keys], dtype)
+
+
+def test_patch_embed_uint8_image(emulated):
+    image = torch.randint(0, 256, (2, CIN, 32, 48), dtype=torch.uint8)
+    weight, bias = random(64, CIN, 16, 16, scale=0.05), random(64)
+    mean = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64)
+    std = torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64)
+    out = ops.patch_embed(image, weight.float(), bias.float(), mean=mean.float(), std=std.float(), backend="cpu")
+    torch.testing.assert_close(out.double(), patch_embed_reference(image, weight, bias, mean=mean, std=std),
+                               atol=1e-4, rtol=1e-4)
+
+
+# --- LayerNorm and LayerNorm + MLP -------------------------------------------------------------
+
+def _misaligned(t):
+    """t's values in a contiguous tensor whose data starts one element past an aligned address."""
+    return torch.cat([t.new_zeros(1), t.flatten()])[1:].view(t.shape)
+
+
+# Rows held by part of a warp (8, 96, 100: not a multiple of a 16-byte pack), a warp (768) or a
+# block (2056: more than the block holds in registers).
+@pytest.mark.parametrize("channels", [8, 96, 100, 768, 2056])
+@pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned"])
+@pytest.mark.parametrize("dtype", ALL)
+def test_layernorm(emulated, channels, misaligned, dtype):
+    move = _misaligned if misaligned else (lambda t: t)
+    x, r, w, b = random(3, 7, channels), random(3, 7, channels), 1 + random(channels), random(channels)
+    compare_with_reference(lambda x, w, b: ops.layernorm(move(x), w, b, eps=1e-5, backend="cpu"),
+                           lambda x, w, b: layernorm_reference(x, w, b, eps=1e-5), [x, w, b], dtype)
+    compare_with_reference(lambda x, r, w, b: ops.add_layernorm(move(x), move(r), w, b, backend="cpu"),
+                           lambda x, r, w, b: add_layernorm_reference(x, r, w, b), [x, r, w, b], dtype)
+
+
+@pytest.mark.parametrize("shape,channels,hidden", [((3, 11), 100, 37), ((2, 9), 64, 256), ((1,), 64, 256)])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("dtype", ALL)
+def test_layernorm_mlp(emulated, shape, channels, hidden, approximate, dtype):
+    inputs = [random(*shape, channels), 1 + random(channels), random(channels), random(hidden, channels, scale=0.2),
+              random(hidden), random(channels, hidden, scale=0.2), random(channels), random(channels)]
+    compare_with_reference(
+        lambda *t: ops.layernorm_mlp(*t[:7], gamma=t[7], approximate=approximate, backend="cpu"),
+        lambda *t: layernorm_mlp_reference(*t[:7], gamma=t[7], approximate=approximate), inputs, dtype)
+
+
+# --- the emulator's own checks: each rule-breaking kernel of emulator_checks.cpp is caught ------
+
+@pytest.mark.parametrize("name,message", [
+    ("deadlock", "deadlock; thread 0 waits at __syncwarp"),
+    ("divergence", "warp divergence: lane 1 at __shfl_xor_sync while lane 0 is at __syncwarp"),
+    ("ldmatrix_bounds", "ldmatrix.x4: operand outside the launch's dynamic shared memory"),
+    ("shared_overflow", "wrote past its 64 bytes of dynamic shared memory"),
+    ("copy_never_waited", "exits with cp.async copies never waited for"),
+    ("shared_without_optin", "102400 bytes of dynamic shared memory without"),
+    ("partial_warp", "with a full mask in a warp of 16 live lanes"),
+    ("block_too_large", "launch with 2048 threads per block"),
+])
+def test_emulator_reports(emulated, name, message):
+    with pytest.raises(RuntimeError, match="cuda emulation: .*" + message.replace("(", r"\(")):
+        emulated.run_emulator_check(name)
+
+
+def test_emulator_lands_copies_at_the_wait(emulated):
+    early, waited = emulated.run_emulator_check("copy_read_early")
+    assert early != early and waited == 2.0, (early, waited)  # the 0xff fill is a NaN
+
+
+def test_emulator_reverse_order_exposes_a_missing_barrier(emulated):
+    assert emulated.run_emulator_check("missing_barrier")[0] == 1.0
+    emulated.set_reverse_order(True)
+    try:
+        value = emulated.run_emulator_check("missing_barrier")[0]
+    finally:
+        emulated.set_reverse_order(False)
+    assert value != value, value  # warp 1 ran first and read the fill
+
+
+def _asan_sweep(*args):
+    runtime = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    if not os.path.isabs(runtime) or not os.path.exists(runtime):
+        pytest.skip("gcc has no AddressSanitizer runtime here")
+    env = dict(os.environ, LD_PRELOAD=runtime, ASAN_OPTIONS="detect_leaks=0", VITKERNELS_EMULATION_ASAN="1")
+    script = Path(__file__).resolve().parent / "asan_sweep.py"
+    return subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=1800)
+
+
+def test_kernels_stay_inside_their_tensors_under_asan():
+    result = _asan_sweep()
+    assert result.returncode == 0 and "every entry point ran" in result.stdout, result.stderr[-6000:]
+
+
+def test_asan_sweep_reports_a_store_past_a_tensor():
+    result = _asan_sweep("--overflow")
+    assert result.returncode != 0 and "heap-buffer-overflow" in result.stderr, result.stderr[-3000:]
