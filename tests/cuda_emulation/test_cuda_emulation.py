@@ -16,8 +16,12 @@ import torch
 
 from build_emulation import load
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ops"))  # the op tests' shared harness
+TESTS = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(TESTS / "ops"), str(TESTS)]  # the op tests' shared harnesses
 from op_helpers import compare_with_reference, random  # noqa: E402
+from test_numerics import (  # noqa: E402
+    LARGE, check_fully_masked_rows, check_infinite_shift_mask, check_large_values_stay_finite,
+    check_non_finite_input_propagates)
 from test_patch_embed import CASES as PATCH_CASES, CIN, DIM  # noqa: E402
 
 from vitkernels import ops  # noqa: E402
@@ -223,6 +227,28 @@ def test_layernorm_mlp(emulated, shape, channels, hidden, approximate, dtype):
     compare_with_reference(
         lambda *t: ops.layernorm_mlp(*t[:7], gamma=t[7], approximate=approximate, backend="cpu"),
         lambda *t: layernorm_mlp_reference(*t[:7], gamma=t[7], approximate=approximate), inputs, dtype)
+
+
+# --- numerics at the edges (tests/test_numerics.py's checks, in fp16) ---------------------------
+
+@pytest.mark.parametrize("op", list(LARGE))
+def test_fp16_large_values_stay_finite(emulated, op):
+    check_large_values_stay_finite(op, "cpu")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("op", ["window_attention", "attention", "layernorm", "add_layernorm", "layernorm_mlp",
+                                "patch_embed"])
+def test_non_finite_input_propagates_as_in_reference(emulated, op, value):
+    check_non_finite_input_propagates(op, "cpu", value, torch.float16)
+
+
+def test_fully_masked_rows_match_reference(emulated):
+    check_fully_masked_rows("cpu", torch.float16)
+
+
+def test_infinite_shift_mask_gives_no_nan(emulated):
+    check_infinite_shift_mask("cpu", torch.float16)
 
 
 # --- the emulator's own checks: each rule-breaking kernel of emulator_checks.cpp is caught ------
