@@ -1,5 +1,6 @@
 // The emulated build's Python module: the CUDA entry points of the kernels, compiled for the host
 // (vk_emulation.h) and taking CPU tensors, under the names of the vitkernels ops they implement.
+#include <pybind11/stl.h>
 #include <torch/extension.h>
 
 #include <string>
@@ -64,5 +65,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         });
   m.def("set_reverse_order", &vk_emu::set_reverse_order,
         "run the threads of each block in reverse order (exposes reads that miss a barrier)");
+  m.def("set_block_filter", &vk_emu::set_block_filter,
+        "run only the blocks of these blockIdx.x values (negative: from the grid's end) in the launches that follow "
+        "(empty: all)");
   m.def("run_emulator_check", &run_emulator_check);
 }

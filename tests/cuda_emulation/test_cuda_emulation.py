@@ -25,6 +25,7 @@ from test_numerics import (  # noqa: E402
 from test_patch_embed import CASES as PATCH_CASES, CIN, DIM  # noqa: E402
 
 from vitkernels import ops  # noqa: E402
+from vitkernels.testing import assert_close  # noqa: E402
 from vitkernels.ops.attention.reference import attention_reference  # noqa: E402
 from vitkernels.ops.layernorm_mlp.reference import (  # noqa: E402
     add_layernorm_reference, layernorm_mlp_reference, layernorm_reference)
@@ -249,6 +250,99 @@ def test_fully_masked_rows_match_reference(emulated):
 
 def test_infinite_shift_mask_gives_no_nan(emulated):
     check_infinite_shift_mask("cpu", torch.float16)
+
+
+# --- index arithmetic past 2^31 elements (the emulator runs only the blocks at the far end) -------
+
+MAX_RSS_GROWTH = 1 << 30  # the tensors span 4 GiB and more; only the far end's pages are touched
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.fixture
+def far_end(emulated):
+    """Runs the given block columns only (emulated.set_block_filter), and checks that the process
+    touched no more than MAX_RSS_GROWTH of the tensors' pages."""
+    before = _rss()
+    yield emulated.set_block_filter
+    emulated.set_block_filter([])
+    assert _rss() - before < MAX_RSS_GROWTH, "the test touched the whole tensor"
+
+
+def _past_2_31(shape, last):
+    """An fp16 tensor of `shape` (more than 2^31 elements, the last sample entirely past element 2^31),
+    its pages untouched but the last sample's, which holds `last`."""
+    t = torch.empty(shape, dtype=torch.float16)
+    assert t.numel() > 2**31 and t[-1].storage_offset() > 2**31
+    t[-1].copy_(last)
+    return t
+
+
+def _low_precision_close(actual, reference64, reference16, name):
+    assert_close(actual, reference64, low_precision_reference=reference16, name=name)
+
+
+def test_window_attention_past_2_31(far_end):
+    """Swin-T stage 1 at batch 2380: the last image's 64 windows, forward (shifted), and the backward
+    of one problem slot that ends in the last window."""
+    heads, window, shift = 3, (7, 7), (3, 3)
+    batch, side, channels = 2380, 56, 96
+    last = random(1, side, side, 3 * channels, device="cpu").half()
+    table, qkv_bias = random(169, heads, device="cpu").float(), random(3 * channels, device="cpu").float()
+    qkv = _past_2_31((batch, side, side, 3 * channels), last[0])
+    groups = batch * 64
+    far_end(list(range(-64, 0)))
+    out, lse = torch.ops.vitkernels.window_attention_fwd(qkv, heads, list(window), list(shift), table, qkv_bias,
+                                                         None, None, False, -100.0)
+    expected = [window_attention_reference(last.to(dtype), heads, window, shift, table.to(dtype),
+                                           qkv_bias=qkv_bias.to(dtype)) for dtype in (torch.float64, torch.float16)]
+    _low_precision_close(out[-1:], *expected, "output of the last image")
+
+    # The backward's CTA column c walks problems c, c + chunks, ...: the one that ends in the last
+    # window walks the whole tensor; unshifted, the last window's gradient is its own.
+    chunks = -(-2048 // heads)
+    grad = torch.empty(out.shape, dtype=torch.float16)  # dqkv is the tensor past 2^31 here
+    grad[-1].copy_(random(side, side, channels, device="cpu"))
+    far_end([-1])
+    out, lse = torch.ops.vitkernels.window_attention_fwd(qkv, heads, list(window), [0, 0], table, qkv_bias, None,
+                                                         None, False, -100.0)
+    far_end([(groups - 1) % chunks])
+    dqkv = torch.ops.vitkernels.window_attention_bwd(grad, qkv, lse, heads, list(window), [0, 0], table, qkv_bias,
+                                                     None, None, False, -100.0)[0]
+    corner = (slice(side - 7, side), slice(side - 7, side))
+    found = []
+    for dtype in (torch.float64, torch.float16):
+        x = last[(0, *corner)].to(dtype).unsqueeze(0).requires_grad_()
+        y = window_attention_reference(x, heads, window, (0, 0), table.to(dtype), qkv_bias=qkv_bias.to(dtype))
+        found.append(torch.autograd.grad(y, x, grad[(-1, *corner)].to(dtype).unsqueeze(0))[0])
+    _low_precision_close(dqkv[(-1, *corner)].unsqueeze(0), *found, "dqkv of the last window")
+
+
+def test_attention_past_2_31(far_end):
+    """ViT-B/16 at batch 4733: the last image's forward."""
+    heads, tokens, channels = 12, 197, 768
+    last = random(1, tokens, 3 * channels, device="cpu").half()
+    qkv = _past_2_31((4733, tokens, 3 * channels), last[0])
+    far_end([-1])
+    out, _lse = torch.ops.vitkernels.attention_fwd(qkv, heads, None, None)
+    expected = [attention_reference(last.to(dtype), heads) for dtype in (torch.float64, torch.float16)]
+    _low_precision_close(out[-1:], *expected, "output of the last image")
+
+
+def test_layernorm_past_2_31(far_end):
+    """ViT-B rows past element 2^31: the last block's rows."""
+    rows, channels = 2796204, 768
+    last = random(channels, device="cpu").half()
+    weight, bias = (1 + random(channels, device="cpu")).half(), random(channels, device="cpu").half()
+    x = _past_2_31((rows, channels), last)
+    far_end([-1])
+    y, _mean, _rstd = torch.ops.vitkernels.layernorm_fwd(x, weight, bias, 1e-6)
+    expected = [layernorm_reference(last.to(dtype), weight.to(dtype), bias.to(dtype)) for dtype in
+                (torch.float64, torch.float16)]
+    _low_precision_close(y[-1], *expected, "the last row")
 
 
 # --- the emulator's own checks: each rule-breaking kernel of emulator_checks.cpp is caught ------

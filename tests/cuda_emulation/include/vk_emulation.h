@@ -17,7 +17,8 @@
 //     cudaFuncSetAttribute that allows it, up to the H100's 227 KB;
 //   - the fibers of a block run in thread order or, with set_reverse_order(true), in reverse, so a
 //     read of another warp's shared-memory writes without a barrier gives a different answer in one
-//     of the two orders.
+//     of the two orders;
+//   - set_block_filter runs only the blocks of the given blockIdx.x values (negative: from the end).
 // Device memory is host memory: the kernels run on CPU tensors.
 #pragma once
 
@@ -27,6 +28,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -105,6 +107,22 @@ struct State {
 inline State*& state() {
   static thread_local State* s = nullptr;
   return s;
+}
+
+// Block columns (blockIdx.x values) a launch runs, negative ones counted from the grid's end (-1:
+// the last); empty: all. Lets a test run the few blocks that touch the far end of a tensor larger
+// than 2^31 elements, whose other pages are then never touched.
+inline std::vector<int64_t>& block_filter() {
+  static std::vector<int64_t> columns;
+  return columns;
+}
+inline void set_block_filter(std::vector<int64_t> columns) { block_filter() = std::move(columns); }
+
+inline bool runs_column(unsigned x, unsigned grid_x) {
+  const std::vector<int64_t>& columns = block_filter();
+  return columns.empty() || std::any_of(columns.begin(), columns.end(), [&](int64_t c) {
+           return (c < 0 ? c + grid_x : c) == static_cast<int64_t>(x);
+         });
 }
 
 inline bool& reverse_order() {
@@ -337,6 +355,9 @@ void launch(const Config& c, Kernel&& kernel, const Args&... args) {
   for (unsigned z = 0; z < c.grid.z && s.error.empty(); ++z) {
     for (unsigned y = 0; y < c.grid.y && s.error.empty(); ++y) {
       for (unsigned x = 0; x < c.grid.x && s.error.empty(); ++x) {
+        if (!runs_column(x, c.grid.x)) {
+          continue;
+        }
         s.block_idx = dim3(x, y, z);
         std::memset(shared.data(), 0xff, shared.size());
         s.fibers.assign(threads, Fiber{});
