@@ -138,9 +138,9 @@ inline size_t& shared_optin() {
   return optin;
 }
 
-inline std::string where(const State& s, unsigned thread) {
+inline std::string block_name(const State& s) {
   std::ostringstream os;
-  os << "block (" << s.block_idx.x << ", " << s.block_idx.y << ", " << s.block_idx.z << ") thread " << thread;
+  os << "block (" << s.block_idx.x << ", " << s.block_idx.y << ", " << s.block_idx.z << ")";
   return os.str();
 }
 
@@ -151,7 +151,7 @@ inline std::string where(const State& s, unsigned thread) {
     throw std::runtime_error("cuda emulation: " + message);
   }
   if (s->error.empty()) {
-    s->error = where(*s, s->current->index) + ": " + message;
+    s->error = block_name(*s) + " thread " + std::to_string(s->current->index) + ": " + message;
   }
   swapcontext(&s->current->context, &s->scheduler);
   std::abort();  // never resumed
@@ -382,13 +382,14 @@ void launch(const Config& c, Kernel&& kernel, const Args&... args) {
               continue;
             }
             s.current = &f;
-            s.thread_idx = dim3(f.index % c.block.x, f.index / c.block.x % c.block.y, f.index / (c.block.x * c.block.y));
+            s.thread_idx =
+                dim3(f.index % c.block.x, f.index / c.block.x % c.block.y, f.index / (c.block.x * c.block.y));
             swapcontext(&s.scheduler, &f.context);
             s.current = nullptr;
           }
           if (s.error.empty() && s.live > 0 && s.progress == before) {
             std::ostringstream os;
-            os << where(s, 0) << ": deadlock;";
+            os << block_name(s) << ": deadlock;";
             for (const Fiber& f : s.fibers) {
               if (!f.done) {
                 os << " thread " << f.index << " waits at " << (f.waiting ? f.waiting : "?") << ";";
@@ -399,7 +400,8 @@ void launch(const Config& c, Kernel&& kernel, const Args&... args) {
         }
         for (size_t i = c.shared; i < shared.size() && s.error.empty(); ++i) {
           if (shared[i] != 0xff) {
-            s.error = where(s, 0) + ": wrote past its " + std::to_string(c.shared) + " bytes of dynamic shared memory";
+            s.error =
+                block_name(s) + ": wrote past its " + std::to_string(c.shared) + " bytes of dynamic shared memory";
           }
         }
       }

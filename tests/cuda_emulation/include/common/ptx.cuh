@@ -88,7 +88,7 @@ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) 
   in.b[1] = b1;
   std::memcpy(in.c, c, sizeof(in.c));
   const char* op = std::is_same_v<T, __half> ? "mma.m16n8k16.f16" : "mma.m16n8k16.bf16";
-  const detail::MmaOut out = ::vk_emu::warp_op<detail::MmaOut>(op, in, [](const detail::MmaIn* ins, detail::MmaOut* outs) {
+  auto product = [](const detail::MmaIn* ins, detail::MmaOut* outs) {
     float A[16][16], B[16][8], C[16][8];
     for (int l = 0; l < 32; ++l) {
       const int g = l / 4, t = l % 4;
@@ -114,11 +114,14 @@ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) 
         outs[l].d[e] = sum;
       }
     }
-  });
+  };
+  const detail::MmaOut out = ::vk_emu::warp_op<detail::MmaOut>(op, in, product);
   std::memcpy(c, out.d, sizeof(c));
 }
 
-inline void copy_async_16(void* to_shared, const void* from_global) { ::vk_emu::copy_async(to_shared, from_global, 16); }
+inline void copy_async_16(void* to_shared, const void* from_global) {
+  ::vk_emu::copy_async(to_shared, from_global, 16);
+}
 
 inline void wait_async_copies() { ::vk_emu::wait_copies(); }
 
