@@ -332,6 +332,21 @@ def test_attention_past_2_31(far_end):
     _low_precision_close(out[-1:], *expected, "output of the last image")
 
 
+def test_patch_embed_past_2_31(far_end):
+    """ViT-B/16 images at batch 14268, embedded to 64 channels with bias and position table: the GEMM's
+    last row tiles, which hold the last image's 196 patches."""
+    dim, patch = 64, 16
+    last = random(1, 3, 224, 224, device="cpu").half()
+    weight, bias, pos = (random(dim, 3, patch, patch, scale=0.05, device="cpu").half(),
+                         random(dim, device="cpu").half(), random(1, 196, dim, device="cpu").half())
+    x = _past_2_31((14268, 3, 224, 224), last[0])
+    far_end(list(range(-4, 0)))  # 4 tiles of 64 rows cover the last 196 of 14268 * 196
+    out = torch.ops.vitkernels.patch_embed_fwd(x, weight, bias, None, pos, None, None, 1e-5, False, None, None)
+    expected = [patch_embed_reference(last.to(dtype), weight.to(dtype), bias.to(dtype), pos_embed=pos.to(dtype))
+                for dtype in (torch.float64, torch.float16)]
+    _low_precision_close(out[-1:], *expected, "tokens of the last image")
+
+
 def test_layernorm_past_2_31(far_end):
     """ViT-B rows past element 2^31: the last block's rows."""
     rows, channels = 2796204, 768
