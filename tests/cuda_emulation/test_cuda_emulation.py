@@ -22,6 +22,8 @@ from op_helpers import compare_with_reference, random  # noqa: E402
 from test_numerics import (  # noqa: E402
     LARGE, check_fully_masked_rows, check_infinite_shift_mask, check_large_values_stay_finite,
     check_non_finite_input_propagates)
+from test_large_index import MAX_RSS_GROWTH, _rss  # noqa: E402
+from test_layernorm_mlp import _misaligned  # noqa: E402
 from test_patch_embed import CASES as PATCH_CASES, CIN, DIM  # noqa: E402
 
 from vitkernels import ops  # noqa: E402
@@ -32,7 +34,9 @@ from vitkernels.ops.layernorm_mlp.reference import (  # noqa: E402
 from vitkernels.ops.patch_embed.reference import patch_embed_reference  # noqa: E402
 from vitkernels.ops.window_attention.reference import relative_position_bias, window_attention_reference  # noqa: E402
 
-pytestmark = pytest.mark.slow
+# The inputs are CPU tensors; where a GPU is present, the `cuda` tests run the kernels themselves.
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(torch.cuda.is_available(), reason="the cuda tests run the real kernels here")]
 
 HALF = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
 ALL = [pytest.param(torch.float32, id="fp32"), *HALF]
@@ -200,11 +204,6 @@ def test_patch_embed_uint8_image(emulated):
 
 # --- LayerNorm and LayerNorm + MLP -------------------------------------------------------------
 
-def _misaligned(t):
-    """t's values in a contiguous tensor whose data starts one element past an aligned address."""
-    return torch.cat([t.new_zeros(1), t.flatten()])[1:].view(t.shape)
-
-
 # Rows held by part of a warp (8, 96, 100: not a multiple of a 16-byte pack), a warp (768) or a
 # block (2056: more than the block holds in registers).
 @pytest.mark.parametrize("channels", [8, 96, 100, 768, 2056])
@@ -254,14 +253,6 @@ def test_infinite_shift_mask_gives_no_nan(emulated):
 
 # --- index arithmetic past 2^31 elements (the emulator runs only the blocks at the far end) -------
 
-MAX_RSS_GROWTH = 1 << 30  # the tensors span 4 GiB and more; only the far end's pages are touched
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 @pytest.fixture
 def far_end(emulated):
     """Runs the given block columns only (emulated.set_block_filter), and checks that the process
@@ -281,10 +272,6 @@ def _past_2_31(shape, last):
     return t
 
 
-def _low_precision_close(actual, reference64, reference16, name):
-    assert_close(actual, reference64, low_precision_reference=reference16, name=name)
-
-
 def test_window_attention_past_2_31(far_end):
     """Swin-T stage 1 at batch 2380: the last image's 64 windows, forward (shifted), and the backward
     of one problem slot that ends in the last window."""
@@ -299,7 +286,7 @@ def test_window_attention_past_2_31(far_end):
                                                          None, None, False, -100.0)
     expected = [window_attention_reference(last.to(dtype), heads, window, shift, table.to(dtype),
                                            qkv_bias=qkv_bias.to(dtype)) for dtype in (torch.float64, torch.float16)]
-    _low_precision_close(out[-1:], *expected, "output of the last image")
+    assert_close(out[-1:], expected[0], low_precision_reference=expected[1], name="output of the last image")
 
     # The backward's CTA column c walks problems c, c + chunks, ...: the one that ends in the last
     # window walks the whole tensor; unshifted, the last window's gradient is its own.
@@ -318,7 +305,8 @@ def test_window_attention_past_2_31(far_end):
         x = last[(0, *corner)].to(dtype).unsqueeze(0).requires_grad_()
         y = window_attention_reference(x, heads, window, (0, 0), table.to(dtype), qkv_bias=qkv_bias.to(dtype))
         found.append(torch.autograd.grad(y, x, grad[(-1, *corner)].to(dtype).unsqueeze(0))[0])
-    _low_precision_close(dqkv[(-1, *corner)].unsqueeze(0), *found, "dqkv of the last window")
+    assert_close(dqkv[(-1, *corner)].unsqueeze(0), found[0], low_precision_reference=found[1],
+                 name="dqkv of the last window")
 
 
 def test_attention_past_2_31(far_end):
@@ -329,7 +317,7 @@ def test_attention_past_2_31(far_end):
     far_end([-1])
     out, _lse = torch.ops.vitkernels.attention_fwd(qkv, heads, None, None)
     expected = [attention_reference(last.to(dtype), heads) for dtype in (torch.float64, torch.float16)]
-    _low_precision_close(out[-1:], *expected, "output of the last image")
+    assert_close(out[-1:], expected[0], low_precision_reference=expected[1], name="output of the last image")
 
 
 def test_patch_embed_past_2_31(far_end):
@@ -344,7 +332,7 @@ def test_patch_embed_past_2_31(far_end):
     out = torch.ops.vitkernels.patch_embed_fwd(x, weight, bias, None, pos, None, None, 1e-5, False, None, None)
     expected = [patch_embed_reference(last.to(dtype), weight.to(dtype), bias.to(dtype), pos_embed=pos.to(dtype))
                 for dtype in (torch.float64, torch.float16)]
-    _low_precision_close(out[-1:], *expected, "tokens of the last image")
+    assert_close(out[-1:], expected[0], low_precision_reference=expected[1], name="tokens of the last image")
 
 
 def test_layernorm_past_2_31(far_end):
@@ -357,7 +345,7 @@ def test_layernorm_past_2_31(far_end):
     y, _mean, _rstd = torch.ops.vitkernels.layernorm_fwd(x, weight, bias, 1e-6)
     expected = [layernorm_reference(last.to(dtype), weight.to(dtype), bias.to(dtype)) for dtype in
                 (torch.float64, torch.float16)]
-    _low_precision_close(y[-1], *expected, "the last row")
+    assert_close(y[-1], expected[0], low_precision_reference=expected[1], name="the last row")
 
 
 # --- the emulator's own checks: each rule-breaking kernel of emulator_checks.cpp is caught ------

@@ -19,7 +19,6 @@ enum layout_t { mem_row_major, mem_col_major };
 template <typename Use, int M, int N, int K, typename T, typename Layout = void>
 struct fragment {
   static_assert(M == 16 && N == 16 && K == 16, "the emulated wmma has 16x16x16 fragments only");
-  static constexpr int num_elements = 256;
   float x[256];  // element (r, c) at x[16 r + c], rounded to T
 };
 

@@ -58,7 +58,7 @@ struct alignas(16) uint4 {
 
 using cudaStream_t = struct CUstream_st*;
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
-enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97, cudaDevAttrMultiProcessorCount = 16 };
+enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 
 namespace vk_emu {
@@ -66,7 +66,6 @@ namespace vk_emu {
 constexpr int kWarpSize = 32;
 constexpr size_t kDefaultShared = 48 * 1024;
 constexpr size_t kOptinShared = 232448;  // H100: 227 KB
-constexpr int kMultiprocessors = 132;
 constexpr size_t kGuard = 4096;
 constexpr size_t kStack = 256 * 1024;
 constexpr size_t kMaxOperand = 64;
@@ -421,7 +420,6 @@ inline unsigned char* dynamic_shared() { return state()->shared; }
 #define blockIdx (::vk_emu::state()->block_idx)
 #define blockDim (::vk_emu::state()->block)
 #define gridDim (::vk_emu::state()->grid)
-#define warpSize 32
 
 inline void __syncthreads() { ::vk_emu::syncthreads(); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) { ::vk_emu::syncwarp(mask); }
@@ -430,8 +428,6 @@ T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
   return ::vk_emu::shfl_xor(mask, value, lane_mask, width);
 }
 inline float __expf(float x) { return expf(x); }
-inline float __logf(float x) { return logf(x); }
-inline float __fdividef(float a, float b) { return a / b; }
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 
 // fp16 and bf16 as the CUDA headers name them, with c10's round-to-nearest-even conversions.
@@ -460,9 +456,8 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __nv_bfloat16(f); }
 inline __half2 __floats2half2_rn(float a, float b) { return {__half(a), __half(b)}; }
 inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) { return {__nv_bfloat16(a), __nv_bfloat16(b)}; }
 
-inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
-  *value = attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ? static_cast<int>(::vk_emu::kOptinShared)
-                                                          : ::vk_emu::kMultiprocessors;
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
+  *value = static_cast<int>(::vk_emu::kOptinShared);
   return cudaSuccess;
 }
 template <typename F>
@@ -476,4 +471,3 @@ cudaError_t cudaFuncSetAttribute(F*, cudaFuncAttribute attr, int value) {
   return cudaSuccess;
 }
 inline const char* cudaGetErrorString(cudaError_t e) { return e == cudaSuccess ? "no error" : "invalid value"; }
-inline cudaError_t cudaGetLastError() { return cudaSuccess; }

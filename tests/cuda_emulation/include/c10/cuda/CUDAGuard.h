@@ -9,7 +9,6 @@ namespace cuda {
 struct CUDAGuard {
   CUDAGuard() = default;
   explicit CUDAGuard(c10::Device) {}
-  void set_device(c10::Device) {}
 };
 }  // namespace cuda
 }  // namespace c10

@@ -5,7 +5,6 @@
 namespace c10 {
 namespace cuda {
 struct CUDAStream {
-  cudaStream_t stream() const { return nullptr; }
   operator cudaStream_t() const { return nullptr; }
 };
 inline CUDAStream getCurrentCUDAStream(int = -1) { return {}; }
