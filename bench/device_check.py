@@ -29,7 +29,8 @@ recorded and the next one runs; a step out of time gets SIGINT, then SIGKILL):
   bench       the compact set, one pytest run per op (RESULTS/logs/bench_<op>.json): each op on the
               quick shapes, forward and backward, by the vitkernels GPU backends (--cpu: the CPU
               backend) and the eager and SDPA baselines; then the quick models' inference, stock
-              and patched with the Triton backend (--cpu: the CPU backend). --full adds
+              and patched with the Triton backend (--cpu: the CPU backend); then the host's path
+              of one call of each op (bench/test_bench_ops.py::test_host_path). --full adds
               forward+backward, the torch and cpu backends, the Triton schedule variants, the
               models' training step and the other backends, then, while time remains,
               FlexAttention, torch.compile (forward, on one or two shapes per op), torch.compile
@@ -58,8 +59,8 @@ under --budget seconds; the exit status is 1 when a step failed or timed out.
 DIR defaults to $OUT, else ./out. --quick skips slow tests and benchmarks the forward alone.
 --tests-k EXPR runs only the tests that pytest's -k EXPR selects (the report's mode says so);
 --skip-tests skips the tests, --skip-bench the ceilings, the large case and the benchmarks.
---bench LIST makes only the named benchmark runs (ops, "models", "flex", "compile", "models-compile",
-"max-autotune"), in that order, each with the default's selection or --full's.
+--bench LIST makes only the named benchmark runs (ops, "models", "host", "flex", "compile",
+"models-compile", "max-autotune"), in that order, each with the default's selection or --full's.
 --pack-logs replaces RESULTS/logs by RESULTS/logs.tar.gz at the end.
 """
 from __future__ import annotations
@@ -107,7 +108,9 @@ COMPACT_MODES = "fwd,bwd"
 FULL_PROVIDERS = f"triton,cuda,{BASELINES},torch,cpu"
 FULL_MODES = "fwd,bwd,fwd+bwd"
 QUICK_MODES = "fwd"
-COMPACT_OP_TESTS = "not test_schedule_variant"  # the compact set leaves the Triton schedule variants out
+# the compact set leaves the Triton schedule variants out, and every set the host's path, which has a run
+HOST_TESTS = "test_host_path"
+COMPACT_OP_TESTS = f"not test_schedule_variant and not {HOST_TESTS}"
 # Runs of the compiled providers (name: ops, providers, -k shapes), slowest to compile last.
 COMPILED_RUNS = {
     "flex": ("window_attention,attention", "flex", "swin_t.s1.w7.shifted or vit_b_224"),
@@ -124,7 +127,7 @@ FULL_MODEL_PROVIDERS = "stock,triton,cpu,cuda"
 COMPILED_MODELS = "infer and (swin_t or vit_b_224)"
 # The compiled providers' runs in order, the slowest to compile last.
 COMPILED_ORDER = ("flex", "compile", "models-compile", "max-autotune")
-BENCH_RUNS = (*OPS, "models", *COMPILED_ORDER)  # what --bench may name
+BENCH_RUNS = (*OPS, "models", "host", *COMPILED_ORDER)  # what --bench may name
 # The kernels under compute-sanitizer: the tests marked `sanitize` (each op's comparisons with the
 # reference), their CUDA and Triton cases, window attention first, so that a run cut short has
 # covered it. memcheck takes fp32 and fp16 (fp16 takes the tensor-core paths, and bf16 the same
@@ -1023,7 +1026,7 @@ def bench_runs(cpu: bool, quick: bool, ceilings_path: Optional[str], selection: 
         common["VITKERNELS_BENCH_CEILINGS"] = ceilings_path
     modes = QUICK_MODES if quick else FULL_MODES if full else COMPACT_MODES
     machine = "cpu" if cpu else "gpu"
-    op_args = ["bench/test_bench_ops.py"] + ([] if full else ["-k", COMPACT_OP_TESTS])
+    op_args = ["bench/test_bench_ops.py", "-k", f"not {HOST_TESTS}" if full else COMPACT_OP_TESTS]
     runs = {op: (f"bench:{op}", op_args,
                  dict(common, VITKERNELS_BENCH_OPS=op, VITKERNELS_BENCH_MODES=modes,
                       VITKERNELS_BENCH_PROVIDERS=FULL_PROVIDERS if full else COMPACT_PROVIDERS[machine]))
@@ -1031,6 +1034,8 @@ def bench_runs(cpu: bool, quick: bool, ceilings_path: Optional[str], selection: 
     runs["models"] = ("bench:models", ["bench/test_bench_models.py"] + ([] if full else ["-k", COMPACT_MODEL_TESTS]),
                       dict(common, VITKERNELS_BENCH_MODEL_PROVIDERS=FULL_MODEL_PROVIDERS if full
                            else COMPACT_MODEL_PROVIDERS[machine]))
+    runs["host"] = ("bench:host", ["bench/test_bench_ops.py", "-k", HOST_TESTS],
+                    dict(common, VITKERNELS_BENCH_PROVIDERS=FULL_PROVIDERS if full else COMPACT_PROVIDERS[machine]))
     for name, (op_names, provider_names, shapes_k) in COMPILED_RUNS.items():
         runs[name] = (f"bench:{name}", ["bench/test_bench_ops.py", "-k", f"test_op and ({shapes_k})"],
                       dict(common, VITKERNELS_BENCH_OPS=op_names, VITKERNELS_BENCH_PROVIDERS=provider_names,
@@ -1038,7 +1043,7 @@ def bench_runs(cpu: bool, quick: bool, ceilings_path: Optional[str], selection: 
     runs["models-compile"] = ("bench:models-compile", ["bench/test_bench_models.py", "-k", COMPILED_MODELS],
                               dict(common, VITKERNELS_BENCH_MODEL_PROVIDERS="compile"))
     if selection is None:
-        selection = [*OPS, "models", *(COMPILED_ORDER if full and not quick else ())]
+        selection = [*OPS, "models", "host", *(COMPILED_ORDER if full and not quick else ())]
     return [runs[name] for name in selection]
 
 

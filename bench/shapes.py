@@ -292,6 +292,19 @@ TOKENS: tuple[TokenShape, ...] = tuple(_token_shapes())
 PATCH_EMBED: tuple[PatchEmbedShape, ...] = tuple(_patch_embed_shapes())
 MODELS: tuple[ModelShape, ...] = tuple(_model_shapes())
 
+# Per op, inputs so small that a call's kernels take microseconds: the shapes of the host's path
+# (bench/test_bench_ops.py::test_host_path), of no model and in no subset, batch 1 on every device.
+# One shifted 7x7 window, 17 tokens, 8 tokens of 32 channels, a 32x32 image in 16x16 patches.
+HOST = {
+    "window_attention": WindowAttentionShape("host.w7.shifted", "none", height=7, width=7, dim=16, heads=1,
+                                             window=7, shift=3, subsets=frozenset()),
+    "attention": AttentionShape("host.n17", "none", tokens=17, dim=16, heads=1, subsets=frozenset()),
+    **{op: TokenShape("host.c32", "none", tokens=8, dim=32, subsets=frozenset())
+       for op in ("layernorm_mlp", "layernorm", "add_layernorm")},
+    "patch_embed": PatchEmbedShape("host.p16", "none", image=32, patch=16, dim=32, prefix_tokens=1, pos_embed=True,
+                                   subsets=frozenset()),
+}
+
 # Shapes per op of vitkernels.ops.OPS.
 BY_OP = {
     "window_attention": WINDOW_ATTENTION,

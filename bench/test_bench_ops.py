@@ -18,12 +18,20 @@ GPU, pytest-benchmark's wall clock on CPU; rounds are fixed from a timed trial c
 Cases run provider by provider, in the order the selection names them: a kernel that faults on
 the GPU ends the run (bench/conftest.py), and every provider before it keeps its measurements.
 
+``test_host_path`` times the host's path of one call instead: each op on its ``shapes.HOST``
+inputs, whose kernels take microseconds, by the wall clock of many calls, under torch.no_grad
+(``host-inference``) and with the differentiated inputs requiring grad (``host-training``, the
+forward as autograd records it). On GPU the launches are asynchronous and shorter on the device
+than on the host, so the clock times Python, dispatch and launch; on CPU the kernels run for real,
+and the "cpu" backend's and eager's times are those of tiny kernels plus their host's path.
+
 Run: ``pytest bench/test_bench_ops.py -q``. Selection by environment variables (comma-separated):
 ``VITKERNELS_BENCH_SHAPES=quick|standard|all``, ``VITKERNELS_BENCH_OPS=layernorm,attention``,
 ``VITKERNELS_BENCH_PROVIDERS=cuda,eager,sdpa``, ``VITKERNELS_BENCH_MODES=fwd,fwd+bwd``.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 from typing import Callable, Optional
 
@@ -223,3 +231,38 @@ def test_schedule_variant(benchmark, variant, op, shape, mode, device, dtype, mo
         pytest.skip(f"{op}'s backward launches the same kernels with {variant!r}")
     monkeypatch.setattr(*SCHEDULE_VARIANTS[variant][:3])
     _bench_case(benchmark, op, shape, "triton", mode, device, dtype, variant=variant)
+
+
+HOST_MODES = ("host-inference", "host-training")
+HOST_ROUNDS, HOST_CALLS = 30, 20  # rounds of calls back to back: 600 calls, about 50 ms of host time
+
+
+@pytest.mark.parametrize("mode", HOST_MODES)
+@pytest.mark.parametrize("op", cases.selected("VITKERNELS_BENCH_OPS", tuple(cases.OPS)))
+@pytest.mark.parametrize("provider", cases.selected("VITKERNELS_BENCH_PROVIDERS", PROVIDERS))
+def test_host_path(benchmark, op, provider, mode, device, dtype):
+    """One call of ``op`` on its shapes.HOST inputs (module docstring); the median is per call."""
+    if provider in COMPILED:
+        pytest.skip(f"{provider}: a compiled graph's host path is its guards', not an op's")
+    shape = shapes.HOST[op]
+    benchmark.group = f"{op} {mode}"
+    fn = provider_fn(op, shape, provider, device, dtype)
+    inputs = cases.make_inputs(op, shape, device, dtype, grad=mode == "host-training")
+    _check_once(op, shape, provider, fn, inputs, device, dtype)
+    record(benchmark, op, shape, provider, "fwd", dtype, 1)
+    benchmark.extra_info["mode"] = mode
+    context = torch.no_grad if mode == "host-inference" else contextlib.nullcontext
+
+    def calls():
+        with context():
+            for _ in range(HOST_CALLS):
+                fn(inputs)
+
+    with cases.skip_outside_failures(provider):
+        calls()
+    benchmark.pedantic(calls, rounds=1 if benchmark.disabled else HOST_ROUNDS, iterations=1, warmup_rounds=1)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None:
+        benchmark.extra_info["seconds_per_call"] = stats.stats.median / HOST_CALLS

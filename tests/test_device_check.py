@@ -269,7 +269,8 @@ def test_bench_runs_pass_the_measured_ceilings(dc):
     assert "bench:models" in names and "bench:flex" in names and "bench:compile" in names
     assert all(env["VITKERNELS_BENCH_CEILINGS"] == "/r/logs/ceilings.json" for _, _, env in runs)
     args, ops_env = runs[names.index("bench:layernorm")][1:]
-    assert ops_env["VITKERNELS_BENCH_MODES"] == "fwd,bwd,fwd+bwd" and args == ["bench/test_bench_ops.py"]
+    assert ops_env["VITKERNELS_BENCH_MODES"] == "fwd,bwd,fwd+bwd"
+    assert args == ["bench/test_bench_ops.py", "-k", "not test_host_path"]
     assert "flex" not in ops_env["VITKERNELS_BENCH_PROVIDERS"] and "torch" in ops_env["VITKERNELS_BENCH_PROVIDERS"]
     assert runs[names.index("bench:models")][1] == ["bench/test_bench_models.py"]
     quick = dc.bench_runs(cpu=True, quick=True, ceilings_path=None)
@@ -280,9 +281,9 @@ def test_bench_runs_pass_the_measured_ceilings(dc):
 
 def test_the_default_benchmarks_are_the_compact_set(dc):
     runs = {name: (args, env) for name, args, env in dc.bench_runs(cpu=False, quick=False, ceilings_path=None)}
-    assert list(runs) == [f"bench:{op}" for op in dc.OPS] + ["bench:models"]
+    assert list(runs) == [f"bench:{op}" for op in dc.OPS] + ["bench:models", "bench:host"]
     args, env = runs["bench:window_attention"]
-    assert args == ["bench/test_bench_ops.py", "-k", "not test_schedule_variant"]
+    assert args == ["bench/test_bench_ops.py", "-k", "not test_schedule_variant and not test_host_path"]
     assert env["VITKERNELS_BENCH_MODES"] == "fwd,bwd"
     assert env["VITKERNELS_BENCH_PROVIDERS"].split(",") == ["triton", "cuda", "eager-sdpa", "eager", "sdpa"]
     args, env = runs["bench:models"]
@@ -299,6 +300,12 @@ def test_the_default_benchmarks_are_the_compact_set(dc):
     assert tests and all("::test_op[" in t and "fwd+bwd" not in t for t in tests), selected[-2000:]
     assert {provider for provider in ("triton", "sdpa", "torch") if any(f"[{provider}-" in t for t in tests)} == {
         "triton", "sdpa"}, tests
+    args, env = runs["bench:host"]
+    selected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", *args],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, **env)).stdout
+    tests = [line for line in selected.splitlines() if "::" in line]
+    assert tests and all("::test_host_path[" in t for t in tests), selected[-2000:]
+    assert {op for op in dc.OPS if any(f"-{op}-host-inference]" in t for t in tests)} == set(dc.OPS), tests
 
 
 def test_models_compile_run_times_torch_compile_of_the_stock_models(dc):
@@ -522,7 +529,7 @@ def test_warm_up_compiles_the_timed_cases_in_parallel_first(dc, tmp_path, monkey
                          selection=["attention", "layernorm", "flex", "models"])
     args, env = dc.warm_run(runs, ["-n", "14"])
     assert args == ["bench/test_bench_ops.py", "bench/test_bench_models.py", "--benchmark-disable",
-                    "-k", "not train and not test_schedule_variant", "-n", "14"]
+                    "-k", "not train and not test_schedule_variant and not test_host_path", "-n", "14"]
     assert env["VITKERNELS_BENCH_OPS"] == "attention,layernorm"
     assert env["VITKERNELS_BENCH_PROVIDERS"] == env["VITKERNELS_BENCH_MODEL_PROVIDERS"] == "triton"
     assert env["VITKERNELS_BENCH_MODES"] == "fwd" and env["VITKERNELS_BENCH_SHAPES"] == "quick"

@@ -415,12 +415,15 @@ def test_resident_programs_reads_the_compiled_kernel(monkeypatch):
 
     props = types.SimpleNamespace(shared_memory_per_multiprocessor=228 * 1024, max_threads_per_multi_processor=2048)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
-    device = torch.device("cuda", 0)
-    assert triton_helpers.resident_programs(Kernel(), (1, 2), {"num_warps": 4}, device) == 3
-    assert triton_helpers.resident_programs(Kernel(), (1, 2), {"num_warps": 4}, device) == 3
-    assert calls == [((1, 2), (1,), {"num_warps": 4})] * 2
-    compiled = None
-    assert triton_helpers.resident_programs(Kernel(), (1, 2), {"num_warps": 4}, device) == 1
+    monkeypatch.setattr(triton_helpers, "_RESIDENT", {})
+    device, kernel, x = torch.device("cuda", 0), Kernel(), torch.empty(2, dtype=torch.float16)
+    assert triton_helpers.resident_programs(kernel, (x, 2), {"num_warps": 4}, device) == 3
+    assert triton_helpers.resident_programs(kernel, (x, 3), {"num_warps": 4}, device) == 3
+    assert calls == [((x, 2), (1,), {"num_warps": 4})]  # the second call reads the first one's answer
+    compiled = None  # what a new dtype or option compiles is read again
+    assert triton_helpers.resident_programs(kernel, (x.float(), 2), {"num_warps": 4}, device) == 1
+    assert triton_helpers.resident_programs(kernel, (x, 2), {"num_warps": 8}, device) == 1
+    assert len(calls) == 3
 
 
 @pytest.mark.parametrize("backend", TRITON)

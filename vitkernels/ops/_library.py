@@ -4,11 +4,14 @@ The "torch" backend of every op goes through here: its forward is the reference 
 kernel is the same function run on fake tensors, and its backward is a second op that recomputes
 the reference under autograd. Later backends register their own kernels with the same schema, so
 callers, tests (opcheck, torch.compile) and modules treat every backend alike.
+
+The Triton backends' ops are defined by :func:`custom_op`, whose calls in plain eager mode run the
+op's function without the dispatcher's Python path to it (:class:`CustomOp`).
 """
 from __future__ import annotations
 
 import re
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -112,3 +115,51 @@ def define_reference_op(name: str, schema: str, fn: Callable) -> Callable:
 
     torch.library.register_autograd(f"{NAMESPACE}::{name}", backward, setup_context=setup_context, lib=_LIB)
     return getattr(torch.ops.vitkernels, name)
+
+
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def plain_eager(args: tuple) -> bool:
+    """Whether a call with ``args`` (tensors, or lists of them, among other values) meets nothing an
+    op's registration serves: no compilation, tracing or export, no dispatch or function mode, no
+    functorch transform or forward-mode AD, no profiler, and no tensor of a subclass or that
+    autograd records (grad mode on and requires_grad)."""
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.autograd._profiler_enabled()
+            or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+            or torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0):
+        return False
+    grad = torch.is_grad_enabled()
+    for arg in args:
+        if type(arg) in _PLAIN_TYPES:
+            if grad and arg.requires_grad:
+                return False
+        elif isinstance(arg, torch.Tensor) or isinstance(arg, (list, tuple)) and not plain_eager(arg):
+            return False
+    return True
+
+
+class CustomOp:
+    """A ``torch.library.custom_op`` that in plain eager mode (:func:`plain_eager`) runs its
+    function itself: the dispatcher's path through a Python op costs about as much host time as a
+    small kernel's launch, and with nothing to record or trace it changes nothing. Everywhere else
+    a call goes through the op, as torch.compile, opcheck, fake tensors and autograd need.
+    Attributes (``register_fake``, ``register_autograd``, ...) are the op's."""
+
+    def __init__(self, op: Any, function: Callable):
+        self.op, self.function = op, function
+
+    def __call__(self, *args: Any) -> Any:
+        return self.function(*args) if plain_eager(args) else self.op(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.op, name)
+
+
+def custom_op(name: str, **kwargs: Any) -> Callable[[Callable], CustomOp]:
+    """``torch.library.custom_op(name, mutates_args=(), **kwargs)`` as a :class:`CustomOp`, for a
+    function whose outputs are new tensors."""
+    def register(function: Callable) -> CustomOp:
+        return CustomOp(torch.library.custom_op(name, mutates_args=(), **kwargs)(function), function)
+
+    return register

@@ -29,7 +29,7 @@ def compute_capability(device: torch.device) -> tuple[int, int]:
 REGISTERS_PER_MULTIPROCESSOR = 65536  # sm_80 and sm_90
 RESERVED_SHARED_PER_BLOCK = 1024  # the driver's shared memory of each resident block (sm_80 and later)
 MAX_BLOCKS_PER_MULTIPROCESSOR = 32
-_RESIDENT: dict = {}
+_RESIDENT: dict = {}  # resident_programs' answers
 
 
 def programs_per_multiprocessor(registers: int, warps: int, shared: int, shared_per_multiprocessor: int,
@@ -46,18 +46,27 @@ def programs_per_multiprocessor(registers: int, warps: int, shared: int, shared_
 def resident_programs(kernel, args: tuple, kwargs: dict, device: torch.device) -> int:
     """Programs of ``kernel`` launched with ``args`` and ``kwargs`` that fit on one multiprocessor of
     CUDA ``device`` at once, read from the compiled kernel (compiled first if needed, as its
-    launch would). A persistent kernel launches that many per multiprocessor: all in one wave."""
+    launch would). A persistent kernel launches that many per multiprocessor: all in one wave.
+
+    The answer is kept per kernel, device, ``kwargs`` and dtypes of the tensors in ``args``, so a
+    call pays Triton's argument binding once per launch, not twice. Triton also compiles variants
+    for the alignment of pointers and integers; they share the first one's answer, which may be
+    off by a program for them: only the wave's size depends on it, never the result."""
+    key = (kernel, device, tuple(sorted(kwargs.items())),
+           tuple(arg.dtype for arg in args if isinstance(arg, torch.Tensor)))
+    programs = _RESIDENT.get(key)
+    if programs is not None:
+        return programs
     compiled = kernel.warmup(*args, grid=(1,), **kwargs)
     compiled = compiled.result() if hasattr(compiled, "result") else compiled
     if compiled is None:  # a compile hook of Triton's declined to compile: one program per multiprocessor
         return 1
-    if compiled not in _RESIDENT:
-        compiled._init_handles()
-        props = torch.cuda.get_device_properties(device)
-        _RESIDENT[compiled] = programs_per_multiprocessor(
-            compiled.n_regs, compiled.metadata.num_warps, compiled.metadata.shared,
-            props.shared_memory_per_multiprocessor, props.max_threads_per_multi_processor)
-    return _RESIDENT[compiled]
+    compiled._init_handles()
+    props = torch.cuda.get_device_properties(device)
+    programs = _RESIDENT[key] = programs_per_multiprocessor(
+        compiled.n_regs, compiled.metadata.num_warps, compiled.metadata.shared,
+        props.shared_memory_per_multiprocessor, props.max_threads_per_multi_processor)
+    return programs
 
 
 def gemm_config(block_m: int, block_n: int, block_k: int, warps: int, stages: int) -> triton.Config:

@@ -7,7 +7,7 @@ import torch
 
 from ... import backends
 from .. import _checks
-from .._library import define_reference_op
+from .._library import custom_op, define_reference_op
 from ..window_attention.op import cuda_kernel_reasons, triton_devices, triton_interpreter_reasons
 from .reference import attention_reference
 
@@ -21,7 +21,7 @@ def _torch_impl(qkv, num_heads, bias, scale):
 attention_torch = define_reference_op("attention_torch", SCHEMA, _torch_impl)
 
 
-@torch.library.custom_op("vitkernels::attention_triton", mutates_args=())
+@custom_op("vitkernels::attention_triton")
 def attention_triton(qkv: torch.Tensor, num_heads: int, bias: Optional[torch.Tensor],
                      scale: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton kernels: (out [B, N, C], lse [B, heads, N] fp32 saved for backward)."""
@@ -36,7 +36,7 @@ def _(qkv, num_heads, bias, scale):
     return qkv.new_empty(batch, tokens, three_c // 3), qkv.new_empty(batch, num_heads, tokens, dtype=torch.float32)
 
 
-@torch.library.custom_op("vitkernels::attention_triton_backward", mutates_args=())
+@custom_op("vitkernels::attention_triton_backward")
 def attention_triton_backward(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                               num_heads: int, bias: Optional[torch.Tensor], scale: Optional[float],
                               needs_grad: list[bool]) -> list[torch.Tensor]:

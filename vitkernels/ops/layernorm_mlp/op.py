@@ -8,7 +8,7 @@ import torch
 
 from ... import backends
 from .. import _checks
-from .._library import define_reference_op
+from .._library import custom_op, define_reference_op
 from .reference import add_layernorm_reference, layernorm_mlp_reference, layernorm_reference
 
 MLP_SCHEMA = (
@@ -62,7 +62,7 @@ LN_BACKWARD_SCHEMA = (
 )
 
 
-@torch.library.custom_op("vitkernels::layernorm_triton", mutates_args=(), schema=LN_SCHEMA)
+@custom_op("vitkernels::layernorm_triton", schema=LN_SCHEMA)
 def layernorm_triton(x, weight, bias, eps):
     from .triton_kernels import layernorm_fwd
 
@@ -70,7 +70,7 @@ def layernorm_triton(x, weight, bias, eps):
     return y.view(x.shape)
 
 
-@torch.library.custom_op("vitkernels::add_layernorm_triton", mutates_args=(), schema=ADD_LN_SCHEMA)
+@custom_op("vitkernels::add_layernorm_triton", schema=ADD_LN_SCHEMA)
 def add_layernorm_triton(x, residual, weight, bias, eps):
     from .triton_kernels import layernorm_fwd
 
@@ -78,7 +78,7 @@ def add_layernorm_triton(x, residual, weight, bias, eps):
     return total.view(x.shape), y.view(x.shape)
 
 
-@torch.library.custom_op("vitkernels::layernorm_triton_backward", mutates_args=(), schema=LN_BACKWARD_SCHEMA)
+@custom_op("vitkernels::layernorm_triton_backward", schema=LN_BACKWARD_SCHEMA)
 def layernorm_triton_backward(dy, dres, x, weight, eps, weight_grads):
     """(dx, dweight, dbias) of LayerNorm(x); dres is added to dx; fp32 [C] weight grads or empty."""
     from .triton_kernels import layernorm_bwd
@@ -149,7 +149,7 @@ MLP_BACKWARD_SCHEMA = (
 )
 
 
-@torch.library.custom_op("vitkernels::layernorm_mlp_triton", mutates_args=(), schema=MLP_SCHEMA)
+@custom_op("vitkernels::layernorm_mlp_triton", schema=MLP_SCHEMA)
 def layernorm_mlp_triton(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps, gamma,
                          approximate):
     from .triton_kernels import layernorm_mlp_fwd
@@ -159,7 +159,7 @@ def layernorm_mlp_triton(x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight
     return y.view(x.shape)
 
 
-@torch.library.custom_op("vitkernels::layernorm_mlp_triton_backward", mutates_args=(), schema=MLP_BACKWARD_SCHEMA)
+@custom_op("vitkernels::layernorm_mlp_triton_backward", schema=MLP_BACKWARD_SCHEMA)
 def layernorm_mlp_triton_backward(dy, x, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps,
                                   gamma, approximate):
     """[dx, dln_weight, dln_bias, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias, dgamma]; empty for None inputs."""

@@ -8,7 +8,7 @@ import torch
 
 from ... import backends
 from .. import _checks
-from .._library import define_reference_op
+from .._library import custom_op, define_reference_op
 from .reference import patch_embed_reference
 
 SCHEMA = (
@@ -45,7 +45,7 @@ def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.contiguous()
 
 
-@torch.library.custom_op("vitkernels::patch_embed_triton", mutates_args=(), schema=SCHEMA)
+@custom_op("vitkernels::patch_embed_triton", schema=SCHEMA)
 def patch_embed_triton(x, weight, bias, prefix_tokens, pos_embed, pos_embed_grid, norm_weight, norm_bias, norm_eps,
                        patch_norm, mean, std, dynamic_pad, output_format):
     from .triton_kernels import patch_embed_fwd
@@ -55,7 +55,7 @@ def patch_embed_triton(x, weight, bias, prefix_tokens, pos_embed, pos_embed_grid
                            patch_norm, mean, std, output_format)
 
 
-@torch.library.custom_op("vitkernels::patch_embed_triton_backward", mutates_args=(), schema=BACKWARD_SCHEMA)
+@custom_op("vitkernels::patch_embed_triton_backward", schema=BACKWARD_SCHEMA)
 def patch_embed_triton_backward(dout, x, weight, bias, prefix_tokens, pos_embed, pos_embed_grid, norm_weight,
                                 norm_bias, norm_eps, patch_norm, mean, std, needs):
     """Gradients of (x, weight, bias, prefix_tokens, pos_embed, norm_weight, norm_bias, mean, std).

@@ -8,7 +8,7 @@ import torch
 
 from ... import backends
 from .. import _checks
-from .._library import define_reference_op
+from .._library import custom_op, define_reference_op
 from .reference import MASK_VALUE, window_attention_reference
 
 SCHEMA = (
@@ -29,7 +29,7 @@ def _torch_impl(qkv, num_heads, window_size, shift_size, bias_table, qkv_bias, l
 window_attention_torch = define_reference_op("window_attention_torch", SCHEMA, _torch_impl)
 
 
-@torch.library.custom_op("vitkernels::window_attention_triton", mutates_args=())
+@custom_op("vitkernels::window_attention_triton")
 def window_attention_triton(
     qkv: torch.Tensor, num_heads: int, window_size: list[int], shift_size: list[int],
     bias_table: Optional[torch.Tensor], qkv_bias: Optional[torch.Tensor], logit_scale: Optional[torch.Tensor],
@@ -51,7 +51,7 @@ def _(qkv, num_heads, window_size, shift_size, bias_table, qkv_bias, logit_scale
             qkv.new_empty(batch * windows, num_heads, tokens, dtype=torch.float32))
 
 
-@torch.library.custom_op("vitkernels::window_attention_triton_backward", mutates_args=())
+@custom_op("vitkernels::window_attention_triton_backward")
 def window_attention_triton_backward(
     grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, num_heads: int,
     window_size: list[int], shift_size: list[int], bias_table: Optional[torch.Tensor],
