@@ -6,10 +6,12 @@ the reference under autograd. Later backends register their own kernels with the
 callers, tests (opcheck, torch.compile) and modules treat every backend alike.
 
 The Triton backends' ops are defined by :func:`custom_op`, whose calls in plain eager mode run the
-op's function without the dispatcher's Python path to it (:class:`CustomOp`).
+op's function without the dispatcher's Python path to it (:class:`CustomOp`), and whose CUDA kernel
+runs on its tensors' device (:func:`on_tensor_device`).
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Callable
 
@@ -156,10 +158,32 @@ class CustomOp:
         return getattr(self.op, name)
 
 
+def on_tensor_device(function: Callable) -> Callable:
+    """``function`` run with the device of its first tensor argument current, where that is a CUDA
+    device other than the current one: Triton launches on the current device and its stream, and
+    the dispatcher sets no device for a Python kernel (a model moved to cuda:1 without
+    ``torch.cuda.set_device`` would otherwise launch on cuda:0)."""
+    @functools.wraps(function)
+    def run(*args: Any) -> Any:
+        for arg in args:
+            if isinstance(arg, torch.Tensor):
+                if arg.is_cuda and arg.device.index != torch.cuda.current_device():
+                    with torch.cuda.device(arg.device):
+                        return function(*args)
+                break
+        return function(*args)
+
+    return run
+
+
 def custom_op(name: str, **kwargs: Any) -> Callable[[Callable], CustomOp]:
     """``torch.library.custom_op(name, mutates_args=(), **kwargs)`` as a :class:`CustomOp`, for a
-    function whose outputs are new tensors."""
+    function whose outputs are new tensors; its CUDA kernel and its plain-eager calls run the
+    function on its tensors' device (:func:`on_tensor_device`)."""
     def register(function: Callable) -> CustomOp:
-        return CustomOp(torch.library.custom_op(name, mutates_args=(), **kwargs)(function), function)
+        op = torch.library.custom_op(name, mutates_args=(), **kwargs)(function)
+        on_device = on_tensor_device(function)
+        op.register_kernel("cuda")(on_device)
+        return CustomOp(op, on_device)
 
     return register
