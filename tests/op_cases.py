@@ -140,22 +140,32 @@ def compare(case: Case, backend: str, tensors: dict, dtype: Optional[torch.dtype
     """Outputs and gradients of ``backend`` against the reference in float64 on the same values.
 
     ``dtype`` casts the tensors first (None: as given). fp16 / bf16 results follow the relative rule
-    against the reference run in that precision. Returns the backend's (outputs, gradients).
+    against the reference run in that precision and, where rounding the inputs alone costs more, in
+    float64 on the rounded inputs (the policy's two bases: vitkernels.testing.assert_close). Returns
+    the backend's (outputs, gradients).
     """
     upstream = [torch.randn_like(o) for o in run(case, "torch", tensors, torch.float64, grad=False)[0]]
     outs, grads = run(case, backend, tensors, dtype, upstream=upstream)
     ref_outs, ref_grads = run(case, "torch", tensors, torch.float64, upstream=upstream)
-    low_outs, low_grads = ([None] * len(outs), {}) if outs[0].dtype not in LOW_PRECISION else run(
-        case, "torch", tensors, dtype, upstream=upstream)
+    low_outs, low_grads = rounded_outs, rounded_grads = [None] * len(outs), {}
+    if outs[0].dtype in LOW_PRECISION:
+        low_outs, low_grads = run(case, "torch", tensors, dtype, upstream=upstream)
+        rounded_outs, rounded_grads = run(case, "torch", _rounded(tensors, dtype), torch.float64, upstream=upstream)
     for i, out in enumerate(outs):
-        assert_close(out, ref_outs[i], low_precision_reference=low_outs[i], name=f"{case.op} output {i}")
+        assert_close(out, ref_outs[i], low_precision_reference=low_outs[i], rounded_input_reference=rounded_outs[i],
+                     name=f"{case.op} output {i}")
     for name, grad in grads.items():
         if name in case.shared and grad.dtype not in LOW_PRECISION:
             _assert_reduced_close(grad, ref_grads[name], outs[0].numel() // grad.numel(), f"{case.op} grad of {name}")
         else:
-            assert_close(grad, ref_grads[name], low_precision_reference=low_grads.get(name), grad=True,
-                         name=f"{case.op} grad of {name}")
+            assert_close(grad, ref_grads[name], low_precision_reference=low_grads.get(name),
+                         rounded_input_reference=rounded_grads.get(name), grad=True, name=f"{case.op} grad of {name}")
     return outs, grads
+
+
+def _rounded(tensors: dict, dtype: torch.dtype) -> dict:
+    """The tensors rounded to ``dtype``, in float64."""
+    return {k: t.to(dtype).double() for k, t in tensors.items()}
 
 
 def _assert_reduced_close(actual, expected, rows: int, name: str) -> None:

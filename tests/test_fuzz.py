@@ -127,9 +127,14 @@ def _patch_case(data, backend):
     prefix = data.draw(st.integers(0, 3))
     pos = data.draw(st.sampled_from(["none", "all", "patches"]))
     patch_norm, normalize = data.draw(st.booleans()), data.draw(st.booleans())
+    # the patch norm without a bias makes the output invariant to the embedding's scale: the gradient of
+    # std (one input channel) or of x (one value per patch) is then zero but for eps's share, which
+    # cancellation buries in fp32 noise that no relative tolerance can judge (the zoos' patch norms
+    # follow a convolution with a bias)
+    has_bias = patch_norm or data.draw(st.booleans())
     tensors = {"x": _r(data.draw(st.integers(1, 2)), cin, height, width),
                "weight": _r(dim, cin, ph, pw) / (cin * ph * pw) ** 0.5,
-               "bias": _r(dim) if data.draw(st.booleans()) else None,
+               "bias": _r(dim) if has_bias else None,
                "prefix_tokens": _r(prefix, dim) if prefix else None,
                "pos_embed": {"none": None, "all": _r(1, prefix + gh * gw, dim), "patches": _r(gh * gw, dim)}[pos],
                "norm_weight": 1 + _r(dim) if patch_norm else None, "norm_bias": _r(dim) if patch_norm else None,
