@@ -17,6 +17,8 @@ MODELS = {
     "vit-registers-no-embed-class": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2, reg_tokens=2,
                                                                   no_embed_class=True), 32, 32),
     "vit-dynamic-size": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=1, dynamic_img_size=True), 40, 24),
+    "vit-dynamic-size-no-pos-embed": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=1, pos_embed="none",
+                                                                   dynamic_img_size=True), 40, 24),
     "deit-distilled": ("deit_tiny_distilled_patch16_224", dict(img_size=32, patch_size=8, depth=2), 32, 32),
     "swin-padded-non-square": ("swin_tiny_patch4_window7_224", dict(img_size=(36, 44), **SWIN), 36, 44),
     "swinv2": ("swinv2_tiny_window8_256", dict(img_size=(32, 40), **SWIN), 32, 40),

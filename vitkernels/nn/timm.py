@@ -141,7 +141,7 @@ class _FusedEmbedding(Fused):
         norm = embed.norm if isinstance(embed.norm, nn.LayerNorm) else None
         return ops.patch_embed(
             x, embed.proj.weight, embed.proj.bias, prefix_tokens=self._vk_prefix_tokens(), pos_embed=self.pos_embed,
-            pos_embed_grid=embed.grid_size if self.dynamic_img_size else None,
+            pos_embed_grid=embed.grid_size if self.dynamic_img_size and self.pos_embed is not None else None,
             patch_norm=norm is not None, norm_weight=None if norm is None else norm.weight,
             norm_bias=None if norm is None else norm.bias, norm_eps=1e-5 if norm is None else norm.eps,
             dynamic_pad=embed.dynamic_img_pad, backend=self.vk_backend,
