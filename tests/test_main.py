@@ -64,6 +64,13 @@ def test_bench_rejects_bad_batch():
         cli.main(["bench", "--model", "vit_tiny_patch16_224", "--batch", "0"])
 
 
+@pytest.mark.parametrize("zoo", ["timm", "torchvision", "transformers"])
+def test_bench_names_an_unknown_model(zoo, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--zoo", zoo, "--model", "no_such_model"])
+    assert f"--model: {zoo} has no model 'no_such_model'" in capsys.readouterr().err
+
+
 def test_aot_prints_each_kernels_resources(capsys):
     assert cli.main(["aot", "--arch", "90", "--match", "^_gelu_bwd_kernel"]) == 0
     out = capsys.readouterr().out

@@ -138,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         if args.batch < 1 or args.repeats < 1:
             parser.error(f"--batch and --repeats must be positive, got {args.batch} and {args.repeats}")
+        try:
+            _models.check_model(args.model, args.zoo)
+        except ValueError as error:
+            parser.error(f"--model: {error}")
         return _bench(args)
     return _check(args.device)
 

@@ -37,12 +37,33 @@ class _Logits(torch.nn.Module):
         return self.model(x).logits
 
 
+def check_model(name: str, zoo: str = "timm") -> None:
+    """Raises ValueError unless ``zoo`` is known and can build ``name`` (see :func:`build`)."""
+    if zoo == "timm":
+        import timm
+
+        known, listing = timm.is_model(name), "timm.list_models()"
+    elif zoo == "torchvision":
+        import torchvision
+
+        known, listing = name in torchvision.models.list_models(), "torchvision.models.list_models()"
+    elif zoo == "transformers":
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        known, listing = name in CONFIG_MAPPING, "model types such as vit, deit, swin, swinv2"
+    else:
+        raise ValueError(f"zoo must be one of {ZOOS}, got {zoo!r}")
+    if not known:
+        raise ValueError(f"{zoo} has no model {name!r} ({listing})")
+
+
 def build(name: str, zoo: str = "timm") -> tuple[torch.nn.Module, int]:
     """A randomly initialized model (seed 0; no weights are fetched) and its input size.
 
     ``name`` is a timm model name, a torchvision builder name (``swin_t``, ``vit_b_16``) or a
     Hugging Face model type (``vit``, ``deit``, ``swin``, ``swinv2``: default config).
     """
+    check_model(name, zoo)
     torch.manual_seed(0)
     if zoo == "timm":
         import timm
@@ -58,7 +79,6 @@ def build(name: str, zoo: str = "timm") -> tuple[torch.nn.Module, int]:
 
         config = transformers.AutoConfig.for_model(name)
         return _Logits(transformers.AutoModelForImageClassification.from_config(config)), config.image_size
-    raise ValueError(f"zoo must be one of {ZOOS}, got {zoo!r}")
 
 
 def _median_ms(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
