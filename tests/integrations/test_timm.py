@@ -118,6 +118,22 @@ def test_no_grad_inference_mode_and_compile():
     torch.testing.assert_close(compiled(x), expected)
 
 
+@pytest.mark.parametrize("key", ["vit-class-token-layerscale", "swin-padded-non-square"])
+def test_compile_with_dynamic_shapes(key):
+    """dynamic=True traces float attributes (the attention scale, drop-path rates) as symbolic floats,
+    which the ops' checks and the blocks' training switch must take without breaking the graph."""
+    model, x = _build(key)
+    vitkernels.apply(model)
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    for batch in (2, 3):
+        inputs = torch.cat([x, x])[:batch]
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(inputs), model(inputs))
+    model.train()  # Swin-T's drop-path is active: its blocks take timm's forward
+    compiled(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 def test_rejects_non_modules():
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         vitkernels.apply("swin")

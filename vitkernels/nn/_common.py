@@ -25,6 +25,12 @@ def active_dropout(module: nn.Module) -> list[str]:
     return [f"{type(m).__name__}({_rate(m):g})" for m in module.modules() if _rate(m) > 0]
 
 
+def has_active_dropout(module: nn.Module) -> bool:
+    """Whether :func:`active_dropout` finds any; formats nothing, so that it traces where a rate is a
+    symbolic float (torch.compile with dynamic=True)."""
+    return any(_rate(m) > 0 for m in module.modules())
+
+
 def train_note(module: nn.Module, zoo: str) -> Optional[str]:
     active = sorted(set(active_dropout(module)))
     return f"runs {zoo}'s forward in training mode ({', '.join(active)} active)" if active else None
@@ -69,4 +75,4 @@ class Fused:
     def _vk(self, part: str) -> bool:
         if part not in self.vk_parts:
             return False
-        return not (self.training and any(active_dropout(m) for m in self._vk_dropout_scope()))
+        return not (self.training and any(has_active_dropout(m) for m in self._vk_dropout_scope()))

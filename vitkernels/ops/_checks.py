@@ -1,7 +1,6 @@
 """Boundary checks shared by the functional API: each raises TypeError or ValueError naming the values."""
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
@@ -72,7 +71,10 @@ def optional_float(name: str, value: object, *, finite: bool = False) -> Optiona
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
-    if finite and not math.isfinite(value):
+    # value - value is 0 unless value is NaN or infinite; unlike math.isfinite it also takes the
+    # symbolic float torch.compile(dynamic=True) traces a module's float attribute as (it
+    # simplifies to 0 there, so the check is left to eager calls) without breaking the graph
+    if finite and not value - value == 0:
         raise ValueError(f"{name} must be finite, got {value!r}")
     return float(value)
 
