@@ -71,10 +71,10 @@ def optional_float(name: str, value: object, *, finite: bool = False) -> Optiona
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
-    # value - value is 0 unless value is NaN or infinite; unlike math.isfinite it also takes the
-    # symbolic float torch.compile(dynamic=True) traces a module's float attribute as (it
-    # simplifies to 0 there, so the check is left to eager calls) without breaking the graph
-    if finite and not value - value == 0:
+    # value - value is NaN for NaN and infinities, else 0. Unlike math.isfinite, this also takes the
+    # symbolic float that torch.compile(dynamic=True) makes of a module's float attribute without a
+    # graph break; there it simplifies to 0, leaving the check to eager calls.
+    if finite and value - value != 0:
         raise ValueError(f"{name} must be finite, got {value!r}")
     return float(value)
 
