@@ -26,13 +26,22 @@ C10_HOST_DEVICE inline I relative_position_row(I ri, I ci, I rj, I cj, I window_
   return (ri - rj + window_h - 1) * (2 * window_w - 1) + (ci - cj + window_w - 1);
 }
 
+// T in a parameter that takes no part in template argument deduction: std::type_identity_t,
+// which is C++20, while torch's extension builder may compile as C++17 (torch 2.11 does).
+template <typename T>
+struct NonDeduced {
+  using type = T;
+};
+template <typename T>
+using non_deduced_t = typename NonDeduced<T>::type;
+
 // Coordinate in the un-shifted, un-padded map of frame coordinate y (a row or a column) of the
 // shifted, padded map, or -1 where the frame holds padding. pad_first=false: shift then pad (timm);
 // true: pad then shift (original Swin, Hugging Face, torchvision). I: int64_t, or int where the
 // caller has bounded the padded map below 2^30.
 template <typename I = int64_t>
-C10_HOST_DEVICE inline I source_coordinate(std::type_identity_t<I> y, std::type_identity_t<I> size,
-                                           std::type_identity_t<I> padded, std::type_identity_t<I> shift,
+C10_HOST_DEVICE inline I source_coordinate(non_deduced_t<I> y, non_deduced_t<I> size,
+                                           non_deduced_t<I> padded, non_deduced_t<I> shift,
                                            bool pad_first) {
   if (pad_first) {
     const I p = (y + shift) % padded;
@@ -43,8 +52,8 @@ C10_HOST_DEVICE inline I source_coordinate(std::type_identity_t<I> y, std::type_
 
 // Shift-mask region (0, 1 or 2) of frame coordinate y, as the zoos' masks slice the padded map.
 template <typename I = int64_t>
-C10_HOST_DEVICE inline int32_t shift_region(std::type_identity_t<I> y, std::type_identity_t<I> padded,
-                                            std::type_identity_t<I> window, std::type_identity_t<I> shift) {
+C10_HOST_DEVICE inline int32_t shift_region(non_deduced_t<I> y, non_deduced_t<I> padded,
+                                            non_deduced_t<I> window, non_deduced_t<I> shift) {
   if (shift == 0) {
     return 0;
   }
